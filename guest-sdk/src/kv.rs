@@ -1,0 +1,149 @@
+//! Durable key-value state, private to the plugin.
+//!
+//! Writes made while handling an event become visible to other deliveries only when
+//! that delivery succeeds; a delivery that fails leaves no writes behind. Within one
+//! delivery, reads see the delivery's own writes.
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), switchyard_sdk::KvError> {
+//! use switchyard_sdk::kv;
+//!
+//! kv::set_string("greeting", "hello")?;
+//! assert_eq!(kv::get_string("greeting")?.as_deref(), Some("hello"));
+//! let seen: u64 = kv::get_json("seen")?.unwrap_or(0);
+//! kv::set_json("seen", &(seen + 1))?;
+//! # Ok(()) }
+//! ```
+
+use crate::__bindings::switchyard::plugin::kv as wit;
+use crate::Failure;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt;
+
+/// Why a [`kv`](self) call failed.
+///
+/// Converts into a [`Failure`]: [`Unavailable`](Self::Unavailable) into a retry, the
+/// others into a reject, so `?` does the right thing inside `handle`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvError {
+    /// The key or value breaks a limit (size, quota); the text says which.
+    Invalid(String),
+    /// The store cannot be used right now; retrying later may succeed.
+    Unavailable(String),
+    /// A value could not be (de)serialized by [`get_json`], [`set_json`] or
+    /// [`get_string`]; the text names the key and the problem.
+    Encoding(String),
+}
+
+impl fmt::Display for KvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KvError::Invalid(m) => write!(f, "kv: invalid key or value: {m}"),
+            KvError::Unavailable(m) => write!(f, "kv: store unavailable: {m}"),
+            KvError::Encoding(m) => write!(f, "kv: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for KvError {}
+
+impl From<wit::Error> for KvError {
+    fn from(e: wit::Error) -> Self {
+        match e {
+            wit::Error::Invalid(m) => KvError::Invalid(m),
+            wit::Error::Unavailable(m) => KvError::Unavailable(m),
+        }
+    }
+}
+
+impl From<KvError> for Failure {
+    fn from(e: KvError) -> Self {
+        match e {
+            KvError::Unavailable(_) => Failure::retry(),
+            KvError::Invalid(_) | KvError::Encoding(_) => Failure::reject(e.to_string()),
+        }
+    }
+}
+
+/// The bytes stored under `key`, or `None` if there are none.
+pub fn get(key: &str) -> Result<Option<Vec<u8>>, KvError> {
+    crate::require_host("kv::get");
+    Ok(wit::get(key)?)
+}
+
+/// Stores `value` under `key`, replacing any previous value.
+pub fn set(key: &str, value: &[u8]) -> Result<(), KvError> {
+    crate::require_host("kv::set");
+    Ok(wit::set(key, value)?)
+}
+
+/// Removes `key`; removing a missing key is not an error.
+pub fn delete(key: &str) -> Result<(), KvError> {
+    crate::require_host("kv::delete");
+    Ok(wit::delete(key)?)
+}
+
+/// The value under `key` deserialized from JSON, or `None` if there is none.
+pub fn get_json<T: DeserializeOwned>(key: &str) -> Result<Option<T>, KvError> {
+    get(key)?
+        .map(|bytes| {
+            serde_json::from_slice(&bytes).map_err(|e| {
+                KvError::Encoding(format!(
+                    "value under {key:?} is not a valid {}: {e}",
+                    std::any::type_name::<T>()
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// Stores `value` under `key` as JSON.
+pub fn set_json<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<(), KvError> {
+    let bytes = serde_json::to_vec(value).map_err(|e| {
+        KvError::Encoding(format!("cannot encode the value for {key:?} as JSON: {e}"))
+    })?;
+    set(key, &bytes)
+}
+
+/// The value under `key` as UTF-8 text, or `None` if there is none.
+pub fn get_string(key: &str) -> Result<Option<String>, KvError> {
+    get(key)?
+        .map(|bytes| {
+            String::from_utf8(bytes)
+                .map_err(|e| KvError::Encoding(format!("value under {key:?} is not UTF-8: {e}")))
+        })
+        .transpose()
+}
+
+/// Stores the UTF-8 bytes of `value` under `key`.
+pub fn set_string(key: &str, value: &str) -> Result<(), KvError> {
+    set(key, value.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_means_retry_and_invalid_means_reject() {
+        assert_eq!(
+            Failure::from(KvError::from(wit::Error::Unavailable("down".into()))),
+            Failure::retry()
+        );
+        assert_eq!(
+            Failure::from(KvError::from(wit::Error::Invalid("key too long".into()))),
+            Failure::reject("kv: invalid key or value: key too long")
+        );
+        assert!(matches!(
+            Failure::from(KvError::Encoding("x".into())),
+            Failure::Reject(_)
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "needs the Switchyard host")]
+    fn host_calls_panic_clearly_in_native_builds() {
+        let _ = get("k");
+    }
+}

@@ -1,0 +1,148 @@
+//! Write [Switchyard](https://example.invalid/switchyard) consumer plugins in plain Rust.
+//!
+//! A plugin is a type implementing [`Plugin`], exported with [`export!`], in a crate
+//! built as a `cdylib` for `wasm32-wasip2`. The router calls [`Plugin::handle`] once
+//! per delivery, each time in a fresh instance: keep anything that must outlive one
+//! event in [`kv`]. Return `Ok(())` to acknowledge the event, [`Failure::retry`] to
+//! have it delivered again later, or [`Failure::reject`] to send it to the dead
+//! letters. [`DataError`] and [`KvError`] convert into a [`Failure`], so `?` works.
+//!
+//! ```no_run
+//! use serde::Deserialize;
+//! use switchyard_sdk::{kv, Event, Failure, Plugin};
+//!
+//! /// Counts orders per customer.
+//! struct Orders;
+//!
+//! #[derive(Deserialize)]
+//! struct OrderCreated {
+//!     customer: String,
+//! }
+//!
+//! impl Plugin for Orders {
+//!     fn handle(event: Event) -> Result<(), Failure> {
+//!         if event.ty != "order.created" {
+//!             return Ok(()); // not ours: acknowledge and move on
+//!         }
+//!         let order: OrderCreated = event.data_as()?; // bad JSON → reject
+//!         let key = format!("orders/{}", order.customer);
+//!         let count = kv::get_json::<u64>(&key)?.unwrap_or(0) + 1; // store down → retry
+//!         kv::set_json(&key, &count)?;
+//!         switchyard_sdk::info!("{} has {count} orders", order.customer);
+//!         Ok(())
+//!     }
+//! }
+//!
+//! switchyard_sdk::export!(Orders);
+//! ```
+//!
+//! The plugin's `Cargo.toml` needs `crate-type = ["cdylib"]` and depends on
+//! `switchyard-sdk` (and on `serde` for `#[derive(Deserialize)]`; the SDK re-exports
+//! [`serde`] and [`serde_json`], but the derive macros look for a `serde` dependency
+//! unless told `#[serde(crate = "switchyard_sdk::serde")]`). Build it with
+//! `cargo build --target wasm32-wasip2 --release`: the `.wasm` file is a component.
+//!
+//! Host calls ([`kv`], [`log`], [`config`]) only work inside the router; a native
+//! build (e.g. `cargo test`) compiles them but panics if they are called. Keep the
+//! plugin's decisions in plain functions and test those natively.
+
+#![warn(missing_docs)]
+
+// The generated bindings name their runtime `switchyard_sdk::__wit_bindgen::rt`, a
+// path that must also resolve inside this crate.
+extern crate self as switchyard_sdk;
+
+pub mod config;
+mod event;
+mod failure;
+pub mod kv;
+pub mod log;
+
+pub use event::{DataError, Event};
+pub use failure::Failure;
+pub use kv::KvError;
+pub use serde;
+pub use serde_json;
+
+/// A consumer plugin: what the router calls for each event its routes match.
+///
+/// Export the implementing type with [`export!`].
+pub trait Plugin {
+    /// Handle one event.
+    ///
+    /// `Ok(())` acknowledges it: it is not delivered again. An `Err` either asks for a
+    /// later retry or rejects the event for good; see [`Failure`]. Each call runs in
+    /// a fresh instance, so statics do not carry over from one event to the next.
+    fn handle(event: Event) -> Result<(), Failure>;
+}
+
+/// Exports a [`Plugin`] implementation as the component's `handle` function.
+///
+/// Invoke it once, at the top level of the plugin crate:
+///
+/// ```no_run
+/// # use switchyard_sdk::{Event, Failure, Plugin};
+/// struct Noop;
+///
+/// impl Plugin for Noop {
+///     fn handle(_event: Event) -> Result<(), Failure> {
+///         Ok(())
+///     }
+/// }
+///
+/// switchyard_sdk::export!(Noop);
+/// ```
+#[macro_export]
+macro_rules! export {
+    ($plugin:ty) => {
+        const _: () = {
+            // wit-bindgen's export macro wants an identifier naming a `Guest`.
+            type __SwitchyardGuest = $crate::__private::Adapter<$plugin>;
+    $crate::__bindings::export!(__SwitchyardGuest with_types_in $crate::__bindings);
+        };
+    };
+}
+
+/// The wit-bindgen output for world `consumer` of `wit/switchyard.wit`. Not part of
+/// the API: plugins use the types and functions re-exported around it.
+#[doc(hidden)]
+pub mod __bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "consumer",
+        // The export macro is used from plugin crates, which only know this crate.
+        pub_export_macro: true,
+        default_bindings_module: "switchyard_sdk::__bindings",
+        runtime_path: "switchyard_sdk::__wit_bindgen::rt",
+    });
+}
+
+#[doc(hidden)]
+pub use wit_bindgen as __wit_bindgen;
+
+/// Glue between the generated `Guest` trait and [`Plugin`], used by [`export!`].
+#[doc(hidden)]
+pub mod __private {
+    use crate::__bindings;
+    use core::marker::PhantomData;
+
+    /// Implements the generated `Guest` for any [`crate::Plugin`].
+    pub struct Adapter<P>(PhantomData<P>);
+
+    impl<P: crate::Plugin> __bindings::Guest for Adapter<P> {
+        fn handle(event: __bindings::Event) -> Result<(), __bindings::Failure> {
+            P::handle(event.into()).map_err(Into::into)
+        }
+    }
+}
+
+/// Panics with a clear message when a host function is called outside the router
+/// (e.g. from a native unit test), instead of the bindings' bare `unreachable!()`.
+fn require_host(function: &str) {
+    if cfg!(not(target_arch = "wasm32")) {
+        panic!(
+            "switchyard_sdk::{function} needs the Switchyard host; it cannot be called \
+             in a native build (keep host calls out of unit tests)"
+        );
+    }
+}

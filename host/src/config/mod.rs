@@ -1,0 +1,779 @@
+//! `rules.toml`: parsed into raw spanned types, then validated into a `Config`,
+//! collecting every problem at once, each with its line, column and key.
+
+mod raw;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::rules::{Backoff, Pattern, RetryPolicy, Route, RouteTable};
+use crate::runtime::{Limits, MAX_PLUGIN_MEMORY};
+use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource};
+
+/// The body limit of a source that does not set one: 1 MiB.
+pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    pub server: ServerConfig,
+    pub sources: BTreeMap<String, SourceConfig>,
+    pub plugins: BTreeMap<String, PluginConfig>,
+    pub routes: RouteTable,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Cargo target dir for plugin crates; `None`: `<data_dir>/build`.
+    pub build_dir: Option<PathBuf>,
+    /// Deliveries running at once.
+    pub workers: usize,
+}
+
+impl ServerConfig {
+    pub fn build_dir(&self) -> PathBuf {
+        self.build_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("build"))
+    }
+}
+
+/// Where an envelope attribute of a plain JSON webhook comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FieldFrom {
+    /// A request header (name in lower case).
+    Header(String),
+    /// A JSON pointer into the body.
+    Pointer(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub type_from: Option<FieldFrom>,
+    pub subject_from: Option<FieldFrom>,
+    pub max_body: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WasmSource {
+    /// A compiled component.
+    File(PathBuf),
+    /// A plugin crate, built for `wasm32-wasip2` on demand.
+    Crate(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub name: String,
+    pub wasm: WasmSource,
+    pub limits: Limits,
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+/// One problem in the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Byte range in the file, when known.
+    pub span: Option<Range<usize>>,
+    /// The key it concerns, e.g. `routes[1].match.data.total`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in a file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub text: String,
+    pub errors: Vec<ConfigError>,
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl fmt::Display for ConfigErrors {
+    /// One line per problem: `file:line:col: message (key `k`)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            let (line, col) = e
+                .span
+                .as_ref()
+                .map_or((1, 1), |s| line_col(&self.text, s.start));
+            write!(f, "{}:{line}:{col}: {}", self.file.display(), e.message)?;
+            if !e.key.is_empty() {
+                write!(f, " (key `{}`)", e.key)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ConfigErrors {
+    /// The problems with source snippets and carets, as a compiler shows them.
+    pub fn render(&self, color: bool) -> String {
+        use annotate_snippets::{AnnotationKind, Level, Renderer, Snippet};
+        let path = self.file.display().to_string();
+        let renderer = if color {
+            Renderer::styled()
+        } else {
+            Renderer::plain()
+        };
+        let mut out = String::new();
+        for e in &self.errors {
+            let title = if e.key.is_empty() {
+                e.message.clone()
+            } else {
+                format!("{} (key `{}`)", e.message, e.key)
+            };
+            let span = e.span.clone().unwrap_or(0..0);
+            let report = &[Level::ERROR.primary_title(&title).element(
+                Snippet::source(&self.text)
+                    .path(&path)
+                    .annotation(AnnotationKind::Primary.span(span)),
+            )];
+            out.push_str(&renderer.render(report));
+            out.push_str("\n\n");
+        }
+        out.push_str(&format!(
+            "{} error{} in {path}",
+            self.errors.len(),
+            if self.errors.len() == 1 { "" } else { "s" }
+        ));
+        out
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..text.floor_char_boundary(offset)];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(path, &text),
+        Err(e) => Err(ConfigErrors {
+            file: path.to_path_buf(),
+            text: String::new(),
+            errors: vec![ConfigError {
+                span: None,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        }),
+    }
+}
+
+/// Validates config `text` read from `file` (relative paths in it are relative
+/// to the file's folder).
+pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut v = Validator {
+        base: file
+            .parent()
+            .map(Path::to_path_buf)
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from(".")),
+        errors: Vec::new(),
+        declared_plugins: Default::default(),
+    };
+    let config = v.document(file, text);
+    match config {
+        Some(c) if v.errors.is_empty() => Ok(c),
+        _ => {
+            v.errors
+                .sort_by_key(|e| e.span.as_ref().map_or(0, |s| s.start));
+            Err(ConfigErrors {
+                file: file.to_path_buf(),
+                text: text.to_string(),
+                errors: v.errors,
+            })
+        }
+    }
+}
+
+struct Validator {
+    base: PathBuf,
+    errors: Vec<ConfigError>,
+    /// Every plugin name declared, valid or not.
+    declared_plugins: std::collections::BTreeSet<String>,
+}
+
+impl Validator {
+    fn error(
+        &mut self,
+        span: Option<Range<usize>>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError {
+            span,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Deserializes one spanned value, recording a failure.
+    fn raw<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        key: &str,
+    ) -> Option<T> {
+        let span = value.span();
+        match T::deserialize(value.into_deserializer()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let message = e.message().to_string();
+                self.error(Some(e.span().unwrap_or(span)), key, message);
+                None
+            }
+        }
+    }
+
+    fn document(&mut self, file: &Path, text: &str) -> Option<Config> {
+        let doc = match DeTable::parse(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.error(e.span(), "", format!("invalid TOML: {}", e.message()));
+                return None;
+            }
+        };
+        let mut server = RawServer::default();
+        let mut sources = Vec::new();
+        let mut plugins = Vec::new();
+        let mut routes = Vec::new();
+        for (key, value) in doc.get_ref().iter() {
+            let name = key.get_ref().as_ref();
+            match name {
+                "server" => {
+                    if let Some(s) = self.raw::<RawServer>(value.clone(), "server") {
+                        server = s;
+                    }
+                }
+                "sources" | "plugins" | "routes" => {
+                    let DeValue::Array(items) = value.get_ref() else {
+                        self.error(
+                            Some(value.span()),
+                            name,
+                            format!("`{name}` must be an array of tables: write [[{name}]]"),
+                        );
+                        continue;
+                    };
+                    for (i, item) in items.iter().enumerate() {
+                        let key = format!("{name}[{i}]");
+                        match name {
+                            "sources" => sources.extend(self.raw::<RawSource>(item.clone(), &key)),
+                            "plugins" => plugins.extend(self.raw::<RawPlugin>(item.clone(), &key)),
+                            _ => routes.extend(self.route(item, &key)),
+                        }
+                    }
+                }
+                _ => self.error(
+                    Some(key.span()),
+                    name,
+                    format!("unknown key `{name}`; expected server, sources, plugins or routes"),
+                ),
+            }
+        }
+        let server = self.server(server);
+        let sources = self.sources(sources, server.as_ref().map(|s| s.1));
+        let plugins = self.plugins(plugins);
+        let routes = self.routes(routes, &sources, &plugins);
+        Some(Config {
+            file: file.to_path_buf(),
+            server: server?.0,
+            sources,
+            plugins,
+            routes,
+        })
+    }
+
+    /// A `[[routes]]` item: its `match` compiled from the spanned tree, the rest
+    /// through serde.
+    fn route(
+        &mut self,
+        item: &Spanned<DeValue<'_>>,
+        key: &str,
+    ) -> Option<(RawRoute, Option<Pattern>, Range<usize>, serde_json::Value)> {
+        let DeValue::Table(table) = item.get_ref() else {
+            self.error(Some(item.span()), key, "a route must be a table");
+            return None;
+        };
+        let mut rest = DeTable::new();
+        let mut pattern = Some(Pattern::match_all());
+        let mut match_json = serde_json::json!({});
+        for (k, v) in table.iter() {
+            if k.get_ref().as_ref() == "match" {
+                match_json = devalue_to_json(v.get_ref());
+                pattern = match Pattern::compile(v) {
+                    Ok(p) => Some(p),
+                    Err(errs) => {
+                        for e in errs {
+                            let key = if e.path.is_empty() {
+                                format!("{key}.match")
+                            } else {
+                                format!("{key}.match.{}", e.path)
+                            };
+                            self.error(Some(e.span), key, e.message);
+                        }
+                        None
+                    }
+                };
+            } else {
+                rest.insert(k.clone(), v.clone());
+            }
+        }
+        let raw = self.raw::<RawRoute>(Spanned::new(item.span(), DeValue::Table(rest)), key)?;
+        Some((raw, pattern, item.span(), match_json))
+    }
+
+    fn server(&mut self, raw: RawServer) -> Option<(ServerConfig, usize)> {
+        let listen = match &raw.listen {
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            Some(l) => match l.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.error(
+                        Some(l.span()),
+                        "server.listen",
+                        format!(
+                            "`{}` is not an address:port, e.g. \"127.0.0.1:8080\"",
+                            l.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let data_dir = raw
+            .data_dir
+            .as_ref()
+            .map_or_else(|| self.base.join("data"), |d| self.base.join(d.get_ref()));
+        let build_dir = raw.build_dir.as_ref().map(|d| self.base.join(d.get_ref()));
+        let max_body = match &raw.max_body {
+            None => Some(DEFAULT_MAX_BODY),
+            Some(s) => self.size(s, "server.max_body"),
+        };
+        let workers = match &raw.workers {
+            None => Some(default_workers()),
+            Some(w) if (1..=4096).contains(w.get_ref()) => Some(*w.get_ref() as usize),
+            Some(w) => {
+                self.error(
+                    Some(w.span()),
+                    "server.workers",
+                    "`workers` must be between 1 and 4096",
+                );
+                None
+            }
+        };
+        Some((
+            ServerConfig {
+                listen: listen?,
+                data_dir,
+                build_dir,
+                workers: workers?,
+            },
+            max_body?,
+        ))
+    }
+
+    fn size(&mut self, s: &Spanned<String>, key: &str) -> Option<usize> {
+        match s.get_ref().trim().parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 => Some(b.as_u64() as usize),
+            _ => {
+                self.error(
+                    Some(s.span()),
+                    key,
+                    format!(
+                        "`{}` is not a size, e.g. \"1MiB\" or \"512KiB\"",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, s: &Spanned<String>, key: &str) -> Option<Duration> {
+        match humantime::parse_duration(s.get_ref().trim()) {
+            Ok(d) if !d.is_zero() => Some(d),
+            _ => {
+                self.error(
+                    Some(s.span()),
+                    key,
+                    format!(
+                        "`{}` is not a duration, e.g. \"200ms\", \"5s\" or \"1m\"",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn name(&mut self, name: &Spanned<String>, key: &str, seen: &mut BTreeMap<String, ()>) -> bool {
+        let n = name.get_ref();
+        let valid = !n.is_empty()
+            && n.len() <= 64
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid {
+            self.error(
+                Some(name.span()),
+                key,
+                format!("name `{n}` must be 1–64 characters of letters, digits, `-`, `_` or `.`"),
+            );
+            return false;
+        }
+        if seen.insert(n.clone(), ()).is_some() {
+            self.error(Some(name.span()), key, format!("`{n}` is declared twice"));
+            return false;
+        }
+        true
+    }
+
+    fn field_from(
+        &mut self,
+        header: &Option<Spanned<String>>,
+        pointer: &Option<Spanned<String>>,
+        key: &str,
+        what: &str,
+    ) -> Option<FieldFrom> {
+        match (header, pointer) {
+            (Some(h), Some(_)) => {
+                self.error(
+                    Some(h.span()),
+                    format!("{key}.{what}_header"),
+                    format!("set either `{what}_header` or `{what}_pointer`, not both"),
+                );
+                None
+            }
+            (Some(h), None) => {
+                let name = h.get_ref().trim();
+                if name.is_empty() || axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    self.error(
+                        Some(h.span()),
+                        format!("{key}.{what}_header"),
+                        format!("`{name}` is not an HTTP header name"),
+                    );
+                    return None;
+                }
+                Some(FieldFrom::Header(name.to_ascii_lowercase()))
+            }
+            (None, Some(p)) => {
+                let ptr = p.get_ref();
+                if !ptr.starts_with('/') {
+                    self.error(
+                        Some(p.span()),
+                        format!("{key}.{what}_pointer"),
+                        format!(
+                            "`{ptr}` is not a JSON pointer; it starts with `/`, e.g. \"/kind\""
+                        ),
+                    );
+                    return None;
+                }
+                Some(FieldFrom::Pointer(ptr.clone()))
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn sources(
+        &mut self,
+        raw: Vec<RawSource>,
+        default_max_body: Option<usize>,
+    ) -> BTreeMap<String, SourceConfig> {
+        let mut seen = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for (i, s) in raw.into_iter().enumerate() {
+            let key = format!("sources[{i}]");
+            let named = self.name(&s.name, &format!("{key}.name"), &mut seen);
+            let type_from = self.field_from(&s.type_header, &s.type_pointer, &key, "type");
+            let subject_from =
+                self.field_from(&s.subject_header, &s.subject_pointer, &key, "subject");
+            let max_body = match &s.max_body {
+                Some(m) => self.size(m, &format!("{key}.max_body")),
+                None => default_max_body,
+            };
+            if named {
+                let name = s.name.into_inner();
+                out.insert(
+                    name.clone(),
+                    SourceConfig {
+                        name,
+                        type_from,
+                        subject_from,
+                        max_body: max_body.unwrap_or(DEFAULT_MAX_BODY),
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn plugins(&mut self, raw: Vec<RawPlugin>) -> BTreeMap<String, PluginConfig> {
+        let mut seen = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for (i, p) in raw.into_iter().enumerate() {
+            let key = format!("plugins[{i}]");
+            self.declared_plugins.insert(p.name.get_ref().clone());
+            let named = self.name(&p.name, &format!("{key}.name"), &mut seen);
+            let path = self.base.join(p.wasm.get_ref());
+            let wasm = if path.is_dir() {
+                if path.join("Cargo.toml").is_file() {
+                    Some(WasmSource::Crate(path))
+                } else {
+                    self.error(
+                        Some(p.wasm.span()),
+                        format!("{key}.wasm"),
+                        format!("{} is a folder without a Cargo.toml: expected a plugin crate or a .wasm file", path.display()),
+                    );
+                    None
+                }
+            } else if path.is_file() {
+                Some(WasmSource::File(path))
+            } else {
+                self.error(
+                    Some(p.wasm.span()),
+                    format!("{key}.wasm"),
+                    format!(
+                        "{} does not exist: expected a plugin crate or a .wasm file",
+                        path.display()
+                    ),
+                );
+                None
+            };
+            let mut limits = Limits::default();
+            if let Some(t) = &p.timeout {
+                limits.timeout = self
+                    .duration(t, &format!("{key}.timeout"))
+                    .unwrap_or(limits.timeout);
+            }
+            if let Some(m) = &p.memory {
+                if let Some(bytes) = self.size(m, &format!("{key}.memory")) {
+                    if bytes as u64 > MAX_PLUGIN_MEMORY {
+                        self.error(
+                            Some(m.span()),
+                            format!("{key}.memory"),
+                            format!(
+                                "`memory` is at most {}",
+                                crate::runtime::format_bytes(MAX_PLUGIN_MEMORY)
+                            ),
+                        );
+                    } else {
+                        limits.memory = bytes as u64;
+                    }
+                }
+            }
+            let config = p
+                .config
+                .map(
+                    |c| match toml_to_json(&toml::Value::Table(c.into_inner())) {
+                        serde_json::Value::Object(m) => m,
+                        _ => serde_json::Map::new(),
+                    },
+                )
+                .unwrap_or_default();
+            if let (true, Some(wasm)) = (named, wasm) {
+                let name = p.name.into_inner();
+                out.insert(
+                    name.clone(),
+                    PluginConfig {
+                        name,
+                        wasm,
+                        limits,
+                        config,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn routes(
+        &mut self,
+        raw: Vec<(RawRoute, Option<Pattern>, Range<usize>, serde_json::Value)>,
+        sources: &BTreeMap<String, SourceConfig>,
+        plugins: &BTreeMap<String, PluginConfig>,
+    ) -> RouteTable {
+        let mut seen = BTreeMap::new();
+        let mut table = RouteTable::default();
+        for (i, (r, pattern, span, match_json)) in raw.into_iter().enumerate() {
+            let key = format!("routes[{i}]");
+            let named = self.name(&r.name, &format!("{key}.name"), &mut seen);
+            if r.to.get_ref().is_empty() {
+                self.error(
+                    Some(r.to.span()),
+                    format!("{key}.to"),
+                    "`to` must name at least one plugin",
+                );
+            }
+            let mut to = Vec::new();
+            for p in r.to.get_ref() {
+                // Plugins that failed validation were reported already.
+                // A plugin left out for its own errors is still declared: its
+                // error already says what to fix.
+                if !plugins.contains_key(p.get_ref())
+                    && !self.declared_plugins.contains(p.get_ref())
+                {
+                    self.error(
+                        Some(p.span()),
+                        format!("{key}.to"),
+                        format!(
+                            "no plugin named `{}` is declared in [[plugins]]",
+                            p.get_ref()
+                        ),
+                    );
+                } else if to.contains(p.get_ref()) {
+                    self.error(
+                        Some(p.span()),
+                        format!("{key}.to"),
+                        format!("`{}` is listed twice", p.get_ref()),
+                    );
+                } else {
+                    to.push(p.get_ref().clone());
+                }
+            }
+            if let Some(p) = &pattern {
+                for s in p.exact_sources() {
+                    if !sources.contains_key(s) {
+                        self.error(
+                            Some(span.clone()),
+                            format!("{key}.match.source"),
+                            format!("no source named `{s}` is declared in [[sources]]"),
+                        );
+                    }
+                }
+            }
+            let retry = r
+                .retry
+                .as_ref()
+                .and_then(|rt| self.retry(rt, &format!("{key}.retry")));
+            if let (true, Some(pattern)) = (named, pattern) {
+                table.routes.push(Route {
+                    name: r.name.into_inner(),
+                    pattern,
+                    to,
+                    retry: retry.unwrap_or_default(),
+                    match_json,
+                });
+            }
+        }
+        table
+    }
+
+    fn retry(&mut self, raw: &Spanned<RawRetry>, key: &str) -> Option<RetryPolicy> {
+        let mut policy = RetryPolicy::default();
+        let r = raw.get_ref();
+        if let Some(a) = &r.attempts {
+            if (1..=1000).contains(a.get_ref()) {
+                policy.attempts = *a.get_ref() as u32;
+            } else {
+                self.error(
+                    Some(a.span()),
+                    format!("{key}.attempts"),
+                    "`attempts` must be between 1 and 1000",
+                );
+            }
+        }
+        if let Some(b) = &r.backoff {
+            policy.backoff = match b.get_ref().as_str() {
+                "exponential" => Backoff::Exponential,
+                "fixed" => Backoff::Fixed,
+                other => {
+                    self.error(
+                        Some(b.span()),
+                        format!("{key}.backoff"),
+                        format!("unknown backoff `{other}`; expected \"exponential\" or \"fixed\""),
+                    );
+                    Backoff::Exponential
+                }
+            };
+        }
+        if let Some(d) = &r.initial {
+            policy.initial = self
+                .duration(d, &format!("{key}.initial"))
+                .unwrap_or(policy.initial);
+        }
+        if let Some(d) = &r.max {
+            policy.max = self
+                .duration(d, &format!("{key}.max"))
+                .unwrap_or(policy.max);
+        }
+        if policy.max < policy.initial {
+            self.error(
+                Some(raw.span()),
+                key,
+                "`max` must not be shorter than `initial`",
+            );
+        }
+        Some(policy)
+    }
+}
+
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()) * 8
+}
+
+fn devalue_to_json(v: &DeValue<'_>) -> serde_json::Value {
+    match v {
+        DeValue::String(s) => serde_json::Value::String(s.to_string()),
+        DeValue::Integer(i) => i
+            .as_str()
+            .replace('_', "")
+            .parse::<i64>()
+            .map(Into::into)
+            .unwrap_or(serde_json::Value::Null),
+        DeValue::Float(f) => f
+            .as_str()
+            .replace('_', "")
+            .parse::<f64>()
+            .ok()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        DeValue::Boolean(b) => (*b).into(),
+        DeValue::Datetime(d) => d.to_string().into(),
+        DeValue::Array(items) => items.iter().map(|i| devalue_to_json(i.get_ref())).collect(),
+        DeValue::Table(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.get_ref().to_string(), devalue_to_json(v.get_ref())))
+                .collect(),
+        ),
+    }
+}
+
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    match v {
+        toml::Value::String(s) => s.clone().into(),
+        toml::Value::Integer(i) => (*i).into(),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        toml::Value::Boolean(b) => (*b).into(),
+        toml::Value::Datetime(d) => d.to_string().into(),
+        toml::Value::Array(a) => a.iter().map(toml_to_json).collect(),
+        toml::Value::Table(t) => serde_json::Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect(),
+        ),
+    }
+}

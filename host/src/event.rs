@@ -1,0 +1,135 @@
+//! The event as it travels through the router: a CloudEvents 1.0 envelope.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// One accepted event. Stored in the journal as is and handed to plugins.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    /// The name of the source (webhook) it arrived on.
+    pub source: String,
+    #[serde(rename = "type")]
+    pub ty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// RFC 3339, UTC, when the router accepted it.
+    pub time: String,
+    pub datacontenttype: String,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+    /// Extension attributes (CloudEvents names: lower-case letters and digits).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extensions: BTreeMap<String, String>,
+}
+
+impl Event {
+    /// Whether `data` is JSON (so patterns can look inside it).
+    pub fn data_is_json(&self) -> bool {
+        is_json_media_type(&self.datacontenttype)
+    }
+
+    /// The envelope in CloudEvents' JSON format: `data` inline when it is JSON,
+    /// else `data_base64`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use base64::Engine as _;
+        let mut obj = serde_json::Map::new();
+        obj.insert("specversion".into(), "1.0".into());
+        obj.insert("id".into(), self.id.clone().into());
+        obj.insert("source".into(), self.source.clone().into());
+        obj.insert("type".into(), self.ty.clone().into());
+        if let Some(subject) = &self.subject {
+            obj.insert("subject".into(), subject.clone().into());
+        }
+        obj.insert("time".into(), self.time.clone().into());
+        obj.insert(
+            "datacontenttype".into(),
+            self.datacontenttype.clone().into(),
+        );
+        for (k, v) in &self.extensions {
+            obj.insert(k.clone(), v.clone().into());
+        }
+        match self
+            .data_is_json()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&self.data).ok())
+            .flatten()
+        {
+            Some(data) => {
+                obj.insert("data".into(), data);
+            }
+            None => {
+                obj.insert(
+                    "data_base64".into(),
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&self.data)
+                        .into(),
+                );
+            }
+        }
+        serde_json::Value::Object(obj)
+    }
+}
+
+/// `application/json`, `application/cloudevents+json`, `text/json`, any `+json`.
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
+}
+
+/// A new, time-ordered event id (UUIDv7).
+pub fn new_event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 text (UTC, millisecond precision) for a Unix time in milliseconds.
+pub fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_media_types() {
+        assert!(is_json_media_type("application/json"));
+        assert!(is_json_media_type("Application/JSON; charset=utf-8"));
+        assert!(is_json_media_type("application/cloudevents+json"));
+        assert!(!is_json_media_type("text/plain"));
+        assert!(!is_json_media_type(""));
+    }
+
+    #[test]
+    fn envelope_json_inlines_json_data_and_base64s_the_rest() {
+        let mut e = Event {
+            id: "1".into(),
+            source: "shop".into(),
+            ty: "t".into(),
+            subject: None,
+            time: rfc3339_ms(0),
+            datacontenttype: "application/json".into(),
+            data: br#"{"a":1}"#.to_vec(),
+            extensions: BTreeMap::new(),
+        };
+        assert_eq!(e.to_json()["data"]["a"], 1);
+        assert_eq!(e.to_json()["time"], "1970-01-01T00:00:00.000Z");
+        e.datacontenttype = "text/plain".into();
+        e.data = b"hi".to_vec();
+        assert_eq!(e.to_json()["data_base64"], "aGk=");
+    }
+}

@@ -1,0 +1,306 @@
+//! HTTP in: `POST /webhooks/{source}` turns a request into an event, plans its
+//! deliveries, and answers 202 only once both are durable. Also mounts the
+//! admin API (`admin`).
+
+mod admin;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+
+use crate::config::{FieldFrom, SourceConfig};
+use crate::dispatch::{Dispatcher, Work};
+use crate::event::{Event, is_json_media_type, new_event_id, now_ms, rfc3339_ms};
+use crate::journal::{Journal, JournalError, PlannedDelivery};
+use crate::server::Live;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub live: Arc<ArcSwap<Live>>,
+    pub journal: Journal,
+    pub dispatcher: Dispatcher,
+    /// Whether the admin API needs a bearer token (not bound to loopback).
+    pub admin_token: Option<Arc<str>>,
+    pub admin_open: bool,
+}
+
+/// An error answer: `{"error": "...", "detail": "..."}` with a status.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error: &'static str,
+    pub detail: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error: &'static str, detail: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            error,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.error, "detail": self.detail })),
+        )
+            .into_response()
+    }
+}
+
+impl From<JournalError> for ApiError {
+    fn from(e: JournalError) -> ApiError {
+        match e {
+            JournalError::Saturated => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the journal's write queue is full; retry shortly",
+            ),
+            other => {
+                tracing::error!(error = %other, "journal unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable",
+                    "the event could not be stored; retry later",
+                )
+            }
+        }
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/webhooks/{source}", post(webhook))
+        .merge(admin::router(state.clone()))
+        // Body limits are per source and enforced in the handler.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Whether an address is loopback only (admin API open without a token).
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    addr.ip().is_loopback()
+}
+
+async fn webhook(
+    State(state): State<AppState>,
+    Path(source_name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let live = state.live.load_full();
+    let Some(source) = live.config.sources.get(&source_name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown source",
+            format!("no source named `{source_name}` is declared in rules.toml"),
+        ));
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("(not text)").to_string());
+    if let Some(ct) = &content_type
+        && !is_json_media_type(ct)
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported content type",
+            format!("`{ct}` is not accepted here; send application/json"),
+        ));
+    }
+    let body = read_body(body, &headers, source.max_body).await?;
+    let data: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let event = Arc::new(to_event(source, &headers, &data, body)?);
+
+    let routes = live.config.routes.matching(&event);
+    let mut planned = Vec::new();
+    for route in &routes {
+        for plugin in &route.to {
+            planned.push(PlannedDelivery {
+                route: route.name.clone(),
+                plugin: plugin.clone(),
+            });
+        }
+    }
+    let accepted_ms = now_ms();
+    let seq = state
+        .journal
+        .append(event.clone(), accepted_ms, planned.clone())
+        .await?;
+    for (idx, p) in planned.into_iter().enumerate() {
+        state.dispatcher.enqueue(Work {
+            key: crate::journal::DeliveryKey {
+                seq,
+                idx: idx as u32,
+            },
+            due_ms: accepted_ms,
+            route: p.route,
+            plugin: p.plugin,
+            attempts: 0,
+            event: Some(event.clone()),
+        });
+    }
+    let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
+    tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": event.id, "routes": route_names })),
+    )
+        .into_response())
+}
+
+/// Reads the body, refusing (413) anything over `limit` without buffering it.
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body too large",
+            format!("the body is over this source's limit of {limit} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "unreadable body",
+            format!("the body could not be read: {e}"),
+        )),
+    }
+}
+
+/// A plain JSON webhook as a CloudEvents envelope.
+fn to_event(
+    source: &SourceConfig,
+    headers: &HeaderMap,
+    data: &Value,
+    body: Bytes,
+) -> Result<Event, ApiError> {
+    let ty = match &source.type_from {
+        None => "webhook".to_string(),
+        Some(from) => attribute(from, headers, data).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing event type",
+                format!(
+                    "this source takes the event type from {}, which the request lacks",
+                    describe(from)
+                ),
+            )
+        })?,
+    };
+    let subject = source
+        .subject_from
+        .as_ref()
+        .and_then(|from| attribute(from, headers, data));
+    Ok(Event {
+        id: new_event_id(),
+        source: source.name.clone(),
+        ty,
+        subject,
+        time: rfc3339_ms(now_ms()),
+        datacontenttype: "application/json".into(),
+        data: body.to_vec(),
+        extensions: Default::default(),
+    })
+}
+
+/// A header's value, or the string (or number/boolean, as text) at a pointer.
+fn attribute(from: &FieldFrom, headers: &HeaderMap, data: &Value) -> Option<String> {
+    let text = match from {
+        FieldFrom::Header(name) => headers.get(name)?.to_str().ok()?.trim().to_string(),
+        FieldFrom::Pointer(ptr) => match data.pointer(ptr)? {
+            Value::String(s) => s.clone(),
+            v @ (Value::Number(_) | Value::Bool(_)) => v.to_string(),
+            _ => return None,
+        },
+    };
+    (!text.is_empty()).then_some(text)
+}
+
+fn describe(from: &FieldFrom) -> String {
+    match from {
+        FieldFrom::Header(h) => format!("the `{h}` header"),
+        FieldFrom::Pointer(p) => format!("the JSON pointer `{p}` (a string in the body)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(type_from: Option<FieldFrom>) -> SourceConfig {
+        SourceConfig {
+            name: "shop".into(),
+            type_from,
+            subject_from: Some(FieldFrom::Pointer("/customer".into())),
+            max_body: 1024,
+        }
+    }
+
+    #[test]
+    fn plain_json_becomes_an_envelope() {
+        let data = json!({"kind": "order.created", "customer": "c1"});
+        let body = Bytes::from(data.to_string());
+        let e = to_event(
+            &source(Some(FieldFrom::Pointer("/kind".into()))),
+            &HeaderMap::new(),
+            &data,
+            body.clone(),
+        )
+        .unwrap();
+        assert_eq!(e.ty, "order.created");
+        assert_eq!(e.subject.as_deref(), Some("c1"));
+        assert_eq!(e.source, "shop");
+        assert_eq!(e.data, body.to_vec());
+        let e = to_event(&source(None), &HeaderMap::new(), &data, body.clone()).unwrap();
+        assert_eq!(e.ty, "webhook");
+        let mut headers = HeaderMap::new();
+        headers.insert("x-github-event", "push".parse().unwrap());
+        let e = to_event(
+            &source(Some(FieldFrom::Header("x-github-event".into()))),
+            &headers,
+            &data,
+            body.clone(),
+        )
+        .unwrap();
+        assert_eq!(e.ty, "push");
+        let err = to_event(
+            &source(Some(FieldFrom::Pointer("/nope".into()))),
+            &headers,
+            &data,
+            body,
+        )
+        .unwrap_err();
+        assert_eq!(err.status, StatusCode::BAD_REQUEST);
+    }
+}

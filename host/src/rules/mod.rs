@@ -1,0 +1,150 @@
+//! Routes: which events go to which plugins.
+
+pub mod pattern;
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::event::Event;
+pub use pattern::{Pattern, PatternError};
+
+/// How a route retries a delivery that asked to be retried.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub attempts: u32,
+    pub backoff: Backoff,
+    /// Delay before the second attempt.
+    pub initial: Duration,
+    /// Longest delay between two attempts.
+    pub max: Duration,
+}
+
+/// How the delay grows between attempts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backoff {
+    Exponential,
+    Fixed,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_millis(500),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay after failed attempt number `attempt` (1-based): exponential
+    /// or fixed, capped at `max`, with "equal jitter" (half fixed, half random)
+    /// so that retries of many events do not arrive in lockstep.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let base = match self.backoff {
+            Backoff::Fixed => self.initial,
+            Backoff::Exponential => {
+                let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+                self.initial.saturating_mul(factor)
+            }
+        }
+        .min(self.max);
+        let half = base / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+/// One `[[routes]]` entry, compiled.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub pattern: Pattern,
+    /// The plugins it fans out to.
+    pub to: Vec<String>,
+    pub retry: RetryPolicy,
+    /// The `match` table as written (for the admin API).
+    pub match_json: Value,
+}
+
+/// Every route, in file order.
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+}
+
+impl RouteTable {
+    /// The routes that match `event`.
+    pub fn matching(&self, event: &Event) -> Vec<&Route> {
+        if self.routes.is_empty() {
+            return Vec::new();
+        }
+        let view = envelope(event);
+        self.routes
+            .iter()
+            .filter(|r| r.pattern.matches(&view))
+            .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+}
+
+/// The event as patterns see it: its envelope attributes, extensions, and
+/// `data` parsed when it is JSON.
+pub fn envelope(event: &Event) -> Value {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in &event.extensions {
+        obj.insert(k.clone(), Value::String(v.clone()));
+    }
+    obj.insert("id".into(), event.id.clone().into());
+    obj.insert("source".into(), event.source.clone().into());
+    obj.insert("type".into(), event.ty.clone().into());
+    if let Some(s) = &event.subject {
+        obj.insert("subject".into(), s.clone().into());
+    }
+    obj.insert("time".into(), event.time.clone().into());
+    obj.insert(
+        "datacontenttype".into(),
+        event.datacontenttype.clone().into(),
+    );
+    if event.data_is_json()
+        && let Ok(data) = serde_json::from_slice::<Value>(&event.data)
+    {
+        obj.insert("data".into(), data);
+    }
+    Value::Object(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let p = RetryPolicy {
+            attempts: 10,
+            backoff: Backoff::Exponential,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for _ in 0..50 {
+            let d1 = p.delay_after(1);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= Duration::from_millis(100));
+            let d3 = p.delay_after(3);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+            let d9 = p.delay_after(9);
+            assert!(d9 >= Duration::from_millis(500) && d9 <= Duration::from_secs(1));
+        }
+        let fixed = RetryPolicy {
+            backoff: Backoff::Fixed,
+            ..p
+        };
+        assert!(fixed.delay_after(7) <= Duration::from_millis(100));
+        // No overflow for absurd attempt numbers.
+        assert!(p.delay_after(u32::MAX) <= Duration::from_secs(1));
+    }
+}

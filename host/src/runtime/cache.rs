@@ -1,0 +1,99 @@
+//! Compiled components cached on disk, keyed by the component's hash and the
+//! engine's configuration. A cache file carries a checksum of its own bytes: a
+//! corrupt or mismatched entry is compiled again, never trusted.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+const MAGIC: &[u8; 8] = b"SWYDCW01";
+
+/// Returns the component for `wasm` and the hex sha256 of `wasm`.
+pub fn load_or_compile(
+    engine: &Engine,
+    cache_dir: &Path,
+    wasm: &[u8],
+) -> wasmtime::Result<(Component, String)> {
+    let hash = hex::encode(Sha256::digest(wasm));
+    let path = entry_path(engine, cache_dir, &hash);
+    if let Some(component) = load(engine, &path) {
+        return Ok((component, hash));
+    }
+    let component = Component::from_binary(engine, wasm)?;
+    if let Err(e) = store(&component, &path) {
+        // A cache that cannot be written only costs a compile next time.
+        tracing::warn!(path = %path.display(), error = %e, "cannot write compiled component to cache");
+    }
+    Ok((component, hash))
+}
+
+fn entry_path(engine: &Engine, cache_dir: &Path, wasm_hash: &str) -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut h);
+    cache_dir.join(format!("{wasm_hash}-{:016x}.cwasm", h.finish()))
+}
+
+fn load(engine: &Engine, path: &Path) -> Option<Component> {
+    let bytes = std::fs::read(path).ok()?;
+    let payload = verified_payload(&bytes);
+    if payload.is_none() {
+        tracing::warn!(path = %path.display(), "corrupt compiled component in cache; recompiling");
+        return None;
+    }
+    // SAFETY: the bytes are ones this host wrote with `Component::serialize`
+    // for an engine of the same configuration (the file name says so), and
+    // their checksum matches, so they are not truncated or altered.
+    match unsafe { Component::deserialize(engine, payload?) } {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "unusable compiled component in cache; recompiling");
+            None
+        }
+    }
+}
+
+fn verified_payload(bytes: &[u8]) -> Option<&[u8]> {
+    let rest = bytes.strip_prefix(MAGIC)?;
+    if rest.len() < 32 {
+        return None;
+    }
+    let (sum, payload) = rest.split_at(32);
+    (Sha256::digest(payload).as_slice() == sum).then_some(payload)
+}
+
+fn store(component: &Component, path: &Path) -> anyhow::Result<()> {
+    let payload = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 32 + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&Sha256::digest(&payload));
+    bytes.extend_from_slice(&payload);
+    // Write then rename, so a reader never sees half a file.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_checksum_rejects_tampering() {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend_from_slice(&Sha256::digest(b"hello"));
+        bytes.extend_from_slice(b"hello");
+        assert_eq!(verified_payload(&bytes), Some(&b"hello"[..]));
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        assert_eq!(verified_payload(&bytes), None);
+        assert_eq!(verified_payload(b"SWYD"), None);
+        assert_eq!(verified_payload(&bytes[..40]), None);
+    }
+}

@@ -1,0 +1,328 @@
+//! The Wasm runtime: one wasmtime engine, plugins compiled once (and cached on
+//! disk), and a fresh component instance for every delivery.
+
+mod cache;
+pub mod cargo;
+mod host;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+
+use crate::event::Event;
+use crate::journal::{Journal, KvChanges};
+pub use host::HostState;
+
+/// The one place that generates host bindings from `wit/`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "consumer",
+        exports: { default: async },
+    });
+}
+
+use bindings::ConsumerPre;
+use bindings::switchyard::plugin::types::{Event as WitEvent, Failure as WitFailure};
+
+/// How often the engine's epoch advances: the resolution of deadlines, and how
+/// often a running plugin yields to the async runtime.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Errors of loading and running plugins.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot set up the wasm engine: {0}")]
+    Engine(String),
+    #[error("plugin `{plugin}`: cannot read {path}: {source}")]
+    Read {
+        plugin: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("plugin `{plugin}`: {path} is not a valid component: {reason}")]
+    Compile {
+        plugin: String,
+        path: String,
+        reason: String,
+    },
+    #[error("plugin `{plugin}` cannot be linked: {reason}")]
+    Link { plugin: String, reason: String },
+    #[error("plugin `{plugin}`: {source}")]
+    Build {
+        plugin: String,
+        #[source]
+        source: cargo::BuildError,
+    },
+}
+
+/// Per-plugin limits, from `rules.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock deadline per delivery.
+    pub timeout: Duration,
+    /// Linear memory cap, bytes.
+    pub memory: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(1),
+            memory: 64 << 20,
+        }
+    }
+}
+
+/// The largest `memory` a plugin may ask for; also the pooling allocator's
+/// per-memory reservation.
+pub const MAX_PLUGIN_MEMORY: u64 = 1 << 30;
+
+/// A compiled plugin, ready to be instantiated for each delivery.
+pub struct Plugin {
+    pub name: String,
+    /// sha256 of the component's bytes (hex): the version that ran.
+    pub hash: String,
+    pub limits: Limits,
+    /// The plugin's `config` table as JSON.
+    pub config: Arc<serde_json::Map<String, serde_json::Value>>,
+    pre: ConsumerPre<HostState>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("hash", &self.hash)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How one invocation of `handle` ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Invocation {
+    /// `handle` returned Ok.
+    Ok,
+    /// `handle` asked to be retried, optionally after a delay.
+    Retry(Option<Duration>),
+    /// `handle` rejected the event.
+    Reject(String),
+    /// The instance trapped, hit a limit or its deadline, or could not be
+    /// instantiated: the text says which.
+    Trap(String),
+}
+
+/// The result of delivering one event to one plugin.
+#[derive(Debug)]
+pub struct DeliveryRun {
+    pub invocation: Invocation,
+    /// The kv reads and writes it made (to commit only if it succeeded).
+    pub kv: KvChanges,
+    pub elapsed: Duration,
+}
+
+/// The engine and what every plugin shares.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: PathBuf,
+    journal: Journal,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Sets up the engine; compiled artifacts are cached in `cache_dir`.
+    pub fn new(cache_dir: &Path, journal: Journal) -> Result<Runtime, RuntimeError> {
+        let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(1000);
+        pool.total_core_instances(4000);
+        pool.total_memories(2000);
+        pool.total_tables(4000);
+        pool.max_memory_size(MAX_PLUGIN_MEMORY as usize);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(engine_err)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
+        bindings::Consumer::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(engine_err)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|e| RuntimeError::Engine(e.to_string()))?;
+
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_path_buf(),
+            journal,
+            ticker_stop,
+        })
+    }
+
+    /// Loads a component from `wasm`: compiled, or taken from the on-disk cache.
+    pub fn load(
+        &self,
+        name: &str,
+        wasm: &Path,
+        limits: Limits,
+        config: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Plugin, RuntimeError> {
+        let bytes = std::fs::read(wasm).map_err(|source| RuntimeError::Read {
+            plugin: name.to_string(),
+            path: wasm.display().to_string(),
+            source,
+        })?;
+        let (component, hash) = cache::load_or_compile(&self.engine, &self.cache_dir, &bytes)
+            .map_err(|e| RuntimeError::Compile {
+                plugin: name.to_string(),
+                path: wasm.display().to_string(),
+                reason: format!("{e:#}"),
+            })?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| RuntimeError::Link {
+                    plugin: name.to_string(),
+                    reason: format!("{e:#}"),
+                })?;
+        let pre = ConsumerPre::new(instance_pre).map_err(|e| RuntimeError::Link {
+            plugin: name.to_string(),
+            reason: format!("it does not export the `consumer` world: {e:#}"),
+        })?;
+        Ok(Plugin {
+            name: name.to_string(),
+            hash,
+            limits,
+            config: Arc::new(config),
+            pre,
+        })
+    }
+
+    /// Runs `handle(event)` in a fresh instance of `plugin`.
+    pub async fn deliver(&self, plugin: &Plugin, event: &Event) -> DeliveryRun {
+        let started = Instant::now();
+        let state = HostState::new(plugin, &event.id, self.journal.clone());
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        let timeout = plugin.limits.timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if started.elapsed() >= timeout {
+                Err(wasmtime::Error::msg(DeadlineExceeded(timeout)))
+            } else {
+                Ok(wasmtime::UpdateDeadline::Yield(1))
+            }
+        });
+
+        let result = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance.call_handle(&mut store, &to_wit(event)).await
+        }
+        .await;
+
+        let invocation = match result {
+            Ok(Ok(())) => Invocation::Ok,
+            Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
+            Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
+            Err(e) => Invocation::Trap(describe_trap(&e, store.data())),
+        };
+        let kv = store.into_data().into_kv_changes();
+        DeliveryRun {
+            invocation,
+            kv,
+            elapsed: started.elapsed(),
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The error raised when a delivery runs past its deadline.
+#[derive(Debug)]
+struct DeadlineExceeded(Duration);
+
+impl std::fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "deadline of {} exceeded",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for DeadlineExceeded {}
+
+/// Says why an instance failed, in words a plugin author can act on.
+fn describe_trap(e: &wasmtime::Error, state: &HostState) -> String {
+    if let Some(d) = e.downcast_ref::<DeadlineExceeded>() {
+        return d.to_string();
+    }
+    if let Some(limit) = state.limits.hit() {
+        return limit;
+    }
+    let mut text = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::StackOverflow) => "stack overflow".to_string(),
+        Some(wasmtime::Trap::UnreachableCodeReached) => "trap: unreachable executed".to_string(),
+        Some(trap) => format!("trap: {trap}"),
+        None => format!("{:#}", e.root_cause()),
+    };
+    // A Rust guest prints its panic message to stderr before it aborts.
+    if let Some(panic) = state.stderr_tail() {
+        text = format!("{text} ({panic})");
+    }
+    text
+}
+
+fn to_wit(e: &Event) -> WitEvent {
+    WitEvent {
+        id: e.id.clone(),
+        source: e.source.clone(),
+        type_: e.ty.clone(),
+        subject: e.subject.clone(),
+        time: e.time.clone(),
+        datacontenttype: e.datacontenttype.clone(),
+        data: e.data.clone(),
+        extensions: e
+            .extensions
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Bytes in the largest binary unit that divides them: "32 MiB", "1536 KiB".
+pub fn format_bytes(bytes: u64) -> String {
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= size && bytes % size == 0 {
+            return format!("{} {unit}", bytes / size);
+        }
+    }
+    format!("{bytes} bytes")
+}

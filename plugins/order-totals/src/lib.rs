@@ -1,0 +1,118 @@
+//! **Event-carried state transfer.** `order.created` events carry everything this
+//! plugin needs (`{"customer": "...", "total": 12.5, ...}`), so it keeps its own
+//! per-customer view without calling back to the shop.
+//!
+//! State: `customer/<customer>` = `{"count": <orders>, "total": <sum, in cents
+//! precision>}`. Other event types are acknowledged and ignored; an order without a
+//! string `customer` or a numeric `total` is rejected. Each event is counted once:
+//! the host commits a delivery's kv writes together with its acknowledgement.
+
+use serde::{Deserialize, Serialize};
+use switchyard_sdk::{Event, Failure, Plugin, info, kv};
+
+/// The part of an `order.created` payload this plugin reads.
+#[derive(Debug, Deserialize)]
+struct OrderCreated {
+    customer: String,
+    total: f64,
+}
+
+/// One customer's running totals, as stored in kv.
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Totals {
+    count: u64,
+    total: f64,
+}
+
+impl Totals {
+    /// The totals after one more order of `amount`, rounded to cents.
+    fn add(self, amount: f64) -> Totals {
+        Totals {
+            count: self.count + 1,
+            total: ((self.total + amount) * 100.0).round() / 100.0,
+        }
+    }
+}
+
+struct OrderTotals;
+
+impl Plugin for OrderTotals {
+    fn handle(event: Event) -> Result<(), Failure> {
+        if event.ty != "order.created" {
+            return Ok(());
+        }
+        let order: OrderCreated = event.data_as()?;
+        if order.customer.is_empty() {
+            return Err(Failure::reject("order.created has an empty `customer`"));
+        }
+        let key = format!("customer/{}", order.customer);
+        let totals = kv::get_json::<Totals>(&key)?
+            .unwrap_or_default()
+            .add(order.total);
+        kv::set_json(&key, &totals)?;
+        info!(
+            "{}: {} orders, total {:.2}",
+            order.customer, totals.count, totals.total
+        );
+        Ok(())
+    }
+}
+
+switchyard_sdk::export!(OrderTotals);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(data: &str) -> Result<OrderCreated, Failure> {
+        let event = Event {
+            ty: "order.created".into(),
+            data: data.into(),
+            ..Event::default()
+        };
+        Ok(event.data_as()?)
+    }
+
+    #[test]
+    fn adds_and_rounds_to_cents() {
+        let t = Totals::default().add(0.1).add(0.2);
+        assert_eq!(
+            t,
+            Totals {
+                count: 2,
+                total: 0.3
+            }
+        );
+        assert_eq!(Totals::default().add(19.999).total, 20.0);
+    }
+
+    #[test]
+    fn stored_form_is_count_and_total() {
+        let json = serde_json::to_string(&Totals::default().add(12.5)).unwrap();
+        assert_eq!(json, r#"{"count":1,"total":12.5}"#);
+    }
+
+    #[test]
+    fn reads_customer_and_total_ignoring_other_fields() {
+        let order = parse(r#"{"customer": "ada", "total": 42, "items": []}"#).unwrap();
+        assert_eq!((order.customer.as_str(), order.total), ("ada", 42.0));
+    }
+
+    #[test]
+    fn rejects_missing_or_ill_typed_fields() {
+        for (data, why) in [
+            (r#"{"total": 1}"#, "missing field `customer`"),
+            (r#"{"customer": "ada"}"#, "missing field `total`"),
+            (
+                r#"{"customer": "ada", "total": "12"}"#,
+                "invalid type: string",
+            ),
+            ("not json", "expected ident"),
+        ] {
+            match parse(data) {
+                Err(Failure::Reject(reason)) => assert!(reason.contains(why), "{reason}"),
+                other => panic!("{data}: expected a reject, got {other:?}"),
+            }
+        }
+    }
+}
