@@ -1,1 +1,185 @@
-fn main() {}
+//! Per-delivery cost of the `audit` plugin, in one run so the figures can be
+//! compared with each other (the machine is shared and noisy: read ratios,
+//! not absolute numbers).
+//!
+//! - `fresh_instance`: `Runtime::deliver` — new Store + HostState, instantiate
+//!   from the `InstancePre`, call `handle`, drop. What the server does.
+//! - `reused_instance`: the baseline — one instance, `handle` called again and
+//!   again (`Runtime::reusable`; fresh HostState per call, no Store, no
+//!   instantiation).
+//! - `bare_instantiate`: wasmtime alone — `Store<()>` + instantiate the same
+//!   component from an `InstancePre` on an engine configured like the
+//!   runtime's, every import a trap stub, no call, drop.
+//! - `wasi_ctx`: building the WASI context and stdio capture pipe the way each
+//!   delivery's HostState does (included in both fresh and reused).
+//!
+//! `cargo bench -p switchyard --bench delivery`
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use switchyard::event::Event;
+use switchyard::journal::Journal;
+use switchyard::runtime::{Invocation, Limits, Runtime};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::WasiCtxBuilder;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
+}
+
+/// An event like the ones `POST /webhooks/shop` produces.
+fn event() -> Event {
+    let data = serde_json::json!({
+        "kind": "order.created",
+        "customer": "c-1042",
+        "order": "o-77812",
+        "total": 129.5,
+        "currency": "EUR",
+        "items": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}],
+    });
+    Event {
+        id: "0199a0b2-5c3e-7a41-9d2e-3f1c2b4a5d6e".into(),
+        source: "shop".into(),
+        ty: "order.created".into(),
+        subject: Some("c-1042".into()),
+        time: "2025-01-01T00:00:00.000Z".into(),
+        datacontenttype: "application/json".into(),
+        data: serde_json::to_vec(&data).expect("json"),
+        extensions: Default::default(),
+    }
+}
+
+/// An engine set up like `Runtime::new`'s (pooling allocator, epochs), for the
+/// bare instantiation figure.
+fn bare_engine() -> Engine {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(1000);
+    pool.total_core_instances(4000);
+    pool.total_memories(2000);
+    pool.total_tables(4000);
+    pool.max_memory_size(switchyard::runtime::MAX_PLUGIN_MEMORY as usize);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    Engine::new(&config).expect("engine")
+}
+
+fn delivery(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let repo = repo();
+    let wasm = rt
+        .block_on(switchyard::runtime::cargo::build_plugin(
+            &repo.join("plugins").join("audit"),
+            &repo.join("target").join("test-plugins"),
+        ))
+        .unwrap_or_else(|e| panic!("building plugins/audit: {e}"));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal = Journal::open(&dir.path().join("journal")).expect("journal");
+    let runtime = Runtime::new(&dir.path().join("cache"), journal).expect("runtime");
+    let limits = Limits {
+        timeout: Duration::from_millis(500),
+        memory: 16 << 20,
+    };
+    let plugin = runtime
+        .load("audit", &wasm, limits, Default::default())
+        .expect("load audit");
+    let event = event();
+
+    // Both paths must really run `handle` to completion, every time.
+    let run = rt.block_on(runtime.deliver(&plugin, &event));
+    assert_eq!(run.invocation, Invocation::Ok, "fresh delivery");
+    assert_eq!(run.kv.writes.len(), 1, "audit writes one key");
+    let mut reused = rt
+        .block_on(runtime.reusable(&plugin, &event.id))
+        .expect("instantiate once");
+    for _ in 0..1000 {
+        assert_eq!(rt.block_on(reused.call(&event)), Invocation::Ok, "reused");
+    }
+
+    let engine = bare_engine();
+    let component = Component::from_file(&engine, &wasm).expect("compile audit");
+    let mut linker = Linker::<()>::new(&engine);
+    linker
+        .define_unknown_imports_as_traps(&component)
+        .expect("stub imports");
+    let bare_pre = linker.instantiate_pre(&component).expect("instantiate_pre");
+
+    let mut group = c.benchmark_group("delivery/audit");
+    group.measurement_time(Duration::from_secs(10));
+
+    group.bench_function("fresh_instance", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let run = runtime.deliver(&plugin, black_box(&event)).await;
+                    debug_assert_eq!(run.invocation, Invocation::Ok);
+                    black_box(run);
+                }
+                start.elapsed()
+            })
+        })
+    });
+
+    group.bench_function("reused_instance", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let inv = reused.call(black_box(&event)).await;
+                    debug_assert_eq!(inv, Invocation::Ok);
+                    black_box(inv);
+                }
+                start.elapsed()
+            })
+        })
+    });
+
+    group.bench_function("bare_instantiate", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let mut store = Store::new(&engine, ());
+                    store.set_epoch_deadline(u64::MAX / 2);
+                    let instance = bare_pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .expect("instantiate");
+                    black_box(instance);
+                }
+                start.elapsed()
+            })
+        })
+    });
+
+    group.bench_function("wasi_ctx", |b| {
+        b.iter(|| {
+            let stdio = MemoryOutputPipe::new(8 << 10);
+            let wasi = WasiCtxBuilder::new()
+                .stdout(stdio.clone())
+                .stderr(stdio.clone())
+                .build();
+            black_box((wasi, stdio, ResourceTable::new()))
+        })
+    });
+
+    group.finish();
+    drop(reused);
+}
+
+criterion_group!(benches, delivery);
+criterion_main!(benches);

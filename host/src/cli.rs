@@ -116,6 +116,8 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>)
                 return ExitCode::FAILURE;
             }
         };
+        // Scripts and tests read the address from here (`--listen` may say port 0).
+        println!("switchyard listening on http://{}", server.addr());
         server.run_until(shutdown_signal()).await;
         ExitCode::SUCCESS
     })

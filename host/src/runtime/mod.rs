@@ -257,6 +257,71 @@ impl Runtime {
     }
 }
 
+/// One instance of a plugin whose `handle` is called again and again.
+///
+/// Exists only as the baseline of `benches/delivery.rs` (fresh instance per
+/// delivery vs. call-only); the server never uses it. A later issue may turn
+/// it into an `isolation = "reuse"` mode, which would need more than this:
+/// no per-call deadline is enforced here (the epoch callback only yields), and
+/// the host state is replaced wholesale before each call (so a guest that kept
+/// a WASI resource handle across calls would find it gone).
+#[doc(hidden)]
+pub struct ReusedInstance {
+    store: Store<HostState>,
+    instance: bindings::Consumer,
+    /// A copy of the plugin's description, for each call's `HostState`.
+    plugin: Plugin,
+    journal: Journal,
+}
+
+impl Runtime {
+    /// Instantiates `plugin` once, for [`ReusedInstance::call`]; see there.
+    #[doc(hidden)]
+    pub async fn reusable(
+        &self,
+        plugin: &Plugin,
+        event_id: &str,
+    ) -> Result<ReusedInstance, wasmtime::Error> {
+        let state = HostState::new(plugin, event_id, self.journal.clone());
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));
+        let instance = plugin.pre.instantiate_async(&mut store).await?;
+        Ok(ReusedInstance {
+            store,
+            instance,
+            plugin: Plugin {
+                name: plugin.name.clone(),
+                hash: plugin.hash.clone(),
+                limits: plugin.limits,
+                config: plugin.config.clone(),
+                pre: plugin.pre.clone(),
+            },
+            journal: self.journal.clone(),
+        })
+    }
+}
+
+impl ReusedInstance {
+    /// Calls `handle(event)` in the same instance as the previous calls, with
+    /// fresh host state (so kv writes do not pile up across calls).
+    #[doc(hidden)]
+    pub async fn call(&mut self, event: &Event) -> Invocation {
+        *self.store.data_mut() = HostState::new(&self.plugin, &event.id, self.journal.clone());
+        match self
+            .instance
+            .call_handle(&mut self.store, &to_wit(event))
+            .await
+        {
+            Ok(Ok(())) => Invocation::Ok,
+            Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
+            Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
+            Err(e) => Invocation::Trap(describe_trap(&e, self.store.data())),
+        }
+    }
+}
+
 impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);

@@ -64,7 +64,9 @@ fn body_pool() -> Vec<Arc<[u8]>> {
     let mut rng = Rng::new(7);
     let alnum = |rng: &mut Rng, n: usize| -> String {
         const A: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-        (0..n).map(|_| A[rng.below(A.len() as u64) as usize] as char).collect()
+        (0..n)
+            .map(|_| A[rng.below(A.len() as u64) as usize] as char)
+            .collect()
     };
     (0..64)
         .map(|i| {
@@ -133,13 +135,24 @@ struct Io {
 }
 static DEV: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
 fn io_now() -> Io {
-    let Some(&(maj, min)) = DEV.get() else { return Io::default() };
-    let Ok(s) = std::fs::read_to_string("/proc/diskstats") else { return Io::default() };
+    let Some(&(maj, min)) = DEV.get() else {
+        return Io::default();
+    };
+    let Ok(s) = std::fs::read_to_string("/proc/diskstats") else {
+        return Io::default();
+    };
     for l in s.lines() {
-        let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         // major minor [name skipped] reads ... ; after name: f[2..]
         if f.len() >= 17 && f[0] == maj && f[1] == min {
-            return Io { writes: f[6], sectors: f[8], flushes: f.get(17).copied().unwrap_or(0) };
+            return Io {
+                writes: f[6],
+                sectors: f[8],
+                flushes: f.get(17).copied().unwrap_or(0),
+            };
         }
     }
     Io::default()
@@ -173,7 +186,11 @@ struct Ctx {
 
 impl Ctx {
     fn open(kind: Kind, dir: &Path, bodies: Arc<Vec<Arc<[u8]>>>) -> Res<Self> {
-        Ok(Ctx { store: kind.open(dir)?, next_seq: 0, bodies })
+        Ok(Ctx {
+            store: kind.open(dir)?,
+            next_seq: 0,
+            bodies,
+        })
     }
     fn rec(&mut self, rng: &mut Rng) -> Rec {
         let seq = self.next_seq;
@@ -214,7 +231,11 @@ fn scen_sequential(ctx: &mut Ctx, dur: Duration) -> Res<(f64, Vec<Duration>, Io)
         w.commit(&r)?;
         lats.push(t0.elapsed());
     }
-    Ok((lats.len() as f64 / t.elapsed().as_secs_f64(), lats, io_now() - io0))
+    Ok((
+        lats.len() as f64 / t.elapsed().as_secs_f64(),
+        lats,
+        io_now() - io0,
+    ))
 }
 
 #[derive(Default)]
@@ -248,7 +269,11 @@ fn scen_group(
     let stop = AtomicBool::new(false);
     let committed = AtomicU64::new(ctx.next_seq);
     let mut writer = ctx.store.writer()?;
-    let reader = if with_reader { Some(ctx.store.reader()?) } else { None };
+    let reader = if with_reader {
+        Some(ctx.store.reader()?)
+    } else {
+        None
+    };
     let (tx, rx) = mpsc::channel::<Req>();
     let io0 = io_now();
     let t = Instant::now();
@@ -265,7 +290,10 @@ fn scen_group(
                 let mut lats = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t0 = Instant::now();
-                    let req = Req { deliveries: 1 + (rng.next() & 1) as u8, reply: rtx.clone() };
+                    let req = Req {
+                        deliveries: 1 + (rng.next() & 1) as u8,
+                        reply: rtx.clone(),
+                    };
                     if tx.send(req).is_err() || rrx.recv().is_err() {
                         break;
                     }
@@ -389,7 +417,12 @@ struct Durab {
 }
 
 /// Open + one lookup (SQLite recovers its WAL lazily, on first access).
-fn timed_reopen(kind: Kind, dir: &Path, probe: u64, bodies: &Arc<Vec<Arc<[u8]>>>) -> Res<(Ctx, f64)> {
+fn timed_reopen(
+    kind: Kind,
+    dir: &Path,
+    probe: u64,
+    bodies: &Arc<Vec<Arc<[u8]>>>,
+) -> Res<(Ctx, f64)> {
     let t = Instant::now();
     let ctx = Ctx::open(kind, dir, bodies.clone())?;
     let found = ctx.store.reader()?.get(&id_for(probe))?;
@@ -400,7 +433,14 @@ fn timed_reopen(kind: Kind, dir: &Path, probe: u64, bodies: &Arc<Vec<Arc<[u8]>>>
     Ok((ctx, ms))
 }
 
-fn size_and_crash(kind: Kind, dir: &Path, n: u64, batch: u64, crash: Duration, bodies: &Arc<Vec<Arc<[u8]>>>) -> Res<Durab> {
+fn size_and_crash(
+    kind: Kind,
+    dir: &Path,
+    n: u64,
+    batch: u64,
+    crash: Duration,
+    bodies: &Arc<Vec<Arc<[u8]>>>,
+) -> Res<Durab> {
     let mut d = Durab::default();
     let mut ctx = Ctx::open(kind, dir, bodies.clone())?;
     d.load_rate = ctx.load(n, batch)?;
@@ -412,7 +452,12 @@ fn size_and_crash(kind: Kind, dir: &Path, n: u64, batch: u64, crash: Duration, b
 
     // A child process group-commits (P=8) and prints each committed seq; kill -9 it.
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["--child", kind.name(), &dir.display().to_string(), &n.to_string()])
+        .args([
+            "--child",
+            kind.name(),
+            &dir.display().to_string(),
+            &n.to_string(),
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = child.stdout.take().expect("piped");
@@ -457,7 +502,13 @@ fn child_main(args: &[String]) -> Res<()> {
     let start: u64 = args[2].parse()?;
     let mut ctx = Ctx::open(kind, &dir, Arc::new(body_pool()))?;
     ctx.next_seq = start;
-    scen_group(&mut ctx, 8, Duration::from_secs(3600), false, Some(std::io::stdout()))?;
+    scen_group(
+        &mut ctx,
+        8,
+        Duration::from_secs(3600),
+        false,
+        Some(std::io::stdout()),
+    )?;
     Ok(())
 }
 
@@ -506,7 +557,15 @@ fn parse_opts() -> Res<Opts> {
             }
             "--keep" => o.keep = true,
             "-h" | "--help" => {
-                println!("{}", include_str!("main.rs").lines().take(15).map(|l| l.trim_start_matches("//!").trim_start_matches(' ')).collect::<Vec<_>>().join("\n"));
+                println!(
+                    "{}",
+                    include_str!("main.rs")
+                        .lines()
+                        .take(15)
+                        .map(|l| l.trim_start_matches("//!").trim_start_matches(' '))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
                 std::process::exit(0);
             }
             _ => return Err(format!("unknown argument {a}").into()),
@@ -568,7 +627,11 @@ fn main() -> Res<()> {
         c.load(o.preload, 500)?;
         ctxs.push(c);
     }
-    eprintln!("preloaded {} events each ({:.1}s)", o.preload, t_all.elapsed().as_secs_f64());
+    eprintln!(
+        "preloaded {} events each ({:.1}s)",
+        o.preload,
+        t_all.elapsed().as_secs_f64()
+    );
 
     let mut acc: Vec<Acc> = o.stores.iter().map(|_| Acc::default()).collect();
     let mut fsync = Vec::new();
@@ -607,7 +670,11 @@ fn main() -> Res<()> {
                 }
             }
         }
-        eprintln!("round {} done ({:.0}s)", round + 1, t_all.elapsed().as_secs_f64());
+        eprintln!(
+            "round {} done ({:.0}s)",
+            round + 1,
+            t_all.elapsed().as_secs_f64()
+        );
     }
     drop(ctxs);
 
@@ -623,18 +690,29 @@ fn main() -> Res<()> {
         )?;
         dur_res.push(d);
     }
-    eprintln!("size + kill -9 phase done ({:.0}s total)", t_all.elapsed().as_secs_f64());
+    eprintln!(
+        "size + kill -9 phase done ({:.0}s total)",
+        t_all.elapsed().as_secs_f64()
+    );
 
     // ------------------------------------------------------------ report
     let med = |v: &[f64]| -> f64 {
         let mut v = v.to_vec();
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v[v.len() / 2]
+        }
     };
     let rate = |v: &[f64]| -> String {
         let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
         let hi = v.iter().cloned().fold(0.0, f64::max);
-        if v.len() > 1 { format!("{:.0} ({:.0}–{:.0})", med(v), lo, hi) } else { format!("{:.0}", med(v)) }
+        if v.len() > 1 {
+            format!("{:.0} ({:.0}–{:.0})", med(v), lo, hi)
+        } else {
+            format!("{:.0}", med(v))
+        }
     };
     let lat = |v: &mut Vec<Duration>| -> String {
         v.sort();
@@ -646,45 +724,81 @@ fn main() -> Res<()> {
         let cells = (0..o.stores.len()).map(|i| f(i)).collect();
         rows.push((name.to_string(), cells));
     };
-    row("(a) 1 append/tx, sequential: commits/s", &mut |i| rate(&acc[i].seq_rate));
-    row("(a) commit latency p50 / p99 ms", &mut |i| lat(&mut acc[i].seq_lats));
+    row("(a) 1 append/tx, sequential: commits/s", &mut |i| {
+        rate(&acc[i].seq_rate)
+    });
+    row("(a) commit latency p50 / p99 ms", &mut |i| {
+        lat(&mut acc[i].seq_lats)
+    });
     row("(a) device write I/Os / flushes per commit", &mut |i| {
         let (io, n) = (acc[i].seq_io, acc[i].seq_lats.len().max(1) as f64);
         format!("{:.1} / {:.1}", io.writes as f64 / n, io.flushes as f64 / n)
     });
     for (j, p) in PS.iter().enumerate() {
-        row(&format!("(b) group commit P={p}: appends/s"), &mut |i| rate(&acc[i].grp[j].rate));
-        row(&format!("(b) P={p}: append latency p50 / p99 ms"), &mut |i| lat(&mut acc[i].grp[j].lats));
-        row(&format!("(b) P={p}: mean batch · commit p50 ms"), &mut |i| {
-            let g = &mut acc[i].grp[j];
-            g.commit_lats.sort();
-            format!("{:.1} · {:.2}", g.appends as f64 / g.batches.max(1) as f64, pct(&g.commit_lats, 0.5))
+        row(&format!("(b) group commit P={p}: appends/s"), &mut |i| {
+            rate(&acc[i].grp[j].rate)
         });
-        row(&format!("(b) P={p}: device write I/Os per commit · KiB written per append"), &mut |i| {
-            let g = &acc[i].grp[j];
-            format!(
-                "{:.1} · {:.1}",
-                g.io.writes as f64 / g.batches.max(1) as f64,
-                g.io.sectors as f64 * 512.0 / 1024.0 / g.appends.max(1) as f64
-            )
-        });
+        row(
+            &format!("(b) P={p}: append latency p50 / p99 ms"),
+            &mut |i| lat(&mut acc[i].grp[j].lats),
+        );
+        row(
+            &format!("(b) P={p}: mean batch · commit p50 ms"),
+            &mut |i| {
+                let g = &mut acc[i].grp[j];
+                g.commit_lats.sort();
+                format!(
+                    "{:.1} · {:.2}",
+                    g.appends as f64 / g.batches.max(1) as f64,
+                    pct(&g.commit_lats, 0.5)
+                )
+            },
+        );
+        row(
+            &format!("(b) P={p}: device write I/Os per commit · KiB written per append"),
+            &mut |i| {
+                let g = &acc[i].grp[j];
+                format!(
+                    "{:.1} · {:.1}",
+                    g.io.writes as f64 / g.batches.max(1) as f64,
+                    g.io.sectors as f64 * 512.0 / 1024.0 / g.appends.max(1) as f64
+                )
+            },
+        );
     }
-    row("(c) point reads/s by id, 1 reader, while P=8 writes", &mut |i| rate(&acc[i].reads));
-    row("(c) read latency p50 / p99 ms", &mut |i| lat(&mut acc[i].read_lats));
+    row(
+        "(c) point reads/s by id, 1 reader, while P=8 writes",
+        &mut |i| rate(&acc[i].reads),
+    );
+    row("(c) read latency p50 / p99 ms", &mut |i| {
+        lat(&mut acc[i].read_lats)
+    });
     row("(c) appends/s meanwhile", &mut |i| rate(&acc[i].rw_appends));
     let n = o.size_n;
-    row(&format!("(d) on disk after {n} appends, MiB (allocated)"), &mut |i| {
-        format!("{:.1}", dur_res[i].alloc as f64 / 1048576.0)
-    });
+    row(
+        &format!("(d) on disk after {n} appends, MiB (allocated)"),
+        &mut |i| format!("{:.1}", dur_res[i].alloc as f64 / 1048576.0),
+    );
     row("(d) bytes per append (allocated / apparent)", &mut |i| {
-        format!("{:.0} / {:.0}", dur_res[i].alloc as f64 / n as f64, dur_res[i].apparent as f64 / n as f64)
+        format!(
+            "{:.0} / {:.0}",
+            dur_res[i].alloc as f64 / n as f64,
+            dur_res[i].apparent as f64 / n as f64
+        )
     });
-    row(&format!("(d) load at {} appends/commit: appends/s", o.size_batch), &mut |i| {
-        format!("{:.0}", dur_res[i].load_rate)
+    row(
+        &format!("(d) load at {} appends/commit: appends/s", o.size_batch),
+        &mut |i| format!("{:.0}", dur_res[i].load_rate),
+    );
+    row("(e) reopen + first read after clean close, ms", &mut |i| {
+        format!("{:.1}", dur_res[i].clean_reopen_ms)
     });
-    row("(e) reopen + first read after clean close, ms", &mut |i| format!("{:.1}", dur_res[i].clean_reopen_ms));
-    row("(e) reopen + first read after kill -9, ms", &mut |i| format!("{:.1}", dur_res[i].crash_reopen_ms));
-    row("(e) acked before kill -9 / lost after", &mut |i| format!("{} / {}", dur_res[i].acked, dur_res[i].lost));
+    row("(e) reopen + first read after kill -9, ms", &mut |i| {
+        format!("{:.1}", dur_res[i].crash_reopen_ms)
+    });
+    row("(e) acked before kill -9 / lost after", &mut |i| {
+        format!("{} / {}", dur_res[i].acked, dur_res[i].lost)
+    });
 
     println!();
     print!("| scenario |");
@@ -713,8 +827,12 @@ fn main() -> Res<()> {
         o.secs,
         rate(&fsync),
         o.preload,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
         t_all.elapsed().as_secs_f64()
     );
     if !o.keep {

@@ -1,6 +1,8 @@
-//! The three candidate stores behind one small interface modelled on the journal:
-//! one transaction = a group of appends, each append = event + id index entry +
-//! 1–2 delivery records. Every commit is durable before `commit` returns.
+//! The three candidate stores behind one small interface modelled on the journal
+//! (host/src/journal): one transaction = a group of appends, each append = event
+//! (seq -> ~1 KiB) + id index entry (36-char id -> seq) + 1–2 delivery records
+//! ((seq, idx) -> ~100 B), each with a "due" index entry ((due_ms, seq, idx) -> ()).
+//! Every commit is durable before `commit` returns.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,8 +17,16 @@ pub struct Rec {
     pub deliveries: u8,
 }
 
+/// Milliseconds since the epoch: the "due" key of a new delivery.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// ~100-byte delivery state record (route, status, attempt, next-at, last error).
-pub fn delivery_value(seq: u64, route: u16) -> [u8; 100] {
+pub fn delivery_value(seq: u64, route: u32) -> [u8; 100] {
     let mut v = [b' '; 100];
     let s = format!(
         "{{\"route\":\"route-{route:02}\",\"status\":\"pending\",\"attempt\":0,\"next_at\":{},\"err\":null}}",
@@ -90,7 +100,8 @@ mod redb_impl {
 
     const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
     const IDS: TableDefinition<&str, u64> = TableDefinition::new("event_ids");
-    const DELIV: TableDefinition<(u64, u16), &[u8]> = TableDefinition::new("deliveries");
+    const DELIV: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("deliveries");
+    const DUE: TableDefinition<(u64, u64, u32), ()> = TableDefinition::new("due");
 
     pub struct RedbStore {
         db: Arc<Database>,
@@ -107,9 +118,13 @@ mod redb_impl {
                 tx.open_table(EVENTS)?;
                 tx.open_table(IDS)?;
                 tx.open_table(DELIV)?;
+                tx.open_table(DUE)?;
             }
             tx.commit()?;
-            Ok(Self { db: Arc::new(db), quick_repair })
+            Ok(Self {
+                db: Arc::new(db),
+                quick_repair,
+            })
         }
     }
 
@@ -124,11 +139,14 @@ mod redb_impl {
                 let mut ev = tx.open_table(EVENTS)?;
                 let mut ids = tx.open_table(IDS)?;
                 let mut dl = tx.open_table(DELIV)?;
+                let mut due = tx.open_table(DUE)?;
+                let ms = now_ms();
                 for r in batch {
                     ev.insert(r.seq, &r.body[..])?;
                     ids.insert(r.id.as_str(), r.seq)?;
-                    for k in 0..r.deliveries as u16 {
+                    for k in 0..r.deliveries as u32 {
                         dl.insert((r.seq, k), &delivery_value(r.seq, k)[..])?;
+                        due.insert((ms, r.seq, k), ())?;
                     }
                 }
             }
@@ -141,7 +159,9 @@ mod redb_impl {
         fn get(&mut self, id: &str) -> Res<Option<usize>> {
             let tx = self.0.begin_read()?;
             let ids = tx.open_table(IDS)?;
-            let Some(seq) = ids.get(id)?.map(|g| g.value()) else { return Ok(None) };
+            let Some(seq) = ids.get(id)?.map(|g| g.value()) else {
+                return Ok(None);
+            };
             let ev = tx.open_table(EVENTS)?;
             Ok(ev.get(seq)?.map(|g| g.value().len()))
         }
@@ -162,7 +182,10 @@ pub use redb_impl::RedbStore;
 
 mod fjall_impl {
     use super::*;
-    use fjall::{KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace};
+    use fjall::{
+        KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
+        SingleWriterTxKeyspace,
+    };
 
     #[derive(Clone)]
     pub struct FjallStore {
@@ -170,6 +193,7 @@ mod fjall_impl {
         events: SingleWriterTxKeyspace,
         ids: SingleWriterTxKeyspace,
         deliv: SingleWriterTxKeyspace,
+        due: SingleWriterTxKeyspace,
     }
 
     impl FjallStore {
@@ -178,7 +202,14 @@ mod fjall_impl {
             let events = db.keyspace("events", KeyspaceCreateOptions::default)?;
             let ids = db.keyspace("event_ids", KeyspaceCreateOptions::default)?;
             let deliv = db.keyspace("deliveries", KeyspaceCreateOptions::default)?;
-            Ok(Self { db, events, ids, deliv })
+            let due = db.keyspace("due", KeyspaceCreateOptions::default)?;
+            Ok(Self {
+                db,
+                events,
+                ids,
+                deliv,
+                due,
+            })
         }
     }
 
@@ -186,15 +217,21 @@ mod fjall_impl {
         fn commit(&mut self, batch: &[Rec]) -> Res<()> {
             // Cross-keyspace atomic; fsync the journal before commit returns.
             let mut tx = self.db.write_tx().durability(Some(PersistMode::SyncAll));
+            let ms = now_ms().to_be_bytes();
             for r in batch {
                 let seq = r.seq.to_be_bytes();
                 tx.insert(&self.events, seq, &r.body[..]);
                 tx.insert(&self.ids, r.id.as_str(), seq);
-                for k in 0..r.deliveries as u16 {
-                    let mut key = [0u8; 10];
+                for k in 0..r.deliveries as u32 {
+                    // Tuple keys as big-endian concatenations: byte order = tuple order.
+                    let mut key = [0u8; 12];
                     key[..8].copy_from_slice(&seq);
                     key[8..].copy_from_slice(&k.to_be_bytes());
                     tx.insert(&self.deliv, key, &delivery_value(r.seq, k)[..]);
+                    let mut due = [0u8; 20];
+                    due[..8].copy_from_slice(&ms);
+                    due[8..].copy_from_slice(&key);
+                    tx.insert(&self.due, due, b"");
                 }
             }
             tx.commit()?;
@@ -205,7 +242,9 @@ mod fjall_impl {
     impl Reader for FjallStore {
         fn get(&mut self, id: &str) -> Res<Option<usize>> {
             let snap = self.db.read_tx();
-            let Some(seq) = snap.get(&self.ids, id)? else { return Ok(None) };
+            let Some(seq) = snap.get(&self.ids, id)? else {
+                return Ok(None);
+            };
             Ok(snap.get(&self.events, &*seq)?.map(|v| v.len()))
         }
     }
@@ -250,9 +289,14 @@ mod sqlite_impl {
                 "CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
                  CREATE TABLE IF NOT EXISTS event_ids(id TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
                  CREATE TABLE IF NOT EXISTS deliveries(seq INTEGER NOT NULL, route INTEGER NOT NULL,
-                     state BLOB NOT NULL, PRIMARY KEY(seq, route)) WITHOUT ROWID;",
+                     state BLOB NOT NULL, PRIMARY KEY(seq, route)) WITHOUT ROWID;
+                 CREATE TABLE IF NOT EXISTS due(due_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
+                     route INTEGER NOT NULL, PRIMARY KEY(due_ms, seq, route)) WITHOUT ROWID;",
             )?;
-            Ok(Self { path, _keep: std::sync::Mutex::new(c) })
+            Ok(Self {
+                path,
+                _keep: std::sync::Mutex::new(c),
+            })
         }
     }
 
@@ -261,17 +305,25 @@ mod sqlite_impl {
 
     impl Writer for W {
         fn commit(&mut self, batch: &[Rec]) -> Res<()> {
-            let tx = self.0.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let tx = self
+                .0
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut ev = tx.prepare_cached("INSERT INTO events(seq, body) VALUES (?1, ?2)")?;
-                let mut ids = tx.prepare_cached("INSERT OR REPLACE INTO event_ids(id, seq) VALUES (?1, ?2)")?;
-                let mut dl =
-                    tx.prepare_cached("INSERT INTO deliveries(seq, route, state) VALUES (?1, ?2, ?3)")?;
+                let mut ids =
+                    tx.prepare_cached("INSERT OR REPLACE INTO event_ids(id, seq) VALUES (?1, ?2)")?;
+                let mut dl = tx.prepare_cached(
+                    "INSERT INTO deliveries(seq, route, state) VALUES (?1, ?2, ?3)",
+                )?;
+                let mut due =
+                    tx.prepare_cached("INSERT INTO due(due_ms, seq, route) VALUES (?1, ?2, ?3)")?;
+                let ms = now_ms() as i64;
                 for r in batch {
                     ev.execute(params![r.seq as i64, &r.body[..]])?;
                     ids.execute(params![r.id, r.seq as i64])?;
-                    for k in 0..r.deliveries as u16 {
+                    for k in 0..r.deliveries as u32 {
                         dl.execute(params![r.seq as i64, k, &delivery_value(r.seq, k)[..]])?;
+                        due.execute(params![ms, r.seq as i64, k])?;
                     }
                 }
             }
@@ -286,7 +338,9 @@ mod sqlite_impl {
                 "SELECT e.body FROM event_ids i JOIN events e ON e.seq = i.seq WHERE i.id = ?1",
             )?;
             // Fetch the blob itself (length() would let SQLite skip reading it).
-            Ok(st.query_row([id], |r| Ok(r.get_ref(0)?.as_blob()?.len())).optional()?)
+            Ok(st
+                .query_row([id], |r| Ok(r.get_ref(0)?.as_blob()?.len()))
+                .optional()?)
         }
     }
 

@@ -1,0 +1,136 @@
+//! Nothing accepted is lost when the process dies between the 202 and the
+//! delivery: the real binary is killed with SIGKILL while its plugin is stuck,
+//! restarted with a working plugin, and delivers every accepted event.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::{build_dir, fixture, plugin_crate, wait_for};
+use serde_json::json;
+
+struct Running {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `switchyard serve` on an ephemeral port and waits until it listens.
+fn serve(config: &Path, log: &Path) -> Running {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("spawn switchyard");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read stdout");
+    let base = line
+        .trim()
+        .strip_prefix("switchyard listening on ")
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(log).unwrap_or_default();
+            panic!("server did not start: {line:?}\n{log}")
+        })
+        .to_string();
+    Running { child, base }
+}
+
+fn config(data: &Path, sink_wasm: &str, timeout: &str) -> String {
+    format!(
+        r#"
+[server]
+data_dir = "{data}"
+build_dir = "{build}"
+workers = 2
+
+[[sources]]
+name = "s"
+
+[[plugins]]
+name = "sink"
+wasm = "{sink_wasm}"
+timeout = "{timeout}"
+
+[[routes]]
+name = "all"
+to = ["sink"]
+"#,
+        data = data.display(),
+        build = build_dir(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_events_are_delivered_after_a_kill_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("rules.toml");
+    let log = dir.path().join("serve.log");
+    let client = reqwest::Client::new();
+
+    // First life: the plugin never returns, so nothing gets delivered.
+    let stuck = fixture(dir.path(), "stuck", common::LOOP);
+    std::fs::write(&cfg, config(&data, &stuck, "10m")).unwrap();
+    let first = serve(&cfg, &log);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let resp = client
+            .post(format!("{}/webhooks/s", first.base))
+            .json(&json!({"n": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202);
+        let body: serde_json::Value = resp.json().await.unwrap();
+        ids.push(body["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let t: serde_json::Value = client
+            .get(format!("{}/api/events/{id}", first.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(t["deliveries"][0]["status"], "pending", "{t}");
+    }
+    drop(first); // SIGKILL
+
+    // Second life: the same plugin name, now a working plugin.
+    std::fs::write(&cfg, config(&data, &plugin_crate("audit"), "1s")).unwrap();
+    let second = serve(&cfg, &log);
+    for id in &ids {
+        let url = format!("{}/api/plugins/sink/kv/{id}", second.base);
+        let client = &client;
+        wait_for(&format!("delivery of {id} after restart"), || async {
+            let resp = client.get(&url).send().await.ok()?;
+            (resp.status() == 200).then_some(())
+        })
+        .await;
+        let t: serde_json::Value = client
+            .get(format!("{}/api/events/{id}", second.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let d = &t["deliveries"][0];
+        assert_eq!(d["status"], "delivered", "{t}");
+        assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{t}");
+    }
+}
