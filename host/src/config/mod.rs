@@ -233,18 +233,34 @@ impl Validator {
     }
 
     /// Deserializes one spanned value, recording a failure.
+    /// Deserializes one spanned value, recording failures. An unknown key is
+    /// reported, dropped, and the rest deserialized again, so that every
+    /// unknown key of a table is reported, along with the other problems.
     fn raw<T: for<'de> Deserialize<'de>>(
         &mut self,
         value: Spanned<DeValue<'_>>,
         key: &str,
     ) -> Option<T> {
         let span = value.span();
-        match T::deserialize(value.into_deserializer()) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                let message = e.message().to_string();
-                self.error(Some(e.span().unwrap_or(span)), key, message);
-                None
+        let mut value = value;
+        loop {
+            match T::deserialize(value.clone().into_deserializer()) {
+                Ok(t) => return Some(t),
+                Err(e) => {
+                    let message = e.message().to_string();
+                    let at = e.span().unwrap_or(span.clone());
+                    let removed = message
+                        .starts_with("unknown field")
+                        .then(|| remove_key_at(value.get_mut(), &at))
+                        .flatten();
+                    match removed {
+                        Some(path) => self.error(Some(at), format!("{key}.{path}"), message),
+                        None => {
+                            self.error(Some(at), key, message);
+                            return None;
+                        }
+                    }
+                }
             }
         }
     }
@@ -568,20 +584,20 @@ impl Validator {
                     .duration(t, &format!("{key}.timeout"))
                     .unwrap_or(limits.timeout);
             }
-            if let Some(m) = &p.memory {
-                if let Some(bytes) = self.size(m, &format!("{key}.memory")) {
-                    if bytes as u64 > MAX_PLUGIN_MEMORY {
-                        self.error(
-                            Some(m.span()),
-                            format!("{key}.memory"),
-                            format!(
-                                "`memory` is at most {}",
-                                crate::runtime::format_bytes(MAX_PLUGIN_MEMORY)
-                            ),
-                        );
-                    } else {
-                        limits.memory = bytes as u64;
-                    }
+            if let Some(m) = &p.memory
+                && let Some(bytes) = self.size(m, &format!("{key}.memory"))
+            {
+                if bytes as u64 > MAX_PLUGIN_MEMORY {
+                    self.error(
+                        Some(m.span()),
+                        format!("{key}.memory"),
+                        format!(
+                            "`memory` is at most {}",
+                            crate::runtime::format_bytes(MAX_PLUGIN_MEMORY)
+                        ),
+                    );
+                } else {
+                    limits.memory = bytes as u64;
                 }
             }
             let config = p
@@ -732,6 +748,31 @@ impl Validator {
 
 fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get()) * 8
+}
+
+/// Removes, anywhere in `value`, the table entry whose key has `span`;
+/// returns the dotted path of the removed key.
+fn remove_key_at(value: &mut DeValue<'_>, span: &Range<usize>) -> Option<String> {
+    match value {
+        DeValue::Table(t) => {
+            let found = t
+                .iter()
+                .find(|(k, _)| k.span() == *span)
+                .map(|(k, _)| k.get_ref().to_string());
+            if let Some(k) = found {
+                t.remove(k.as_str());
+                return Some(k);
+            }
+            t.iter_mut().find_map(|(k, v)| {
+                remove_key_at(v.get_mut(), span).map(|path| format!("{}.{path}", k.get_ref()))
+            })
+        }
+        DeValue::Array(items) => items
+            .iter_mut()
+            .enumerate()
+            .find_map(|(i, v)| remove_key_at(v.get_mut(), span).map(|p| format!("[{i}].{p}"))),
+        _ => None,
+    }
 }
 
 fn devalue_to_json(v: &DeValue<'_>) -> serde_json::Value {

@@ -385,7 +385,7 @@ fn to_wit(e: &Event) -> WitEvent {
 /// Bytes in the largest binary unit that divides them: "32 MiB", "1536 KiB".
 pub fn format_bytes(bytes: u64) -> String {
     for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{} {unit}", bytes / size);
         }
     }

@@ -3,8 +3,8 @@
 //! cargo run --release --manifest-path host/benches/store-compare/Cargo.toml -- [options]
 //!
 //! Options (defaults keep the whole run near 2–3 minutes on 2 cores):
-//!   --secs F         seconds per measurement cell           (1.5)
-//!   --rounds N       interleaved rounds over all stores      (3)
+//!   --secs F         seconds per measurement cell           (0.75)
+//!   --rounds N       interleaved rounds over all stores      (6)
 //!   --preload N      events in each store before round 1     (20000)
 //!   --size-n N       appends for the size / crash phase      (50000)
 //!   --size-batch N   appends per durable commit when loading (64)
@@ -528,8 +528,8 @@ struct Opts {
 
 fn parse_opts() -> Res<Opts> {
     let mut o = Opts {
-        secs: 1.5,
-        rounds: 3,
+        secs: 0.75,
+        rounds: 6,
         preload: 20_000,
         size_n: 50_000,
         size_batch: 64,

@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Ingest throughput of `POST /webhooks/{source}`, side by side in one run:
+#
+#   bare         host/examples/bare_hyper.rs: same HTTP stack, body read and
+#                JSON parse, 202 with an id; no storage (the baseline)
+#   switchyard   the real server: redb journal with group commit, one route
+#                (`audit-all` → the audit plugin, fresh instance per delivery)
+#   no-routes    the real server with no routes: journal only, no deliveries
+#
+# for each connection count, with wrk (Debian package `wrk`) and the same body
+# (host/benches/ingest.lua). Loopback only; each load runs DURATION seconds.
+#
+#   host/benches/ingest.sh                 # build release binaries, then measure
+#   CONNS="16 64" DURATION=10 WRK_THREADS=2 SKIP_BUILD=1 host/benches/ingest.sh
+#
+# Everything (servers, wrk) shares the machine's cores: compare the rows of one
+# run with each other, not with another machine's figures.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+CONNS="${CONNS:-16 64}"
+DURATION="${DURATION:-10}"
+WARMUP="${WARMUP:-2}"
+WRK_THREADS="${WRK_THREADS:-2}"
+VARIANTS="${VARIANTS:-bare switchyard no-routes}"
+
+command -v wrk >/dev/null || {
+	echo "wrk is not installed: apt-get install -y wrk" >&2
+	exit 1
+}
+
+if [[ -z "${SKIP_BUILD:-}" ]]; then
+	echo "== building release binaries (cargo build --release -p switchyard --bins --examples)"
+	(cd "$REPO" && cargo build --release -p switchyard --bins --examples)
+fi
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+SWITCHYARD="$TARGET_DIR/release/switchyard"
+BARE="$TARGET_DIR/release/examples/bare_hyper"
+for bin in "$SWITCHYARD" "$BARE"; do
+	[[ -x "$bin" ]] || {
+		echo "missing $bin (run without SKIP_BUILD)" >&2
+		exit 1
+	}
+done
+
+TMP="$(mktemp -d -t switchyard-ingest.XXXXXX)"
+SERVER_PID=""
+stop_server() {
+	if [[ -n "$SERVER_PID" ]]; then
+		kill -TERM "$SERVER_PID" 2>/dev/null || true
+		for _ in $(seq 1 100); do
+			kill -0 "$SERVER_PID" 2>/dev/null || break
+			sleep 0.1
+		done
+		kill -KILL "$SERVER_PID" 2>/dev/null || true
+		wait "$SERVER_PID" 2>/dev/null || true
+		SERVER_PID=""
+	fi
+}
+cleanup() {
+	stop_server
+	rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+free_port() {
+	python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+BODY='{"kind":"order.created","customer":"c-1042","order":"o-77812","total":129.5,"currency":"EUR","items":[{"sku":"A-1","qty":2},{"sku":"B-7","qty":1}]}'
+
+# Waits until a POST is answered 202 (a switchyard start builds/compiles the plugin).
+wait_ready() {
+	local url="$1"
+	for _ in $(seq 1 1200); do
+		if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+			echo "server exited; its log:" >&2
+			tail -n 30 "$LOG" >&2
+			exit 1
+		fi
+		local code
+		code="$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
+			--data "$BODY" "$url" || true)"
+		[[ "$code" == 202 ]] && return 0
+		sleep 0.1
+	done
+	echo "server at $url not ready after 120 s" >&2
+	exit 1
+}
+
+# Writes a config for the real server and prints its path.
+write_config() {
+	local dir="$1" port="$2" routes="$3"
+	mkdir -p "$dir"
+	cat >"$dir/rules.toml" <<EOF
+[server]
+listen = "127.0.0.1:$port"
+data_dir = "$dir/data"
+build_dir = "$REPO/target/test-plugins"
+
+[[sources]]
+name = "shop"
+type_pointer = "/kind"
+subject_pointer = "/customer"
+
+[[plugins]]
+name = "audit"
+wasm = "$REPO/plugins/audit"
+timeout = "500ms"
+memory = "16MiB"
+EOF
+	if [[ "$routes" == yes ]]; then
+		cat >>"$dir/rules.toml" <<EOF
+
+[[routes]]
+name = "audit-all"
+to = ["audit"]
+EOF
+	fi
+	echo "$dir/rules.toml"
+}
+
+# Starts one server of a variant on a free port; sets SERVER_PID, URL, LOG.
+start_server() {
+	local variant="$1" run="$2"
+	local port
+	port="$(free_port)"
+	URL="http://127.0.0.1:$port/webhooks/shop"
+	LOG="$TMP/$run.log"
+	case "$variant" in
+	bare)
+		"$BARE" "127.0.0.1:$port" 2>"$LOG" &
+		;;
+	switchyard | no-routes)
+		local routes=yes
+		[[ "$variant" == no-routes ]] && routes=no
+		local cfg
+		cfg="$(write_config "$TMP/$run" "$port" "$routes")"
+		# Default logging (info, plugin lines included), as a user would run it.
+		"$SWITCHYARD" serve --config "$cfg" >"$LOG" 2>&1 &
+		;;
+	esac
+	SERVER_PID=$!
+	wait_ready "$URL"
+}
+
+# Deliveries made so far: the audit plugin logs one line per delivery.
+deliveries() {
+	grep -c 'audit: type=' "$LOG" 2>/dev/null || true
+}
+
+# Waits until the delivery count stops moving; prints the seconds it took.
+wait_drained() {
+	local start now prev cur
+	start="$(date +%s.%N)"
+	prev="$(deliveries)"
+	while true; do
+		sleep 1
+		cur="$(deliveries)"
+		[[ "$cur" == "$prev" ]] && break
+		prev="$cur"
+		now="$(date +%s.%N)"
+		if (($(echo "$now - $start > 300" | bc) == 1)); then break; fi
+	done
+	now="$(date +%s.%N)"
+	# minus the one quiet second that showed it was done
+	echo "$now - $start - 1" | bc | awk '{ printf "%.1f", ($1 < 0 ? 0 : $1) }'
+}
+
+echo "== $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
+echo "== wrk -t$WRK_THREADS, ${DURATION}s per run after ${WARMUP}s warm-up; body: ${#BODY} bytes"
+RESULTS="$TMP/results"
+: >"$RESULTS"
+for c in $CONNS; do
+	for variant in $VARIANTS; do
+		run="$variant-c$c"
+		start_server "$variant" "$run"
+		wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -s "$HERE/ingest.lua" "$URL" >/dev/null
+		[[ "$variant" == switchyard ]] && wait_drained >/dev/null
+		before="$(deliveries)"
+		out="$(wrk -t"$WRK_THREADS" -c"$c" -d"${DURATION}s" --latency -s "$HERE/ingest.lua" "$URL")"
+		line="$(grep '^RESULT' <<<"$out")"
+		extra=""
+		if [[ "$variant" == switchyard ]]; then
+			during=$(($(deliveries) - before))
+			drain="$(wait_drained)"
+			after=$(($(deliveries) - before))
+			extra=" delivered_during=$during delivered_total=$after drain_s=$drain"
+		fi
+		stop_server
+		echo "$run $line$extra" | tee -a "$RESULTS"
+	done
+done
+
+echo
+echo "== summary (rps = requests/s; latency in ms; ratio = rps / bare rps at the same connection count)"
+awk '
+function field(name,   i, kv) {
+	for (i = 1; i <= NF; i++) { split($i, kv, "="); if (kv[1] == name) return kv[2] }
+	return ""
+}
+{
+	split($1, parts, "-c"); variant = parts[1]; c = parts[2]
+	rps[variant, c] = field("rps"); p50[variant, c] = field("p50_us"); p99[variant, c] = field("p99_us")
+	bad[variant, c] = field("non202") + field("errors"); drain[variant, c] = field("drain_s")
+	if (!(c in seen)) { seen[c] = 1; order[++n] = c }
+	if (!(variant in vseen)) { vseen[variant] = 1; vorder[++m] = variant }
+}
+END {
+	printf "%-12s %6s %10s %9s %9s %8s %8s %8s\n", "server", "conns", "req/s", "p50 ms", "p99 ms", "ratio", "failed", "drain s"
+	for (i = 1; i <= n; i++) {
+		c = order[i]
+		for (j = 1; j <= m; j++) {
+			v = vorder[j]
+			if (!((v, c) in rps)) continue
+			ratio = (("bare", c) in rps && rps["bare", c] > 0) ? sprintf("%.2f", rps[v, c] / rps["bare", c]) : "-"
+			printf "%-12s %6s %10.0f %9.2f %9.2f %8s %8d %8s\n", v, c, rps[v, c], p50[v, c] / 1000, p99[v, c] / 1000, ratio, bad[v, c], (drain[v, c] == "" ? "-" : drain[v, c])
+		}
+	}
+}' "$RESULTS"
