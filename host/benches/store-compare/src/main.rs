@@ -721,7 +721,7 @@ fn main() -> Res<()> {
 
     let mut rows: Vec<(String, Vec<String>)> = Vec::new();
     let mut row = |name: &str, f: &mut dyn FnMut(usize) -> String| {
-        let cells = (0..o.stores.len()).map(|i| f(i)).collect();
+        let cells = (0..o.stores.len()).map(&mut *f).collect();
         rows.push((name.to_string(), cells));
     };
     row("(a) 1 append/tx, sequential: commits/s", &mut |i| {
