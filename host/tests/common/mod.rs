@@ -36,7 +36,7 @@ pub fn build_dir() -> String {
 /// written as a .wasm file into `dir`.
 pub fn fixture(dir: &Path, name: &str, body: &str) -> String {
     let template = include_str!("../fixtures/consumer.wat.in");
-    let text = template.replace("BODY", body);
+    let text = template.replace("{{BODY}}", body);
     let bytes = wat::parse_str(&text).expect("fixture compiles");
     let path = dir.join(format!("{name}.wasm"));
     std::fs::write(&path, bytes).expect("write fixture");
