@@ -18,10 +18,12 @@ pub use embedded::Journal;
 /// Errors of the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    /// The underlying store failed (I/O, corruption, ...).
+    /// The underlying store failed (I/O, corruption, a poisoned database
+    /// after a failed fsync, ...).
     #[error("store error: {0}")]
-    Store(#[from] redb::Error),
-    /// A stored record could not be decoded or encoded.
+    Store(#[from] fjall::Error),
+    /// A record could not be encoded or decoded, or a key cannot be stored
+    /// (an empty event id, or a key over 64 KiB).
     #[error("record encoding error: {0}")]
     Encoding(String),
     /// The write queue is full: the caller should shed load (HTTP 503).
@@ -42,23 +44,6 @@ pub enum JournalError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
-
-macro_rules! store_error_from {
-    ($($t:ty),*) => {$(
-        impl From<$t> for JournalError {
-            fn from(e: $t) -> Self {
-                JournalError::Store(e.into())
-            }
-        }
-    )*};
-}
-store_error_from!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
 
 /// The journal's position of an event: its sequence number (acceptance order).
 pub type Seq = u64;
