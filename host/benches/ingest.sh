@@ -170,6 +170,7 @@ wait_drained() {
 
 echo "== $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
 echo "== wrk -t$WRK_THREADS, ${DURATION}s per run after ${WARMUP}s warm-up; body: ${#BODY} bytes"
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 RESULTS="$TMP/results"
 : >"$RESULTS"
 for c in $CONNS; do
@@ -193,6 +194,7 @@ for c in $CONNS; do
 	done
 done
 
+echo "== load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "== summary (rps = requests/s; latency in ms; ratio = rps / bare rps at the same connection count)"
 awk '
