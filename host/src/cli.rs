@@ -45,6 +45,26 @@ pub enum Command {
         #[arg(default_value = "rules.toml")]
         file: PathBuf,
     },
+    /// Show which routes an event matches, and for the others why not.
+    Match {
+        /// The configuration file.
+        #[arg(long, short, default_value = "rules.toml")]
+        config: PathBuf,
+        /// The event: a CloudEvents JSON envelope, or (with --source and
+        /// --type) just its data. `-` reads standard input.
+        event: PathBuf,
+        /// The event's source, when EVENT is only its data.
+        #[arg(long, requires = "ty")]
+        source: Option<String>,
+        /// The event's type, when EVENT is only its data.
+        #[arg(long = "type", id = "ty", requires = "source")]
+        ty: Option<String>,
+        /// Print `{"matched": [...], "unmatched": [{"route", "reason"}]}`.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the JSON Schema of rules.toml (for editors).
+    Schema,
 }
 
 /// Entry point of the binary.
@@ -52,6 +72,17 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { file } => check(&file),
+        Command::Match {
+            config,
+            event,
+            source,
+            ty,
+            json,
+        } => match_event(&config, &event, source.zip(ty), json),
+        Command::Schema => {
+            print!("{}", config::schema::rules_schema_json());
+            ExitCode::SUCCESS
+        }
         Command::Serve {
             config,
             listen,
@@ -81,6 +112,89 @@ fn check(file: &std::path::Path) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit code of `match` for bad input (a bad file or event); 0 means it ran,
+/// whether or not anything matched.
+const MATCH_INPUT_ERROR: u8 = 2;
+
+fn match_event(
+    config_file: &std::path::Path,
+    event_file: &std::path::Path,
+    source_and_type: Option<(String, String)>,
+    json: bool,
+) -> ExitCode {
+    let cfg = match config::load(config_file) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{}", errors.render(std::io::stderr().is_terminal()));
+            return ExitCode::from(MATCH_INPUT_ERROR);
+        }
+    };
+    let text = if event_file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map(|_| s)
+    } else {
+        std::fs::read_to_string(event_file)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: cannot read {}: {e}", event_file.display());
+            return ExitCode::from(MATCH_INPUT_ERROR);
+        }
+    };
+    let event = match source_and_type {
+        Some((source, ty)) => serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| format!("{} is not valid JSON: {e}", event_file.display()))
+            .map(|_| crate::Event {
+                id: crate::event::new_event_id(),
+                source,
+                ty,
+                subject: None,
+                time: crate::event::rfc3339_ms(crate::event::now_ms()),
+                datacontenttype: "application/json".into(),
+                data: text.into_bytes(),
+                extensions: Default::default(),
+            }),
+        None => crate::event::Event::from_envelope_json(&text)
+            .map_err(|e| format!("{}: {e}", event_file.display())),
+    };
+    let event = match event {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(MATCH_INPUT_ERROR);
+        }
+    };
+    let mut matched = Vec::new();
+    let mut unmatched = Vec::new();
+    for route in &cfg.routes.routes {
+        match cfg.routes.explain(route, &event) {
+            Ok(()) => matched.push(route.name.clone()),
+            Err(reason) => unmatched.push((route.name.clone(), reason)),
+        }
+    }
+    if json {
+        let unmatched: Vec<serde_json::Value> = unmatched
+            .iter()
+            .map(|(route, reason)| serde_json::json!({ "route": route, "reason": reason }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "matched": matched, "unmatched": unmatched })
+        );
+    } else {
+        if matched.is_empty() {
+            println!("matched: (no route)");
+        } else {
+            println!("matched: {}", matched.join(", "));
+        }
+        for (route, reason) in &unmatched {
+            println!("not {route}: {reason}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn serve(config: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> ExitCode {
@@ -116,6 +230,20 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>)
                 return ExitCode::FAILURE;
             }
         };
+        #[cfg(unix)]
+        {
+            let reloader = server.reloader();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = reloader.reload().await;
+                }
+            });
+        }
         // Scripts and tests read the address from here (`--listen` may say port 0).
         println!("switchyard listening on http://{}", server.addr());
         server.run_until(shutdown_signal()).await;

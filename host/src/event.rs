@@ -72,6 +72,78 @@ impl Event {
     }
 }
 
+impl Event {
+    /// An event from its CloudEvents JSON form (as `to_json` writes it): `source`
+    /// and `type` are required; `id` and `time` are filled in when absent; `data`
+    /// or `data_base64`; other string attributes become extensions.
+    pub fn from_envelope_json(text: &str) -> Result<Event, String> {
+        use base64::Engine as _;
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+        let serde_json::Value::Object(obj) = value else {
+            return Err("an event envelope must be a JSON object".into());
+        };
+        let text_attr = |name: &str| -> Result<Option<String>, String> {
+            match obj.get(name) {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+                Some(other) => Err(format!("`{name}` must be a string, found {other}")),
+            }
+        };
+        let required =
+            |name: &str| text_attr(name)?.ok_or_else(|| format!("the envelope has no `{name}`"));
+        let (data, datacontenttype) = match (obj.get("data"), text_attr("data_base64")?) {
+            (Some(_), Some(_)) => return Err("give `data` or `data_base64`, not both".into()),
+            (Some(d), None) => (
+                d.to_string().into_bytes(),
+                text_attr("datacontenttype")?.unwrap_or_else(|| "application/json".into()),
+            ),
+            (None, Some(b64)) => (
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .map_err(|e| format!("`data_base64` is not base64: {e}"))?,
+                text_attr("datacontenttype")?.unwrap_or_else(|| "application/octet-stream".into()),
+            ),
+            (None, None) => (
+                Vec::new(),
+                text_attr("datacontenttype")?.unwrap_or_else(|| "application/json".into()),
+            ),
+        };
+        const CORE: [&str; 9] = [
+            "specversion",
+            "id",
+            "source",
+            "type",
+            "subject",
+            "time",
+            "datacontenttype",
+            "data",
+            "data_base64",
+        ];
+        let mut extensions = BTreeMap::new();
+        for (k, v) in &obj {
+            if CORE.contains(&k.as_str()) {
+                continue;
+            }
+            let v = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            extensions.insert(k.clone(), v);
+        }
+        Ok(Event {
+            id: text_attr("id")?.unwrap_or_else(new_event_id),
+            source: required("source")?,
+            ty: required("type")?,
+            subject: text_attr("subject")?,
+            time: text_attr("time")?.unwrap_or_else(|| rfc3339_ms(now_ms())),
+            datacontenttype,
+            data,
+            extensions,
+        })
+    }
+}
+
 /// `application/json`, `application/cloudevents+json`, `text/json`, any `+json`.
 pub fn is_json_media_type(content_type: &str) -> bool {
     let essence = content_type
@@ -112,6 +184,24 @@ mod tests {
         assert!(is_json_media_type("application/cloudevents+json"));
         assert!(!is_json_media_type("text/plain"));
         assert!(!is_json_media_type(""));
+    }
+
+    #[test]
+    fn envelope_json_round_trips() {
+        let text = r#"{"id":"x","source":"shop","type":"order.created","subject":"ada",
+            "data":{"total":5},"tenant":"t1"}"#;
+        let e = Event::from_envelope_json(text).unwrap();
+        assert_eq!((e.id.as_str(), e.ty.as_str()), ("x", "order.created"));
+        assert_eq!(e.extensions.get("tenant").map(String::as_str), Some("t1"));
+        let back = Event::from_envelope_json(&e.to_json().to_string()).unwrap();
+        assert_eq!(back, e);
+        assert!(
+            Event::from_envelope_json(r#"{"type":"t"}"#)
+                .unwrap_err()
+                .contains("`source`")
+        );
+        assert!(Event::from_envelope_json("[1]").is_err());
+        assert!(Event::from_envelope_json(r#"{"source":"s","type":1}"#).is_err());
     }
 
     #[test]

@@ -22,6 +22,24 @@ pub struct Live {
     pub plugins: HashMap<String, Arc<Plugin>>,
 }
 
+/// The last reload that failed (cleared by the next one that succeeds).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReloadFailure {
+    /// RFC 3339.
+    pub at: String,
+    /// One line per problem (`file:line:col: message (key ...)`).
+    pub errors: Vec<String>,
+}
+
+/// Why a reload left the configuration in force unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Config(#[from] crate::config::ConfigErrors),
+    #[error(transparent)]
+    Plugin(#[from] RuntimeError),
+}
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -41,8 +59,72 @@ pub enum ServeError {
 pub struct Server {
     addr: SocketAddr,
     journal: Journal,
+    reloader: Arc<Reloader>,
     stop: CancellationToken,
     http: JoinHandle<()>,
+    _watcher: Option<ConfigWatcher>,
+}
+
+/// Re-reads the config file and swaps in its routes and plugins.
+pub struct Reloader {
+    live: Arc<ArcSwap<Live>>,
+    runtime: Arc<Runtime>,
+    failure: ArcSwap<Option<ReloadFailure>>,
+    /// One reload at a time.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    /// Loads, validates and compiles the file, builds and loads its plugins,
+    /// then swaps everything in at once. On any error the configuration in
+    /// force stays, and the error is kept for `GET /api/routes`.
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        let _one = self.lock.lock().await;
+        let current = self.live.load_full();
+        let result = async {
+            let mut config = crate::config::load(&current.config.file)?;
+            // Where the server listens and keeps its data cannot change while
+            // it runs; keep what it started with.
+            let (old, new) = (&current.config.server, &config.server);
+            if old.listen != new.listen || old.data_dir != new.data_dir {
+                tracing::warn!("`listen` and `data_dir` changes take effect at the next start");
+            }
+            config.server.listen = old.listen;
+            config.server.data_dir = old.data_dir.clone();
+            config.server.build_dir = old.build_dir.clone();
+            let plugins = load_plugins(&self.runtime, &config).await?;
+            Ok::<_, ReloadError>(Live { config, plugins })
+        }
+        .await;
+        match result {
+            Ok(live) => {
+                tracing::info!(
+                    routes = live.config.routes.routes.len(),
+                    plugins = live.plugins.len(),
+                    "configuration reloaded"
+                );
+                self.live.store(Arc::new(live));
+                self.failure.store(Arc::new(None));
+                Ok(())
+            }
+            Err(e) => {
+                let errors: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+                for line in &errors {
+                    tracing::error!("reload failed, keeping the rules in force: {line}");
+                }
+                self.failure.store(Arc::new(Some(ReloadFailure {
+                    at: crate::event::rfc3339_ms(crate::event::now_ms()),
+                    errors,
+                })));
+                Err(e)
+            }
+        }
+    }
+
+    /// The last failed reload, if the latest attempt failed.
+    pub fn failure(&self) -> Option<ReloadFailure> {
+        (*self.failure.load_full()).clone()
+    }
 }
 
 impl Server {
@@ -66,7 +148,14 @@ impl Server {
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"), journal.clone())?);
         let plugins = load_plugins(&runtime, &config).await?;
         let workers = config.server.workers;
+        let config_file = config.file.clone();
         let live = Arc::new(ArcSwap::from_pointee(Live { config, plugins }));
+        let reloader = Arc::new(Reloader {
+            live: live.clone(),
+            runtime: runtime.clone(),
+            failure: ArcSwap::from_pointee(None),
+            lock: tokio::sync::Mutex::new(()),
+        });
 
         let stop = CancellationToken::new();
         let dispatcher = Dispatcher::start(
@@ -88,6 +177,7 @@ impl Server {
                 route: d.record.route,
                 plugin: d.record.plugin,
                 attempts: d.record.attempts.len() as u32,
+                conflicts: 0,
                 event: None,
             });
         }
@@ -98,6 +188,7 @@ impl Server {
             .map(Arc::from);
         let state = AppState {
             live,
+            reloader: reloader.clone(),
             journal: journal.clone(),
             dispatcher,
             admin_open: ingress::is_loopback(&addr),
@@ -113,13 +204,31 @@ impl Server {
                 tracing::error!(error = %e, "http server failed");
             }
         });
+        let watcher = match ConfigWatcher::start(&config_file, reloader.clone(), stop.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(file = %config_file.display(), error = %e, "cannot watch the config file; reload with SIGHUP");
+                None
+            }
+        };
         tracing::info!(%addr, "switchyard listening");
         Ok(Server {
             addr,
             journal,
+            reloader,
             stop,
             http,
+            _watcher: watcher,
         })
+    }
+
+    /// Reloads the config file now (as SIGHUP and file changes do).
+    pub async fn reload(&self) -> Result<(), ReloadError> {
+        self.reloader.reload().await
+    }
+
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -168,4 +277,61 @@ async fn load_plugins(
         out.insert(name.clone(), Arc::new(plugin));
     }
     Ok(out)
+}
+
+/// Watches the config file's folder (editors often save by writing a new file
+/// and renaming it over the old one, which a watch on the file itself misses)
+/// and reloads, debounced, when the file changes.
+pub struct ConfigWatcher {
+    _debouncer: notify_debouncer_full::Debouncer<
+        notify::RecommendedWatcher,
+        notify_debouncer_full::RecommendedCache,
+    >,
+}
+
+impl ConfigWatcher {
+    fn start(
+        file: &std::path::Path,
+        reloader: Arc<Reloader>,
+        stop: CancellationToken,
+    ) -> Result<ConfigWatcher, notify::Error> {
+        use notify::RecursiveMode;
+        let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+        let dir = file
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let watched = file.clone();
+        let mut debouncer = notify_debouncer_full::new_debouncer(
+            std::time::Duration::from_millis(200),
+            None,
+            move |result: notify_debouncer_full::DebounceEventResult| {
+                let touches_file = result.is_ok_and(|events| {
+                    events
+                        .iter()
+                        .any(|e| !e.kind.is_access() && e.paths.iter().any(|p| p == &watched))
+                });
+                if touches_file {
+                    let _ = tx.send(());
+                }
+            },
+        )?;
+        debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    changed = rx.recv() => {
+                        if changed.is_none() { break; }
+                        tracing::info!("config file changed; reloading");
+                        let _ = reloader.reload().await;
+                    }
+                }
+            }
+        });
+        Ok(ConfigWatcher {
+            _debouncer: debouncer,
+        })
+    }
 }

@@ -1,8 +1,10 @@
-//! `switchyard check` as a user runs it: exit codes, and every problem of a
-//! broken file reported with file:line:col and the key (golden file).
+//! `switchyard check` and `switchyard match` as a user runs them: exit codes,
+//! every problem of a broken file with file:line:col and the key (golden
+//! file), and why a route does not match an event.
 
+use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 fn check(dir: &Path, file: &str) -> (i32, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
@@ -64,4 +66,90 @@ fn a_missing_file_is_an_error() {
     let (code, _, stderr) = check(&ui(), "nope.toml");
     assert_eq!(code, 1);
     assert!(stderr.contains("cannot read the file"), "{stderr}");
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap()
+}
+
+/// Runs `switchyard match` in the repo with the example rules.toml.
+fn match_cmd(args: &[&str], stdin: &str) -> (i32, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("match")
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run switchyard match");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn match_lists_matching_routes_and_why_the_others_do_not_match() {
+    let envelope =
+        r#"{"source": "bank", "type": "deposit", "data": {"account": "a", "amount": 0}}"#;
+    let (code, stdout, stderr) = match_cmd(&["-", "--json"], envelope);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["matched"], serde_json::json!(["audit-all"]));
+    let unmatched = v["unmatched"].as_array().unwrap();
+    assert_eq!(unmatched.len(), 2, "{v}");
+    assert_eq!(unmatched[0]["route"], "orders");
+    assert_eq!(unmatched[0]["reason"], "source: \"bank\" is not \"shop\"");
+    assert_eq!(unmatched[1]["route"], "ledger");
+    assert_eq!(unmatched[1]["reason"], "data.amount: 0 is not > 0");
+
+    // Data only, with --source and --type; plain text output.
+    let (code, stdout, _) = match_cmd(
+        &["--source", "shop", "--type", "order.created", "-"],
+        r#"{"customer": "ada", "total": 80}"#,
+    );
+    assert_eq!(code, 0);
+    assert!(
+        stdout.starts_with("matched: audit-all, orders\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("not ledger: "), "{stdout}");
+}
+
+#[test]
+fn match_fails_clearly_on_bad_input_but_not_on_no_match() {
+    let (code, stdout, _) = match_cmd(&["--source", "nowhere", "--type", "x", "-"], "{}");
+    assert_eq!(code, 0, "an unmatched route is not an error");
+    assert!(
+        stdout.starts_with("matched: audit-all\nnot orders: "),
+        "{stdout}"
+    );
+    let (code, _, stderr) = match_cmd(&["-"], "{not json");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("not valid JSON"), "{stderr}");
+    let (code, _, stderr) = match_cmd(&["-"], r#"{"type": "x"}"#);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("no `source`"), "{stderr}");
+    let (code, _, stderr) = match_cmd(&["--config", "missing.toml", "-"], "{}");
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read the file"), "{stderr}");
+}
+
+#[test]
+fn schema_command_prints_the_committed_schema() {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("schema")
+        .output()
+        .unwrap();
+    let committed = std::fs::read_to_string(repo().join("docs/rules.schema.json")).unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), committed);
 }

@@ -1,58 +1,119 @@
 //! `rules.toml` as written: serde types that keep spans, reject unknown keys,
 //! and check nothing else. `super::validate` turns them into a `Config`.
+//! The doc comments double as the descriptions in `docs/rules.schema.json`.
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 use toml::Spanned;
 
-#[derive(Debug, Default, Deserialize)]
+/// `[server]`: where the router listens and keeps its data.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
+    /// Address and port to listen on, e.g. "127.0.0.1:8080" (the default).
+    #[schemars(with = "Option<String>")]
     pub listen: Option<Spanned<String>>,
+    /// Folder of the journal and the compiled-plugin cache, relative to this
+    /// file (default "data").
+    #[schemars(with = "Option<String>")]
     pub data_dir: Option<Spanned<String>>,
-    /// Where plugin crates are built (a cargo target dir).
+    /// Cargo target folder for plugin crates (default "<data_dir>/build").
+    #[schemars(with = "Option<String>")]
     pub build_dir: Option<Spanned<String>>,
-    /// Default body limit of every source.
+    /// Default body limit of every source, e.g. "1MiB" (the default).
+    #[schemars(with = "Option<String>")]
     pub max_body: Option<Spanned<String>>,
-    /// Deliveries running at once.
+    /// Deliveries running at once (default 8 per CPU).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 4096))]
     pub workers: Option<Spanned<i64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[[sources]]`: a webhook, `POST /webhooks/<name>`.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
+    /// The source's name: the last part of its URL, and the events' `source`.
+    #[schemars(with = "String", regex(pattern = r"^[A-Za-z0-9._-]{1,64}$"))]
     pub name: Spanned<String>,
+    /// Take the event type from this request header, e.g. "X-GitHub-Event".
+    #[schemars(with = "Option<String>")]
     pub type_header: Option<Spanned<String>>,
+    /// Take the event type from this JSON pointer into the body, e.g. "/type".
+    #[schemars(with = "Option<String>")]
     pub type_pointer: Option<Spanned<String>>,
+    /// Take the event subject from this request header.
+    #[schemars(with = "Option<String>")]
     pub subject_header: Option<Spanned<String>>,
+    /// Take the event subject from this JSON pointer into the body.
+    #[schemars(with = "Option<String>")]
     pub subject_pointer: Option<Spanned<String>>,
+    /// Largest body accepted, e.g. "256KiB" (default: `[server] max_body`).
+    #[schemars(with = "Option<String>")]
     pub max_body: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// `[[plugins]]`: a consumer plugin (a WebAssembly component).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawPlugin {
+    /// The plugin's name, used by routes' `to` and as its kv namespace.
+    #[schemars(with = "String", regex(pattern = r"^[A-Za-z0-9._-]{1,64}$"))]
     pub name: Spanned<String>,
+    /// A plugin crate folder (built for wasm32-wasip2 on start) or a .wasm file,
+    /// relative to this file.
+    #[schemars(with = "String")]
     pub wasm: Spanned<String>,
+    /// Wall-clock deadline per delivery, e.g. "200ms" (default "1s").
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Spanned<String>>,
+    /// Linear memory cap, e.g. "32MiB" (default "64MiB", at most "1GiB").
+    #[schemars(with = "Option<String>")]
     pub memory: Option<Spanned<String>>,
+    /// Values handed to the plugin (`switchyard_sdk::config`).
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub config: Option<Spanned<toml::Table>>,
 }
 
-/// A route without its `match` table, which `rules::Pattern` compiles from the
-/// spanned document itself.
-#[derive(Debug, Deserialize)]
+/// `[[routes]]`: which events go to which plugins. Its `match` table is
+/// compiled by `rules::Pattern` from the spanned document itself, so it is not
+/// a field here (see `RawRouteSchema`).
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
+    /// The route's name.
+    #[schemars(with = "String", regex(pattern = r"^[A-Za-z0-9._-]{1,64}$"))]
     pub name: Spanned<String>,
+    /// The plugins every matching event is delivered to (fan-out).
+    #[schemars(with = "Vec<String>", length(min = 1))]
     pub to: Spanned<Vec<Spanned<String>>>,
+    /// How a failed delivery is retried.
+    #[schemars(with = "Option<RawRetry>")]
     pub retry: Option<Spanned<RawRetry>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A route's retry policy.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
+    /// Attempts in all, the first included (default 5).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     pub attempts: Option<Spanned<i64>>,
+    /// "exponential" (the default) or "fixed".
+    #[schemars(with = "Option<Backoff>")]
     pub backoff: Option<Spanned<String>>,
+    /// Delay before the second attempt (default "500ms").
+    #[schemars(with = "Option<String>")]
     pub initial: Option<Spanned<String>>,
+    /// Longest delay between attempts (default "1m").
+    #[schemars(with = "Option<String>")]
     pub max: Option<Spanned<String>>,
+}
+
+/// How the delay between attempts grows.
+#[derive(JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum Backoff {
+    Exponential,
+    Fixed,
 }

@@ -33,6 +33,8 @@ pub struct Work {
     pub plugin: String,
     /// Attempts made so far.
     pub attempts: u32,
+    /// Times this attempt was run again because a kv key it read changed.
+    pub conflicts: u32,
     /// The event, when at hand (else it is read from the journal).
     pub event: Option<Arc<Event>>,
 }
@@ -137,7 +139,7 @@ struct Context {
 }
 
 impl Context {
-    async fn deliver(&self, work: Work) {
+    async fn deliver(self: &Arc<Self>, work: Work) {
         let event = match &work.event {
             Some(e) => e.clone(),
             None => match self.journal.event(work.key.seq) {
@@ -170,127 +172,114 @@ impl Context {
                 duration_us: 0,
                 error: Some(error),
             };
-            return self
-                .settle(work, event, attempt, Outcome::Failed, Default::default())
-                .await;
+            return self.settle_later(work, event, attempt, Outcome::Failed, Default::default());
         };
 
-        for _ in 0..MAX_CONFLICT_RERUNS {
-            let at_ms = now_ms();
-            let run = self.runtime.deliver(&plugin, &event).await;
-            let (outcome, error) = match run.invocation {
-                Invocation::Ok => (Outcome::Delivered, None),
-                Invocation::Retry(delay) if attempt_no < policy.attempts => {
-                    let delay = delay
-                        .map(|d| d.min(MAX_REQUESTED_DELAY))
-                        .unwrap_or_else(|| policy.delay_after(attempt_no));
-                    let due_ms = now_ms() + delay.as_millis() as u64;
-                    (
-                        Outcome::Retry { due_ms },
-                        Some(format!(
-                            "plugin asked to retry; next attempt in {}",
-                            humantime::format_duration(Duration::from_millis(
-                                delay.as_millis() as u64
-                            ))
-                        )),
-                    )
-                }
-                Invocation::Retry(_) => (
-                    Outcome::Failed,
-                    Some(format!(
-                        "plugin asked to retry; gave up after {attempt_no} attempts"
-                    )),
-                ),
-                Invocation::Reject(reason) => {
-                    (Outcome::Failed, Some(format!("rejected: {reason}")))
-                }
-                Invocation::Trap(text) => (Outcome::Failed, Some(text)),
-            };
-            if let Some(e) = &error {
-                tracing::warn!(
-                    event_id = %event.id, route = %work.route, plugin = %work.plugin,
-                    attempt = attempt_no, error = %e, "delivery failed"
-                );
-            } else {
-                tracing::debug!(
-                    event_id = %event.id, route = %work.route, plugin = %work.plugin,
-                    elapsed = ?run.elapsed, "delivered"
-                );
-            }
+        if work.conflicts >= MAX_CONFLICT_RERUNS {
+            // Constant conflicts: count it as a failed attempt and back off.
             let attempt = Attempt {
-                at_ms,
-                duration_us: run.elapsed.as_micros() as u64,
-                error,
+                at_ms: now_ms(),
+                duration_us: 0,
+                error: Some("kv writes kept conflicting with concurrent deliveries".into()),
             };
-            let settlement = Settlement {
-                key: work.key,
-                plugin: work.plugin.clone(),
-                attempt,
-                outcome: outcome.clone(),
-                kv: run.kv,
+            let outcome = if attempt_no < policy.attempts {
+                Outcome::Retry {
+                    due_ms: now_ms() + policy.delay_after(attempt_no).as_millis() as u64,
+                }
+            } else {
+                Outcome::Failed
             };
-            match self.journal.settle(settlement).await {
-                Ok(Settled::Committed) => {
-                    if let Outcome::Retry { due_ms } = outcome {
-                        self.enqueue_retry(&work, event, attempt_no, due_ms);
-                    }
-                    return;
-                }
-                Ok(Settled::Stale) => return,
-                Ok(Settled::Conflict) => {
-                    tracing::debug!(event_id = %event.id, plugin = %work.plugin, "kv conflict; running the delivery again");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, event_id = %event.id, "cannot record delivery; will try again");
-                    return self.later(work, JOURNAL_RETRY);
-                }
-            }
+            return self.settle_later(work, event, attempt, outcome, Default::default());
         }
-        // Constant conflicts: count it as a failed attempt and back off.
-        let attempt = Attempt {
-            at_ms: now_ms(),
-            duration_us: 0,
-            error: Some("kv writes kept conflicting with concurrent deliveries".into()),
-        };
-        let outcome = if attempt_no < policy.attempts {
-            Outcome::Retry {
-                due_ms: now_ms() + policy.delay_after(attempt_no).as_millis() as u64,
+
+        let at_ms = now_ms();
+        let run = self.runtime.deliver(&plugin, &event).await;
+        let (outcome, error) = match run.invocation {
+            Invocation::Ok => (Outcome::Delivered, None),
+            Invocation::Retry(delay) if attempt_no < policy.attempts => {
+                let delay = delay
+                    .map(|d| d.min(MAX_REQUESTED_DELAY))
+                    .unwrap_or_else(|| policy.delay_after(attempt_no));
+                let due_ms = now_ms() + delay.as_millis() as u64;
+                (
+                    Outcome::Retry { due_ms },
+                    Some(format!(
+                        "plugin asked to retry; next attempt in {}",
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
+                    )),
+                )
             }
-        } else {
-            Outcome::Failed
+            Invocation::Retry(_) => (
+                Outcome::Failed,
+                Some(format!(
+                    "plugin asked to retry; gave up after {attempt_no} attempts"
+                )),
+            ),
+            Invocation::Reject(reason) => (Outcome::Failed, Some(format!("rejected: {reason}"))),
+            Invocation::Trap(text) => (Outcome::Failed, Some(text)),
         };
-        self.settle(work, event, attempt, outcome, Default::default())
-            .await;
+        if let Some(e) = &error {
+            tracing::warn!(
+                event_id = %event.id, route = %work.route, plugin = %work.plugin,
+                attempt = attempt_no, error = %e, "delivery failed"
+            );
+        } else {
+            tracing::debug!(
+                event_id = %event.id, route = %work.route, plugin = %work.plugin,
+                elapsed = ?run.elapsed, "delivered"
+            );
+        }
+        let attempt = Attempt {
+            at_ms,
+            duration_us: run.elapsed.as_micros() as u64,
+            error,
+        };
+        self.settle_later(work, event, attempt, outcome, run.kv);
     }
 
-    async fn settle(
-        &self,
+    /// Commits an attempt's result in the background, so the worker is free
+    /// for the next delivery while the journal writer batches the commit.
+    fn settle_later(
+        self: &Arc<Self>,
         work: Work,
         event: Arc<Event>,
         attempt: Attempt,
         outcome: Outcome,
         kv: crate::journal::KvChanges,
     ) {
-        let settlement = Settlement {
-            key: work.key,
-            plugin: work.plugin.clone(),
-            attempt,
-            outcome: outcome.clone(),
-            kv,
-        };
-        match self.journal.settle(settlement).await {
-            Ok(Settled::Committed) => {
-                if let Outcome::Retry { due_ms } = outcome {
-                    self.enqueue_retry(&work, event, work.attempts + 1, due_ms);
+        let ctx = self.clone();
+        tokio::spawn(async move {
+            let settlement = Settlement {
+                key: work.key,
+                plugin: work.plugin.clone(),
+                attempt,
+                outcome: outcome.clone(),
+                kv,
+            };
+            match ctx.journal.settle(settlement).await {
+                Ok(Settled::Committed) => {
+                    if let Outcome::Retry { due_ms } = outcome {
+                        ctx.enqueue_retry(&work, event, work.attempts + 1, due_ms);
+                    }
+                }
+                Ok(Settled::Stale) => {}
+                Ok(Settled::Conflict) => {
+                    // A key it read changed meanwhile: nothing was written; run
+                    // the same attempt again now, on the new values.
+                    tracing::debug!(event_id = %event.id, plugin = %work.plugin, "kv conflict; running the delivery again");
+                    let _ = ctx.requeue.send(Work {
+                        due_ms: now_ms(),
+                        conflicts: work.conflicts + 1,
+                        event: Some(event),
+                        ..work
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, event_id = %event.id, "cannot record delivery; will try again");
+                    ctx.later(work, JOURNAL_RETRY);
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot record delivery; will try again");
-                self.later(work, JOURNAL_RETRY);
-            }
-        }
+        });
     }
 
     fn enqueue_retry(&self, work: &Work, event: Arc<Event>, attempts: u32, due_ms: u64) {
@@ -300,6 +289,7 @@ impl Context {
             route: work.route.clone(),
             plugin: work.plugin.clone(),
             attempts,
+            conflicts: 0,
             event: Some(event),
         });
     }

@@ -82,7 +82,11 @@ async fn routes(State(state): State<AppState>) -> Json<Value> {
             })
         })
         .collect();
-    Json(json!({ "routes": routes }))
+    let mut body = json!({ "routes": routes });
+    if let Some(failure) = state.reloader.failure() {
+        body["reload_error"] = json!(failure);
+    }
+    Json(body)
 }
 
 async fn plugins(State(state): State<AppState>) -> Json<Value> {

@@ -28,6 +28,7 @@ use crate::server::Live;
 #[derive(Clone)]
 pub struct AppState {
     pub live: Arc<ArcSwap<Live>>,
+    pub reloader: Arc<crate::server::Reloader>,
     pub journal: Journal,
     pub dispatcher: Dispatcher,
     /// Whether the admin API needs a bearer token (not bound to loopback).
@@ -159,6 +160,7 @@ async fn webhook(
             route: p.route,
             plugin: p.plugin,
             attempts: 0,
+            conflicts: 0,
             event: Some(event.clone()),
         });
     }
