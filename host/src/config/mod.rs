@@ -2,6 +2,7 @@
 //! collecting every problem at once, each with its line, column and key.
 
 mod raw;
+pub mod schema;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -632,7 +633,7 @@ impl Validator {
         plugins: &BTreeMap<String, PluginConfig>,
     ) -> RouteTable {
         let mut seen = BTreeMap::new();
-        let mut table = RouteTable::default();
+        let mut table = Vec::new();
         for (i, (r, pattern, span, match_json)) in raw.into_iter().enumerate() {
             let key = format!("routes[{i}]");
             let named = self.name(&r.name, &format!("{key}.name"), &mut seen);
@@ -685,7 +686,7 @@ impl Validator {
                 .as_ref()
                 .and_then(|rt| self.retry(rt, &format!("{key}.retry")));
             if let (true, Some(pattern)) = (named, pattern) {
-                table.routes.push(Route {
+                table.push(Route {
                     name: r.name.into_inner(),
                     pattern,
                     to,
@@ -694,7 +695,7 @@ impl Validator {
                 });
             }
         }
-        table
+        RouteTable::new(table)
     }
 
     fn retry(&mut self, raw: &Spanned<RawRetry>, key: &str) -> Option<RetryPolicy> {

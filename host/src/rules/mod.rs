@@ -1,12 +1,20 @@
 //! Routes: which events go to which plugins.
 
+#[cfg(test)]
+mod cases;
+pub mod json;
+pub mod matcher;
 pub mod pattern;
+#[cfg(test)]
+mod reference;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::event::Event;
+pub use matcher::Matcher;
 pub use pattern::{Pattern, PatternError};
 
 /// How a route retries a delivery that asked to be retried.
@@ -69,28 +77,70 @@ pub struct Route {
     pub match_json: Value,
 }
 
-/// Every route, in file order.
+/// Every route, in file order, and the one matcher compiled from them all.
+///
+/// Build it with [`RouteTable::new`]; `routes` is not to be changed
+/// afterwards (the matcher is compiled from it once, at the latest on the
+/// first match).
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     pub routes: Vec<Route>,
+    matcher: OnceLock<Arc<Matcher>>,
 }
 
 impl RouteTable {
-    /// The routes that match `event`.
+    /// The table of `routes`, with their patterns compiled into one matcher.
+    /// Wildcard sets that may make matching slow are logged as warnings (see
+    /// [`RouteTable::warnings`]).
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        let table = RouteTable {
+            routes,
+            matcher: OnceLock::new(),
+        };
+        for w in table.matcher().warnings() {
+            tracing::warn!("routes: {w}");
+        }
+        table
+    }
+
+    fn matcher(&self) -> &Matcher {
+        self.matcher
+            .get_or_init(|| Arc::new(Matcher::new(self.routes.iter().map(|r| &r.pattern))))
+    }
+
+    /// Problems measured when compiling the matcher.
+    pub fn warnings(&self) -> &[String] {
+        self.matcher().warnings()
+    }
+
+    /// The routes that match `event`, in file order.
     pub fn matching(&self, event: &Event) -> Vec<&Route> {
         if self.routes.is_empty() {
             return Vec::new();
         }
-        let view = envelope(event);
-        self.routes
-            .iter()
-            .filter(|r| r.pattern.matches(&view))
+        self.matcher()
+            .matching_event(event)
+            .into_iter()
+            .filter_map(|i| self.routes.get(i))
             .collect()
     }
 
     pub fn get(&self, name: &str) -> Option<&Route> {
         self.routes.iter().find(|r| r.name == name)
     }
+
+    /// `Ok` if `route` matches `event`; else the first field that failed and
+    /// why, e.g. `data.total: 80 is not >= 100`, `data.customer: missing`.
+    pub fn explain(&self, route: &Route, event: &Event) -> Result<(), String> {
+        explain(&route.pattern, event)
+    }
+}
+
+/// `Ok` if `pattern` matches `event`; else the first field that failed and why.
+pub fn explain(pattern: &Pattern, event: &Event) -> Result<(), String> {
+    let mut f = json::Flatten::default();
+    json::scan_event(event, 0, &mut f);
+    pattern.explain_leaves(&f.leaves)
 }
 
 /// The event as patterns see it: its envelope attributes, extensions, and

@@ -4,21 +4,43 @@
 //! (the event's field must be an object matching it) or a list of match
 //! conditions, any of which may match. Conditions are literals (string,
 //! number, boolean, or `{ null = true }`, since TOML has no null) and operator
-//! tables: `prefix`, `suffix`, `equals-ignore-case`, `anything-but`,
-//! `numeric`, `exists`. `$or` takes a list of alternative field tables.
+//! tables: `prefix`, `suffix`, `equals-ignore-case`, `wildcard`,
+//! `anything-but`, `numeric`, `exists`, `cidr`. `$or` takes a list of
+//! alternative field tables, at any level.
 //!
-//! Matching works on the event as JSON (its CloudEvents envelope, with `data`
-//! parsed). An array in the event matches if any element matches.
+//! Semantics (those of EventBridge / aws event-ruler):
+//! - the event is seen as its leaves: every scalar (string, number, boolean,
+//!   null) with the path of object keys leading to it; arrays are transparent,
+//!   so an array matches if any element matches;
+//! - exact numbers compare their JSON *text* (`300`, `300.0` and `3.0e2` are
+//!   three values); only `numeric` compares values;
+//! - `""`, `null` and a missing field are three different things; `exists`
+//!   looks at leaves only (an object is not a leaf);
+//! - `anything-but` matches a leaf (of any type) that does not match what it
+//!   names, so an array matches if one element is not excluded;
+//! - array consistency: fields matched inside elements of the same array of
+//!   objects must come from the same element (`{a: {b: [1], c: [2]}}` does not
+//!   match `{"a": [{"b": 1}, {"c": 2}]}`); `exists = false` means no such leaf
+//!   consistent with the leaves that matched the other fields.
+//!
+//! `$or` is expanded into alternatives ([`Pattern::alternatives`]): each is a
+//! conjunction of field tests, which is what the compiled matcher indexes.
 
+use std::fmt;
+use std::net::IpAddr;
 use std::ops::Range;
 
-use serde_json::Value;
+use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use toml::Spanned;
+/// A pattern may expand (through `$or`) into at most this many alternatives.
+pub const MAX_ALTERNATIVES: usize = 256;
+/// A `wildcard` may hold at most this many `*`.
+pub const MAX_WILDCARD_STARS: usize = 8;
 
 /// A problem in a pattern, with where it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
 pub struct PatternError {
     /// Byte range in the config file.
     pub span: Range<usize>,
@@ -31,6 +53,7 @@ pub struct PatternError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pattern {
     root: FieldSet,
+    alts: Vec<Conj>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -46,44 +69,392 @@ enum Node {
     Any(Vec<Condition>),
 }
 
+/// One alternative of a pattern: every slot must be satisfied.
 #[derive(Debug, Clone, PartialEq)]
-enum Condition {
+pub(crate) struct Conj {
+    pub(crate) slots: Vec<Slot>,
+}
+
+/// A field test: some leaf at `path` matches one of `conds`, or (when one of
+/// them is `exists = false`) no leaf is at `path`.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Slot {
+    pub(crate) path: Vec<String>,
+    pub(crate) conds: Vec<Condition>,
+}
+
+impl Slot {
+    /// Whether absence satisfies the slot.
+    pub(crate) fn absent_ok(&self) -> bool {
+        self.conds
+            .iter()
+            .any(|c| matches!(c, Condition::Exists(false)))
+    }
+    pub(crate) fn dotted(&self) -> String {
+        self.path.join(".")
+    }
+}
+
+/// One match condition on a leaf.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Condition {
     Exact(Literal),
     Prefix(String),
     Suffix(String),
     EqualsIgnoreCase(String),
-    AnythingBut(Vec<Condition>),
-    Numeric(Vec<(Cmp, f64)>),
+    Wildcard(Wildcard),
+    AnythingBut(AnythingBut),
+    Numeric(NumRange),
     Exists(bool),
+    Cidr(Cidr),
+}
+
+/// What `anything-but` excludes.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum AnythingBut {
+    Values(Vec<Literal>),
+    Prefix(String),
+    Suffix(String),
+    EqualsIgnoreCase(Vec<String>),
+    Wildcard(Vec<Wildcard>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
-enum Literal {
+pub(crate) enum Literal {
     String(String),
-    /// The number's canonical text: exact matching compares text, as in
+    /// The number's JSON text: exact matching compares text, as in
     /// EventBridge (`numeric` compares values).
     Number(String),
     Bool(bool),
     Null,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Cmp {
-    Eq,
-    Lt,
-    Le,
-    Gt,
-    Ge,
+/// A glob: literal pieces separated by `*` (so `pieces.len() - 1` stars).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Wildcard {
+    pub(crate) text: String,
+    pub(crate) pieces: Vec<String>,
 }
 
-impl Cmp {
-    fn holds(self, a: f64, b: f64) -> bool {
+/// A numeric interval; a bound is (value, inclusive).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct NumRange {
+    pub(crate) lo: Option<(f64, bool)>,
+    pub(crate) hi: Option<(f64, bool)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cidr {
+    pub(crate) net: IpAddr,
+    pub(crate) bits: u8,
+}
+
+/// An event leaf, as conditions see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Scalar<'a> {
+    Str(&'a str),
+    /// JSON number text.
+    Num(&'a str),
+    Bool(bool),
+    Null,
+}
+
+impl fmt::Display for Scalar<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Cmp::Eq => a == b,
-            Cmp::Lt => a < b,
-            Cmp::Le => a <= b,
-            Cmp::Gt => a > b,
-            Cmp::Ge => a >= b,
+            Scalar::Str(s) => write!(f, "{}", serde_json::Value::from(*s)),
+            Scalar::Num(n) => f.write_str(n),
+            Scalar::Bool(b) => write!(f, "{b}"),
+            Scalar::Null => f.write_str("null"),
+        }
+    }
+}
+
+impl fmt::Display for Literal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Literal::String(s) => write!(f, "{}", serde_json::Value::from(s.as_str())),
+            Literal::Number(n) => f.write_str(n),
+            Literal::Bool(b) => write!(f, "{b}"),
+            Literal::Null => f.write_str("null"),
+        }
+    }
+}
+
+impl Literal {
+    pub(crate) fn equals(&self, leaf: &Scalar<'_>) -> bool {
+        match (self, leaf) {
+            (Literal::String(a), Scalar::Str(b)) => a == b,
+            (Literal::Number(a), Scalar::Num(b)) => a == b,
+            (Literal::Bool(a), Scalar::Bool(b)) => a == b,
+            (Literal::Null, Scalar::Null) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Wildcard {
+    /// Parses `*` (any run of characters), `\*` (a star) and `\\`.
+    fn parse(text: &str) -> Result<Wildcard, String> {
+        let mut pieces = vec![String::new()];
+        let mut chars = text.chars().peekable();
+        let mut last_star = false;
+        while let Some(c) = chars.next() {
+            match c {
+                '*' => {
+                    if last_star {
+                        return Err(format!(
+                            "`wildcard` \"{text}\" has `**`; consecutive stars are not allowed"
+                        ));
+                    }
+                    pieces.push(String::new());
+                    last_star = true;
+                    continue;
+                }
+                '\\' => match chars.next() {
+                    Some(e @ ('*' | '\\')) => push_last(&mut pieces, e),
+                    _ => {
+                        return Err(format!(
+                            "`wildcard` \"{text}\": `\\` escapes only `*` or `\\`"
+                        ));
+                    }
+                },
+                c => push_last(&mut pieces, c),
+            }
+            last_star = false;
+        }
+        if pieces.len() - 1 > MAX_WILDCARD_STARS {
+            return Err(format!(
+                "`wildcard` \"{text}\" has more than {MAX_WILDCARD_STARS} `*`; such patterns make matching slow"
+            ));
+        }
+        Ok(Wildcard {
+            text: text.to_string(),
+            pieces,
+        })
+    }
+
+    pub(crate) fn matches(&self, s: &str) -> bool {
+        let (first, rest) = match self.pieces.split_first() {
+            Some(x) => x,
+            None => return s.is_empty(),
+        };
+        if rest.is_empty() {
+            return s == first;
+        }
+        let Some(mut tail) = s.strip_prefix(first.as_str()) else {
+            return false;
+        };
+        let (last, middle) = match rest.split_last() {
+            Some(x) => x,
+            None => return true,
+        };
+        for piece in middle {
+            match tail.find(piece.as_str()) {
+                Some(i) => tail = &tail[i + piece.len()..],
+                None => return false,
+            }
+        }
+        tail.len() >= last.len() && tail.ends_with(last.as_str())
+    }
+}
+
+fn push_last(pieces: &mut [String], c: char) {
+    if let Some(p) = pieces.last_mut() {
+        p.push(c);
+    }
+}
+
+impl NumRange {
+    pub(crate) fn contains(&self, x: f64) -> bool {
+        let lo_ok = match self.lo {
+            None => true,
+            Some((b, true)) => x >= b,
+            Some((b, false)) => x > b,
+        };
+        let hi_ok = match self.hi {
+            None => true,
+            Some((b, true)) => x <= b,
+            Some((b, false)) => x < b,
+        };
+        lo_ok && hi_ok
+    }
+}
+
+impl fmt::Display for NumRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.lo, self.hi) {
+            (Some((a, true)), Some((b, true))) if a == b => write!(f, "= {a}"),
+            (lo, hi) => {
+                let mut parts = Vec::new();
+                if let Some((a, inc)) = lo {
+                    parts.push(format!("{} {a}", if inc { ">=" } else { ">" }));
+                }
+                if let Some((b, inc)) = hi {
+                    parts.push(format!("{} {b}", if inc { "<=" } else { "<" }));
+                }
+                f.write_str(&parts.join(" and "))
+            }
+        }
+    }
+}
+
+impl Cidr {
+    fn parse(text: &str) -> Result<Cidr, String> {
+        let bad = || {
+            format!(
+                "`cidr` \"{text}\" is not a CIDR block, e.g. \"10.0.0.0/24\" or \"2001:db8::/32\""
+            )
+        };
+        let (addr, bits) = text.split_once('/').ok_or_else(bad)?;
+        let net: IpAddr = addr.parse().map_err(|_| bad())?;
+        let bits: u8 = bits.parse().map_err(|_| bad())?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        if bits > max {
+            return Err(format!(
+                "`cidr` \"{text}\": prefix length {bits} is over {max}"
+            ));
+        }
+        Ok(Cidr { net, bits })
+    }
+
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(v: u128, bits: u8, width: u8) -> u128 {
+            if bits == 0 { 0 } else { v >> (width - bits) }
+        }
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                masked(u32::from(n) as u128, self.bits, 32)
+                    == masked(u32::from(a) as u128, self.bits, 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(u128::from(n), self.bits, 128) == masked(u128::from(a), self.bits, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.net, self.bits)
+    }
+}
+
+impl AnythingBut {
+    /// Whether `leaf` is one of the excluded values.
+    pub(crate) fn excludes(&self, leaf: &Scalar<'_>) -> bool {
+        match self {
+            AnythingBut::Values(vs) => vs.iter().any(|v| v.equals(leaf)),
+            AnythingBut::Prefix(p) => matches!(leaf, Scalar::Str(s) if s.starts_with(p.as_str())),
+            AnythingBut::Suffix(p) => matches!(leaf, Scalar::Str(s) if s.ends_with(p.as_str())),
+            AnythingBut::EqualsIgnoreCase(vs) => match leaf {
+                Scalar::Str(s) => {
+                    let s = s.to_lowercase();
+                    vs.iter().any(|v| v.to_lowercase() == s)
+                }
+                _ => false,
+            },
+            AnythingBut::Wildcard(ws) => {
+                matches!(leaf, Scalar::Str(s) if ws.iter().any(|w| w.matches(s)))
+            }
+        }
+    }
+}
+
+impl Condition {
+    /// Whether one leaf satisfies the condition (`exists = false` is about
+    /// absence, never about a leaf).
+    pub(crate) fn test(&self, leaf: &Scalar<'_>) -> bool {
+        match (self, leaf) {
+            (Condition::Exact(l), leaf) => l.equals(leaf),
+            (Condition::Prefix(p), Scalar::Str(s)) => s.starts_with(p.as_str()),
+            (Condition::Suffix(p), Scalar::Str(s)) => s.ends_with(p.as_str()),
+            (Condition::EqualsIgnoreCase(p), Scalar::Str(s)) => {
+                p.to_lowercase() == s.to_lowercase()
+            }
+            (Condition::Wildcard(w), Scalar::Str(s)) => w.matches(s),
+            (Condition::AnythingBut(ab), leaf) => !ab.excludes(leaf),
+            (Condition::Numeric(r), Scalar::Num(n)) => {
+                parse_number(n).is_some_and(|x| r.contains(x))
+            }
+            (Condition::Exists(want), _) => *want,
+            (Condition::Cidr(c), Scalar::Str(s)) => {
+                s.parse::<IpAddr>().is_ok_and(|ip| c.contains(ip))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A JSON number's value, when finite.
+pub(crate) fn parse_number(text: &str) -> Option<f64> {
+    text.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
+impl fmt::Display for Condition {
+    /// What the condition asks for, e.g. `>= 100`, `starts with "order."`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        match self {
+            Condition::Exact(l) => write!(f, "{l}"),
+            Condition::Prefix(p) => write!(f, "starts with {}", q(p)),
+            Condition::Suffix(p) => write!(f, "ends with {}", q(p)),
+            Condition::EqualsIgnoreCase(p) => write!(f, "equals {} ignoring case", q(p)),
+            Condition::Wildcard(w) => write!(f, "matches wildcard {}", q(&w.text)),
+            Condition::Numeric(r) => write!(f, "{r}"),
+            Condition::Exists(true) => f.write_str("present"),
+            Condition::Exists(false) => f.write_str("absent"),
+            Condition::Cidr(c) => write!(f, "in {c}"),
+            Condition::AnythingBut(ab) => match ab {
+                AnythingBut::Values(vs) => {
+                    let vs: Vec<String> = vs.iter().map(|v| v.to_string()).collect();
+                    write!(f, "anything but {}", vs.join(", "))
+                }
+                AnythingBut::Prefix(p) => write!(f, "anything not starting with {}", q(p)),
+                AnythingBut::Suffix(p) => write!(f, "anything not ending with {}", q(p)),
+                AnythingBut::EqualsIgnoreCase(vs) => {
+                    let vs: Vec<String> = vs.iter().map(|v| q(v)).collect();
+                    write!(f, "anything but {} ignoring case", vs.join(", "))
+                }
+                AnythingBut::Wildcard(ws) => {
+                    let vs: Vec<String> = ws.iter().map(|w| q(&w.text)).collect();
+                    write!(f, "anything not matching wildcard {}", vs.join(", "))
+                }
+            },
+        }
+    }
+}
+
+impl Condition {
+    /// Why `leaf` fails the condition, e.g. `80 is not >= 100`.
+    pub(crate) fn why_not(&self, leaf: &Scalar<'_>) -> String {
+        let q = |s: &str| serde_json::Value::from(s).to_string();
+        match (self, leaf) {
+            (Condition::Prefix(p), Scalar::Str(_)) => {
+                format!("{leaf} does not start with {}", q(p))
+            }
+            (Condition::Suffix(p), Scalar::Str(_)) => format!("{leaf} does not end with {}", q(p)),
+            (Condition::Numeric(_), Scalar::Num(_)) => format!("{leaf} is not {self}"),
+            (
+                Condition::Numeric(_)
+                | Condition::Prefix(_)
+                | Condition::Suffix(_)
+                | Condition::EqualsIgnoreCase(_)
+                | Condition::Wildcard(_)
+                | Condition::Cidr(_),
+                _,
+            ) => {
+                let kind = if matches!(self, Condition::Numeric(_)) {
+                    "a number"
+                } else {
+                    "a string"
+                };
+                format!("{leaf} is not {kind} (expected {self})")
+            }
+            (Condition::Exists(false), _) => format!("{leaf} is present, expected absent"),
+            (Condition::AnythingBut(_), _) => format!("{leaf} is excluded ({self})"),
+            _ => format!("{leaf} is not {self}"),
         }
     }
 }
@@ -96,6 +467,7 @@ impl Pattern {
                 fields: Vec::new(),
                 or_groups: Vec::new(),
             },
+            alts: vec![Conj { slots: Vec::new() }],
         }
     }
 
@@ -116,16 +488,39 @@ impl Pattern {
                 }
             }
         };
-        if errors.is_empty() {
-            Ok(Pattern { root })
-        } else {
-            Err(errors)
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        match expand(&root, &[]) {
+            Some(alts) => Ok(Pattern { root, alts }),
+            None => Err(vec![PatternError {
+                span: value.span(),
+                path: String::new(),
+                message: format!(
+                    "`$or` expands this pattern into more than {MAX_ALTERNATIVES} alternatives; split the route"
+                ),
+            }]),
         }
     }
 
+    /// The alternatives (`$or` expanded): the pattern matches if one does.
+    pub(crate) fn alternatives(&self) -> &[Conj] {
+        &self.alts
+    }
+
     /// Whether the event (as JSON: its envelope with `data` parsed) matches.
-    pub fn matches(&self, event: &Value) -> bool {
-        self.root.matches(Some(event))
+    /// (Routing uses the compiled [`super::matcher::Matcher`]; this is for
+    /// one-off checks.)
+    pub fn matches(&self, event: &serde_json::Value) -> bool {
+        let bytes = event.to_string();
+        let leaves = super::json::flatten(bytes.as_bytes()).unwrap_or_default();
+        self.explain_leaves(&leaves).is_ok()
+    }
+
+    /// Whether a JSON document (an envelope) matches; `Err` if it is not JSON.
+    pub fn matches_json(&self, bytes: &[u8]) -> Result<bool, super::json::JsonError> {
+        let leaves = super::json::flatten(bytes)?;
+        Ok(self.explain_leaves(&leaves).is_ok())
     }
 
     /// The top-level `source` values the pattern requires exactly, if it names
@@ -147,6 +542,50 @@ impl Pattern {
             })
             .collect()
     }
+}
+
+/// `$or` expanded: the alternatives of a field set at `path`, or `None` when
+/// there are too many.
+fn expand(set: &FieldSet, path: &[String]) -> Option<Vec<Conj>> {
+    let mut acc = vec![Conj { slots: Vec::new() }];
+    let product = |acc: &mut Vec<Conj>, options: Vec<Conj>| -> Option<()> {
+        if acc.len().saturating_mul(options.len()) > MAX_ALTERNATIVES {
+            return None;
+        }
+        let mut next = Vec::with_capacity(acc.len() * options.len());
+        for a in acc.iter() {
+            for o in &options {
+                let mut slots = a.slots.clone();
+                slots.extend(o.slots.iter().cloned());
+                next.push(Conj { slots });
+            }
+        }
+        *acc = next;
+        Some(())
+    };
+    for (name, node) in &set.fields {
+        let mut p = path.to_vec();
+        p.push(name.clone());
+        match node {
+            Node::Any(conds) => {
+                for a in acc.iter_mut() {
+                    a.slots.push(Slot {
+                        path: p.clone(),
+                        conds: conds.clone(),
+                    });
+                }
+            }
+            Node::Nested(inner) => product(&mut acc, expand(inner, &p)?)?,
+        }
+    }
+    for group in &set.or_groups {
+        let mut options = Vec::new();
+        for alt in group {
+            options.extend(expand(alt, path)?);
+        }
+        product(&mut acc, options)?;
+    }
+    Some(acc)
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -172,6 +611,11 @@ fn compile_fields(table: &DeTable<'_>, path: &str, errors: &mut Vec<PatternError
             continue;
         }
         match value.get_ref() {
+            DeValue::Table(t) if t.is_empty() => errors.push(PatternError {
+                span: value.span(),
+                path: field_path.clone(),
+                message: "an empty table tests nothing; name a field inside it or remove it".into(),
+            }),
             DeValue::Table(t) => {
                 set.fields.push((
                     name.to_string(),
@@ -301,37 +745,40 @@ fn is_null_marker(t: &DeTable<'_>) -> bool {
         && matches!(entries[0].1.get_ref(), DeValue::Boolean(true))
 }
 
-/// A TOML number as (canonical JSON text, value).
+/// A TOML number as (JSON text, value). Exact matching compares the text as
+/// written (`300.0` stays `300.0`, `3.0e2` stays `3.0e2`); only `_`, a leading
+/// `+` and non-decimal radixes are normalised, since JSON has none of them.
 fn number(value: &Spanned<DeValue<'_>>) -> Result<(String, f64), String> {
     match value.get_ref() {
         DeValue::Integer(i) => {
             let text = i.as_str().replace('_', "");
-            let parsed = i64::from_str_radix(
-                text.trim_start_matches("0x")
-                    .trim_start_matches("0o")
-                    .trim_start_matches("0b"),
-                i.radix(),
-            )
-            .map_err(|e| format!("invalid integer: {e}"))?;
+            let digits = text.trim_start_matches('+');
+            let digits = digits
+                .strip_prefix("0x")
+                .or_else(|| digits.strip_prefix("0o"))
+                .or_else(|| digits.strip_prefix("0b"))
+                .unwrap_or(digits);
+            let parsed = i64::from_str_radix(digits, i.radix())
+                .map_err(|e| format!("invalid integer: {e}"))?;
             Ok((parsed.to_string(), parsed as f64))
         }
         DeValue::Float(f) => {
             let text = f.as_str().replace('_', "");
+            let text = text.trim_start_matches('+').to_string();
             let v: f64 = text
                 .parse()
                 .map_err(|_| format!("`{text}` is not a finite number"))?;
             if !v.is_finite() {
                 return Err(format!("`{text}` is not a finite number"));
             }
-            // serde_json prints floats in their shortest form; compare alike.
-            let canonical = serde_json::Number::from_f64(v)
-                .map(|n| n.to_string())
-                .unwrap_or(text);
-            Ok((canonical, v))
+            Ok((text, v))
         }
         other => Err(format!("expected a number, found {}", other.type_str())),
     }
 }
+
+const OPERATORS: &str =
+    "prefix, suffix, equals-ignore-case, wildcard, anything-but, numeric, exists, cidr";
 
 fn compile_operator(
     op: &str,
@@ -353,14 +800,23 @@ fn compile_operator(
         other => Err(format!("`{op}` takes a string, found {}", other.type_str())),
     };
     match op {
-        "prefix" | "suffix" | "equals-ignore-case" => match string_arg(arg) {
-            Ok(s) => Some(match op {
-                "prefix" => Condition::Prefix(s),
-                "suffix" => Condition::Suffix(s),
-                _ => Condition::EqualsIgnoreCase(s),
-            }),
-            Err(m) => fail(arg.span(), m),
-        },
+        "prefix" | "suffix" | "equals-ignore-case" | "wildcard" | "cidr" => {
+            let s = match string_arg(arg) {
+                Ok(s) => s,
+                Err(m) => return fail(arg.span(), m),
+            };
+            let cond = match op {
+                "prefix" => Ok(Condition::Prefix(s)),
+                "suffix" => Ok(Condition::Suffix(s)),
+                "equals-ignore-case" => Ok(Condition::EqualsIgnoreCase(s)),
+                "wildcard" => Wildcard::parse(&s).map(Condition::Wildcard),
+                _ => Cidr::parse(&s).map(Condition::Cidr),
+            };
+            match cond {
+                Ok(c) => Some(c),
+                Err(m) => fail(arg.span(), m),
+            }
+        }
         "exists" => match arg.get_ref() {
             DeValue::Boolean(b) => Some(Condition::Exists(*b)),
             other => fail(
@@ -374,12 +830,9 @@ fn compile_operator(
         ),
         "anything-but" => compile_anything_but(arg, &mut fail),
         "numeric" => compile_numeric(arg, &mut fail),
-        "wildcard" | "cidr" => fail(op_span, format!("operator `{op}` is not supported yet")),
         _ => fail(
             op_span,
-            format!(
-                "unknown operator `{op}`; expected one of prefix, suffix, equals-ignore-case, anything-but, numeric, exists"
-            ),
+            format!("unknown operator `{op}`; expected one of {OPERATORS}"),
         ),
     }
 }
@@ -390,52 +843,116 @@ fn compile_anything_but(
 ) -> Option<Condition> {
     match arg.get_ref() {
         DeValue::Array(items) => {
-            let mut conds = Vec::new();
+            let mut values = Vec::new();
             let items: Vec<_> = items.iter().collect();
             if items.is_empty() {
                 return fail(arg.span(), "`anything-but` needs at least one value".into());
             }
             for item in items {
                 match literal(item) {
-                    Ok(l) => conds.push(Condition::Exact(l)),
+                    Ok(l) => values.push(l),
                     Err(m) => return fail(item.span(), format!("in `anything-but`: {m}")),
                 }
             }
-            Some(Condition::AnythingBut(conds))
+            Some(Condition::AnythingBut(AnythingBut::Values(values)))
         }
         DeValue::Table(t) if !is_null_marker(t) => {
             let entries: Vec<_> = t.iter().collect();
             if entries.len() != 1 {
                 return fail(
                     arg.span(),
-                    "`anything-but` takes a value, a list, or one of { prefix | suffix | equals-ignore-case = \"...\" }".into(),
+                    "`anything-but` takes a value, a list, or one of { prefix | suffix | equals-ignore-case | wildcard = \"...\" }".into(),
                 );
             }
             let (op, value) = entries[0];
             let op = op.get_ref().as_ref();
-            let DeValue::String(s) = value.get_ref() else {
-                return fail(value.span(), format!("`anything-but.{op}` takes a string"));
-            };
-            let inner = match op {
-                "prefix" => Condition::Prefix(s.to_string()),
-                "suffix" => Condition::Suffix(s.to_string()),
-                "equals-ignore-case" => Condition::EqualsIgnoreCase(s.to_string()),
-                _ => {
+            if !matches!(op, "prefix" | "suffix" | "equals-ignore-case" | "wildcard") {
+                return fail(
+                    arg.span(),
+                    format!(
+                        "`anything-but` does not take `{op}`; it takes prefix, suffix, equals-ignore-case or wildcard"
+                    ),
+                );
+            }
+            // prefix and suffix take one string; the others a string or a list.
+            let strings: Vec<(String, Range<usize>)> = match value.get_ref() {
+                DeValue::String(s) => vec![(s.to_string(), value.span())],
+                DeValue::Array(items) if matches!(op, "equals-ignore-case" | "wildcard") => {
+                    let mut out = Vec::new();
+                    for item in items.iter() {
+                        match item.get_ref() {
+                            DeValue::String(s) => out.push((s.to_string(), item.span())),
+                            other => {
+                                return fail(
+                                    item.span(),
+                                    format!(
+                                        "`anything-but.{op}` takes strings, found {}",
+                                        other.type_str()
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    if out.is_empty() {
+                        return fail(
+                            value.span(),
+                            format!("`anything-but.{op}` needs at least one string"),
+                        );
+                    }
+                    out
+                }
+                other => {
                     return fail(
-                        arg.span(),
+                        value.span(),
                         format!(
-                            "`anything-but` does not take `{op}`; it takes prefix, suffix or equals-ignore-case"
+                            "`anything-but.{op}` takes a string, found {}",
+                            other.type_str()
                         ),
                     );
                 }
             };
-            Some(Condition::AnythingBut(vec![inner]))
+            let first = strings[0].0.clone();
+            let inner = match op {
+                "prefix" => AnythingBut::Prefix(first),
+                "suffix" => AnythingBut::Suffix(first),
+                "equals-ignore-case" => {
+                    AnythingBut::EqualsIgnoreCase(strings.into_iter().map(|(s, _)| s).collect())
+                }
+                "wildcard" => {
+                    let mut ws = Vec::new();
+                    for (s, span) in strings {
+                        match Wildcard::parse(&s) {
+                            Ok(w) => ws.push(w),
+                            Err(m) => return fail(span, m),
+                        }
+                    }
+                    AnythingBut::Wildcard(ws)
+                }
+                _ => {
+                    return fail(
+                        arg.span(),
+                        format!(
+                            "`anything-but` does not take `{op}`; it takes prefix, suffix, equals-ignore-case or wildcard"
+                        ),
+                    );
+                }
+            };
+            Some(Condition::AnythingBut(inner))
         }
         _ => match literal(arg) {
-            Ok(l) => Some(Condition::AnythingBut(vec![Condition::Exact(l)])),
+            Ok(l) => Some(Condition::AnythingBut(AnythingBut::Values(vec![l]))),
             Err(m) => fail(arg.span(), format!("in `anything-but`: {m}")),
         },
     }
+}
+
+#[derive(Clone, Copy)]
+enum Cmp {
+    Eq,
+    Lt,
+    Le,
+    Gt,
+    Ge,
 }
 
 fn compile_numeric(
@@ -474,20 +991,33 @@ fn compile_numeric(
             Err(m) => return fail(pair[1].span(), format!("in `numeric`: {m}")),
         }
     }
-    if comparisons.len() == 2 {
-        let lower = |c: Cmp| matches!(c, Cmp::Gt | Cmp::Ge);
-        let upper = |c: Cmp| matches!(c, Cmp::Lt | Cmp::Le);
-        let (a, b) = (comparisons[0], comparisons[1]);
-        let valid_range =
-            (lower(a.0) && upper(b.0) && a.1 < b.1) || (upper(a.0) && lower(b.0) && b.1 < a.1);
-        if !valid_range {
-            return fail(
-                arg.span(),
-                "two comparisons must bound a non-empty range from below and above, e.g. [\">\", 0, \"<=\", 5]".into(),
-            );
+    let mut range = NumRange { lo: None, hi: None };
+    for &(cmp, v) in &comparisons {
+        match cmp {
+            Cmp::Eq if comparisons.len() == 1 => {
+                range.lo = Some((v, true));
+                range.hi = Some((v, true));
+            }
+            Cmp::Gt | Cmp::Ge if range.lo.is_none() => range.lo = Some((v, matches!(cmp, Cmp::Ge))),
+            Cmp::Lt | Cmp::Le if range.hi.is_none() => range.hi = Some((v, matches!(cmp, Cmp::Le))),
+            _ => {
+                return fail(
+                    arg.span(),
+                    "two comparisons must bound a non-empty range from below and above, e.g. [\">\", 0, \"<=\", 5]".into(),
+                );
+            }
         }
     }
-    Some(Condition::Numeric(comparisons))
+    if let (Some((a, _)), Some((b, _))) = (range.lo, range.hi)
+        && comparisons.len() == 2
+        && a >= b
+    {
+        return fail(
+            arg.span(),
+            "two comparisons must bound a non-empty range from below and above, e.g. [\">\", 0, \"<=\", 5]".into(),
+        );
+    }
+    Some(Condition::Numeric(range))
 }
 
 fn toml_text(v: &DeValue<'_>) -> String {
@@ -501,256 +1031,156 @@ fn toml_text(v: &DeValue<'_>) -> String {
     }
 }
 
-impl FieldSet {
-    /// `value` is the event field this set applies to (`None`: absent).
-    fn matches(&self, value: Option<&Value>) -> bool {
-        match value {
-            // An array of objects matches if one element matches the whole set.
-            Some(Value::Array(items)) => items.iter().any(|v| self.matches(Some(v))),
-            Some(Value::Object(_)) | None => {
-                let get = |name: &str| value.and_then(|v| v.get(name));
-                self.fields
-                    .iter()
-                    .all(|(name, node)| node.matches(get(name)))
-                    && self
-                        .or_groups
-                        .iter()
-                        .all(|alts| alts.iter().any(|alt| alt.matches(value)))
-            }
-            // A scalar where fields are expected: every field is absent.
-            Some(_) => self.matches(None),
-        }
-    }
-}
+// ---------------------------------------------------------------------------
+// Evaluation on a flat list of leaves: `explain` and one-off matching. The
+// compiled matcher (matcher.rs) is what routes events.
 
-impl Node {
-    fn matches(&self, value: Option<&Value>) -> bool {
-        match self {
-            Node::Nested(set) => set.matches(value),
-            Node::Any(conds) => {
-                let mut leaves = Vec::new();
-                if let Some(v) = value {
-                    collect_leaves(v, &mut leaves);
+use super::json::Leaf;
+
+impl Pattern {
+    /// `Ok` if the leaves match; else why the first alternative failed.
+    pub(crate) fn explain_leaves(&self, leaves: &[Leaf]) -> Result<(), String> {
+        let mut first_reason = None;
+        for conj in &self.alts {
+            match explain_conj(conj, leaves) {
+                Ok(()) => return Ok(()),
+                Err(r) => {
+                    first_reason.get_or_insert(r);
                 }
-                conds.iter().any(|c| c.matches(&leaves))
             }
+        }
+        let reason = first_reason.unwrap_or_else(|| "no alternative".into());
+        if self.alts.len() > 1 {
+            Err(format!(
+                "none of the {} `$or` alternatives matches; the first fails at {reason}",
+                self.alts.len()
+            ))
+        } else {
+            Err(reason)
         }
     }
 }
 
-/// Scalars at this position (arrays flattened; objects are not leaves).
-fn collect_leaves<'v>(value: &'v Value, out: &mut Vec<&'v Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|v| collect_leaves(v, out)),
-        Value::Object(_) => {}
-        scalar => out.push(scalar),
+/// Whether two leaves may be used together (array consistency).
+pub(crate) fn consistent(a: &[(u32, u32)], b: &[(u32, u32)]) -> bool {
+    for (x, y) in a.iter().zip(b) {
+        if x.0 != y.0 {
+            return true;
+        }
+        if x.1 != y.1 {
+            return false;
+        }
+    }
+    true
+}
+
+fn explain_conj(conj: &Conj, leaves: &[Leaf]) -> Result<(), String> {
+    // Candidate leaves per slot, and the first failing slot.
+    let mut candidates: Vec<Vec<usize>> = Vec::with_capacity(conj.slots.len());
+    for slot in &conj.slots {
+        let at: Vec<usize> = leaves
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.path == slot.path)
+            .map(|(i, _)| i)
+            .collect();
+        let hits: Vec<usize> = at
+            .iter()
+            .copied()
+            .filter(|&i| slot.conds.iter().any(|c| c.test(&leaves[i].scalar())))
+            .collect();
+        if hits.is_empty() && !slot.absent_ok() {
+            return Err(slot_failure(slot, leaves, &at));
+        }
+        candidates.push(hits);
+    }
+    if assign(conj, leaves, &candidates, &mut Vec::new()) {
+        Ok(())
+    } else if let Some((slot, at)) = conj.slots.iter().zip(&candidates).find_map(|(slot, hits)| {
+        let at: Vec<usize> = (0..leaves.len())
+            .filter(|&i| leaves[i].path == slot.path)
+            .collect();
+        (slot.absent_ok() && hits.is_empty() && !at.is_empty()).then_some((slot, at))
+    }) {
+        Err(slot_failure(slot, leaves, &at))
+    } else {
+        let names: Vec<String> = conj.slots.iter().map(|s| s.dotted()).collect();
+        Err(format!(
+            "{}: each matches, but not within the same array element",
+            names.join(", ")
+        ))
     }
 }
 
-impl Condition {
-    fn matches(&self, leaves: &[&Value]) -> bool {
-        match self {
-            Condition::Exists(want) => leaves.is_empty() != *want,
-            Condition::AnythingBut(excluded) => {
-                !leaves.is_empty()
-                    && leaves
-                        .iter()
-                        .all(|leaf| !excluded.iter().any(|c| c.matches_one(leaf)))
-            }
-            _ => leaves.iter().any(|leaf| self.matches_one(leaf)),
-        }
+fn slot_failure(slot: &Slot, leaves: &[Leaf], at: &[usize]) -> String {
+    let name = slot.dotted();
+    if at.is_empty() {
+        return format!("{name}: missing");
     }
-
-    fn matches_one(&self, leaf: &Value) -> bool {
-        match (self, leaf) {
-            (Condition::Exact(Literal::String(s)), Value::String(v)) => s == v,
-            (Condition::Exact(Literal::Number(n)), Value::Number(v)) => *n == v.to_string(),
-            (Condition::Exact(Literal::Bool(b)), Value::Bool(v)) => b == v,
-            (Condition::Exact(Literal::Null), Value::Null) => true,
-            (Condition::Prefix(p), Value::String(v)) => v.starts_with(p.as_str()),
-            (Condition::Suffix(p), Value::String(v)) => v.ends_with(p.as_str()),
-            (Condition::EqualsIgnoreCase(p), Value::String(v)) => {
-                p.to_lowercase() == v.to_lowercase()
-            }
-            (Condition::Numeric(cmps), Value::Number(v)) => v
-                .as_f64()
-                .is_some_and(|x| cmps.iter().all(|(c, bound)| c.holds(x, *bound))),
-            (Condition::Exists(want), _) => *want,
-            _ => false,
+    let shown: Vec<String> = at
+        .iter()
+        .take(3)
+        .map(|&i| leaves[i].scalar().to_string())
+        .collect();
+    let value = if at.len() == 1 {
+        shown.join("")
+    } else {
+        format!(
+            "[{}{}]",
+            shown.join(", "),
+            if at.len() > 3 { ", ..." } else { "" }
+        )
+    };
+    match (slot.conds.as_slice(), at) {
+        ([c], [i]) => format!("{name}: {}", c.why_not(&leaves[*i].scalar())),
+        _ => {
+            let wants: Vec<String> = slot.conds.iter().map(|c| c.to_string()).collect();
+            format!("{name}: {value} is not {}", wants.join(" or "))
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn compile(src: &str) -> Result<Pattern, Vec<PatternError>> {
-        let text = format!("match = {src}");
-        let doc = DeTable::parse(&text).expect("valid toml");
-        let value = doc.get_ref().get("match").expect("match key");
-        Pattern::compile(value)
+/// Backtracking search for one leaf per slot (or absence, where allowed), all
+/// consistent. `chosen` holds the leaf index per slot decided so far.
+fn assign(
+    conj: &Conj,
+    leaves: &[Leaf],
+    candidates: &[Vec<usize>],
+    chosen: &mut Vec<Option<usize>>,
+) -> bool {
+    let k = chosen.len();
+    if k == conj.slots.len() {
+        // Absent slots: no leaf at the path consistent with the chosen ones.
+        return conj.slots.iter().zip(chosen.iter()).all(|(slot, c)| {
+            c.is_some()
+                || !leaves.iter().any(|l| {
+                    l.path == slot.path
+                        && chosen
+                            .iter()
+                            .flatten()
+                            .all(|&j| consistent(&l.trail, &leaves[j].trail))
+                })
+        });
     }
-
-    fn matches(pattern: &str, event: Value) -> bool {
-        compile(pattern).expect("valid pattern").matches(&event)
+    for &i in &candidates[k] {
+        if chosen
+            .iter()
+            .flatten()
+            .all(|&j| consistent(&leaves[i].trail, &leaves[j].trail))
+        {
+            chosen.push(Some(i));
+            if assign(conj, leaves, candidates, chosen) {
+                return true;
+            }
+            chosen.pop();
+        }
     }
-
-    #[test]
-    fn exact_values_and_any_of() {
-        let p = r#"{ source = ["shop", "pos"], type = ["order.created"] }"#;
-        assert!(matches(
-            p,
-            json!({"source": "shop", "type": "order.created"})
-        ));
-        assert!(matches(
-            p,
-            json!({"source": "pos", "type": "order.created"})
-        ));
-        assert!(!matches(
-            p,
-            json!({"source": "web", "type": "order.created"})
-        ));
-        assert!(!matches(p, json!({"source": "shop"})));
+    if conj.slots[k].absent_ok() {
+        chosen.push(None);
+        if assign(conj, leaves, candidates, chosen) {
+            return true;
+        }
+        chosen.pop();
     }
-
-    #[test]
-    fn prefix_on_nested_data_and_arrays() {
-        let p = r#"{ type = [{ prefix = "order." }], data = { customer = { tier = ["gold"] } } }"#;
-        assert!(matches(
-            p,
-            json!({"type": "order.paid", "data": {"customer": {"tier": "gold"}}})
-        ));
-        assert!(!matches(
-            p,
-            json!({"type": "refund", "data": {"customer": {"tier": "gold"}}})
-        ));
-        // An array in the event matches if any element does.
-        let p = r#"{ data = { tags = ["vip"] } }"#;
-        assert!(matches(p, json!({"data": {"tags": ["new", "vip"]}})));
-        assert!(!matches(p, json!({"data": {"tags": []}})));
-        let p = r#"{ data = { items = { sku = ["A1"] } } }"#;
-        assert!(matches(
-            p,
-            json!({"data": {"items": [{"sku": "B"}, {"sku": "A1"}]}})
-        ));
-    }
-
-    #[test]
-    fn numbers_booleans_and_null() {
-        assert!(matches(
-            "{ data = { n = [300] } }",
-            json!({"data": {"n": 300}})
-        ));
-        assert!(!matches(
-            "{ data = { n = [300] } }",
-            json!({"data": {"n": 300.5}})
-        ));
-        assert!(!matches(
-            "{ data = { n = [300.0] } }",
-            json!({"data": {"n": 300}})
-        ));
-        assert!(matches(
-            "{ data = { n = [\"300\"] } }",
-            json!({"data": {"n": "300"}})
-        ));
-        assert!(!matches(
-            "{ data = { n = [\"300\"] } }",
-            json!({"data": {"n": 300}})
-        ));
-        assert!(matches(
-            "{ data = { ok = [true] } }",
-            json!({"data": {"ok": true}})
-        ));
-        let null = "{ data = { v = [{ null = true }] } }";
-        assert!(matches(null, json!({"data": {"v": null}})));
-        assert!(!matches(null, json!({"data": {"v": ""}})));
-        assert!(!matches(null, json!({"data": {}})));
-    }
-
-    #[test]
-    fn operators() {
-        assert!(matches(
-            r#"{ type = [{ suffix = ".created" }] }"#,
-            json!({"type": "order.created"})
-        ));
-        assert!(matches(
-            r#"{ type = [{ equals-ignore-case = "ORDER" }] }"#,
-            json!({"type": "Order"})
-        ));
-        let range = r#"{ data = { total = [{ numeric = [">=", 100, "<", 200] }] } }"#;
-        assert!(matches(range, json!({"data": {"total": 100}})));
-        assert!(matches(range, json!({"data": {"total": 150.5}})));
-        assert!(!matches(range, json!({"data": {"total": 200}})));
-        assert!(!matches(range, json!({"data": {"total": "150"}})));
-        let but = r#"{ type = [{ anything-but = ["a", "b"] }] }"#;
-        assert!(matches(but, json!({"type": "c"})));
-        assert!(!matches(but, json!({"type": "a"})));
-        assert!(!matches(but, json!({})));
-        let but_prefix = r#"{ type = [{ anything-but = { prefix = "test." } }] }"#;
-        assert!(matches(but_prefix, json!({"type": "order"})));
-        assert!(!matches(but_prefix, json!({"type": "test.x"})));
-    }
-
-    #[test]
-    fn exists_and_absence_are_distinct_from_empty_and_null() {
-        let absent = "{ data = { c = [{ exists = false }] } }";
-        assert!(matches(absent, json!({"data": {}})));
-        assert!(matches(absent, json!({})));
-        assert!(!matches(absent, json!({"data": {"c": ""}})));
-        assert!(!matches(absent, json!({"data": {"c": null}})));
-        let present = "{ data = { c = [{ exists = true }] } }";
-        assert!(matches(present, json!({"data": {"c": ""}})));
-        assert!(!matches(present, json!({"data": {}})));
-        assert!(matches(
-            r#"{ data = { c = [""] } }"#,
-            json!({"data": {"c": ""}})
-        ));
-        assert!(!matches(
-            r#"{ data = { c = [""] } }"#,
-            json!({"data": {"c": null}})
-        ));
-    }
-
-    #[test]
-    fn or_groups() {
-        let p = r#"{ source = ["shop"], "$or" = [{ type = ["a"] }, { data = { n = [{ numeric = [">", 5] }] } }] }"#;
-        assert!(matches(p, json!({"source": "shop", "type": "a"})));
-        assert!(matches(
-            p,
-            json!({"source": "shop", "type": "b", "data": {"n": 6}})
-        ));
-        assert!(!matches(
-            p,
-            json!({"source": "shop", "type": "b", "data": {"n": 1}})
-        ));
-        assert!(!matches(p, json!({"source": "web", "type": "a"})));
-    }
-
-    #[test]
-    fn invalid_patterns_are_errors_with_paths() {
-        let errs = compile(r#"{ type = "x" }"#).unwrap_err();
-        assert_eq!(errs[0].path, "type");
-        assert!(errs[0].message.contains("must be in a list"), "{:?}", errs);
-        let errs =
-            compile(r#"{ data = { n = [{ numeric = [">", "x"] }] }, type = [] }"#).unwrap_err();
-        assert_eq!(errs.len(), 2, "{errs:?}");
-        assert_eq!(errs[0].path, "data.n");
-        assert!(errs[0].message.contains("numeric"));
-        assert!(errs[1].message.contains("empty list"));
-        let errs = compile(r#"{ type = [{ prefixx = "a" }] }"#).unwrap_err();
-        assert!(errs[0].message.contains("unknown operator `prefixx`"));
-        let errs = compile(r#"{ n = [{ numeric = ["<", 1, ">", 5] }] }"#).unwrap_err();
-        assert!(errs[0].message.contains("range"));
-        let errs = compile(r#"{ "$or" = [{ a = ["x"] }] }"#).unwrap_err();
-        assert!(errs[0].message.contains("$or"));
-    }
-
-    #[test]
-    fn exact_sources_lists_required_sources() {
-        let p = compile(r#"{ source = ["shop", { prefix = "x" }] }"#).unwrap();
-        assert_eq!(p.exact_sources(), vec!["shop"]);
-        assert!(Pattern::match_all().matches(&json!({"anything": 1})));
-    }
+    false
 }

@@ -1,0 +1,846 @@
+//! All routes' patterns compiled into one matcher.
+//!
+//! Every pattern is expanded into alternatives (conjunctions of field tests,
+//! see [`super::pattern`]). The matcher indexes every field test under the
+//! field's path in one path trie; for each path an [`Index`] finds, for one
+//! event leaf, every test that leaf passes:
+//!
+//! - exact strings and numbers (by text), booleans, `null`: hash maps;
+//! - `prefix`, `suffix`, `wildcard`: one byte-level NFA per field (a trie in
+//!   which `*` is a self-looping state), run once over the value;
+//! - `equals-ignore-case`: a hash map on the lower-cased value;
+//! - `numeric`: a segment tree over the intervals' end points;
+//! - `cidr`: a binary trie of address prefixes per family;
+//! - `anything-but`: the same structures index what each one excludes.
+//!
+//! Matching an event scans its JSON once, descending only into keys some
+//! pattern names, looks each leaf up in its field's index, and counts the
+//! tests hit per alternative: an alternative matches when all its required
+//! fields were hit (then array consistency and `exists = false` are checked
+//! on that candidate alone). So the work per event depends on the event and
+//! on how many tests it hits, not on how many routes there are.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::IpAddr;
+
+use super::json::{self, Value, Visit};
+use super::pattern::{AnythingBut, Condition, Literal, NumRange, Pattern, Scalar, consistent};
+use crate::event::Event;
+
+/// Above this estimated NFA width (states active at once), a field's
+/// wildcard set draws a warning.
+pub const WARN_NFA_WIDTH: usize = 1_000;
+
+/// A small, fast, non-cryptographic hasher (FxHash) for short keys.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(K);
+        }
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.0 = (self.0.rotate_left(5) ^ i as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// A test: condition `cond` of the key field of alternative `conj`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct P {
+    conj: u32,
+    cond: u32,
+}
+
+#[derive(Debug, Clone)]
+struct ConjInfo {
+    route: u32,
+    slots: Vec<SlotInfo>,
+}
+
+#[derive(Debug, Clone)]
+struct SlotInfo {
+    node: u32,
+    absent_ok: bool,
+    conds: Vec<Condition>,
+}
+
+/// How many leaves a condition is likely to pass, relative to others: tests
+/// that pass nearly everything make poor index keys.
+fn breadth(c: &Condition) -> usize {
+    match c {
+        Condition::Exact(_) | Condition::EqualsIgnoreCase(_) => 1,
+        Condition::Prefix(_) | Condition::Suffix(_) | Condition::Cidr(_) => 4,
+        Condition::Wildcard(_) | Condition::Numeric(_) => 16,
+        Condition::AnythingBut(_) | Condition::Exists(_) => 1 << 20,
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct PathNode {
+    children: FxMap<Box<str>, u32>,
+    index: Option<Box<Index>>,
+    /// Some slot names this path: record its leaves.
+    record: bool,
+}
+
+/// The compiled matcher of a route table.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    paths: Vec<PathNode>,
+    conjs: Vec<ConjInfo>,
+    /// Routes with an empty alternative (match everything).
+    always: Vec<u32>,
+    /// Alternatives with no required slot (only `exists = false`-able ones).
+    absent_only: Vec<u32>,
+    /// Dotted path per path node (for messages).
+    names: Vec<String>,
+    warnings: Vec<String>,
+}
+
+impl Matcher {
+    /// Compiles the patterns, route `i` being `patterns[i]`.
+    pub fn new<'p>(patterns: impl IntoIterator<Item = &'p Pattern>) -> Matcher {
+        let mut m = Matcher {
+            paths: vec![PathNode::default()],
+            names: vec![String::new()],
+            ..Matcher::default()
+        };
+        let patterns: Vec<&Pattern> = patterns.into_iter().collect();
+        // How often each test appears on each path: an alternative is indexed
+        // by its rarest required field only (the others are checked on the
+        // candidates), so a value many routes test (`type = "Polygon"`) does
+        // not make every event hit all of them.
+        let mut seen: HashMap<(Vec<String>, String), usize> = HashMap::new();
+        for pattern in &patterns {
+            for alt in pattern.alternatives() {
+                for slot in &alt.slots {
+                    for c in &slot.conds {
+                        *seen
+                            .entry((slot.path.clone(), format!("{c:?}")))
+                            .or_default() += 1;
+                    }
+                }
+            }
+        }
+        let cost = |slot: &super::pattern::Slot| -> usize {
+            slot.conds
+                .iter()
+                .map(|c| {
+                    let n = seen
+                        .get(&(slot.path.clone(), format!("{c:?}")))
+                        .copied()
+                        .unwrap_or(1);
+                    n.saturating_mul(breadth(c))
+                })
+                .fold(0usize, usize::saturating_add)
+        };
+        for (route, pattern) in patterns.iter().enumerate() {
+            let route = route as u32;
+            for alt in pattern.alternatives() {
+                if alt.slots.is_empty() {
+                    if m.always.last() != Some(&route) {
+                        m.always.push(route);
+                    }
+                    continue;
+                }
+                let conj = m.conjs.len() as u32;
+                let mut info = ConjInfo {
+                    route,
+                    slots: Vec::new(),
+                };
+                for slot in &alt.slots {
+                    let node = m.node_for(&slot.path);
+                    m.paths[node as usize].record = true;
+                    info.slots.push(SlotInfo {
+                        node,
+                        absent_ok: slot.absent_ok(),
+                        conds: slot.conds.clone(),
+                    });
+                }
+                let key = alt
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| !s.absent_ok())
+                    .min_by_key(|(_, s)| cost(s))
+                    .map(|(i, _)| i);
+                match key {
+                    Some(k) => {
+                        let pn = &mut m.paths[info.slots[k].node as usize];
+                        let index = pn.index.get_or_insert_with(Box::default);
+                        // One payload per condition: an `anything-but`
+                        // excludes for itself only.
+                        for (i, c) in alt.slots[k].conds.iter().enumerate() {
+                            index.insert(
+                                c,
+                                P {
+                                    conj,
+                                    cond: i as u32,
+                                },
+                            );
+                        }
+                    }
+                    None => m.absent_only.push(conj),
+                }
+                m.conjs.push(info);
+            }
+        }
+        let mut warnings = Vec::new();
+        for i in 0..m.paths.len() {
+            if let Some(ix) = m.paths[i].index.as_mut() {
+                ix.finish();
+                let width = ix.nfa_width();
+                if width > WARN_NFA_WIDTH {
+                    warnings.push(format!(
+                        "field `{}`: its prefix/suffix/wildcard patterns can keep up to {width} matcher states active per character (over {WARN_NFA_WIDTH}); matching it may be slow",
+                        m.names[i]
+                    ));
+                }
+            }
+        }
+        m.warnings = warnings;
+        m
+    }
+
+    fn node_for(&mut self, path: &[String]) -> u32 {
+        let mut cur = 0u32;
+        for key in path {
+            let next = self.paths.len() as u32;
+            let entry = *self.paths[cur as usize]
+                .children
+                .entry(key.as_str().into())
+                .or_insert(next);
+            if entry == next {
+                self.paths.push(PathNode::default());
+                let name = match self.names.get(cur as usize) {
+                    Some(parent) if !parent.is_empty() => format!("{parent}.{key}"),
+                    _ => key.clone(),
+                };
+                self.names.push(name);
+            }
+            cur = entry;
+        }
+        cur
+    }
+
+    /// Problems measured at build time (wildcard sets that may be slow).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Indices of the routes matching `event`, ascending.
+    pub fn matching_event(&self, event: &Event) -> Vec<usize> {
+        let mut c = Collect::new(self);
+        json::scan_event(event, 0, &mut c);
+        c.finish()
+    }
+
+    /// Indices of the routes matching a JSON document (the whole envelope).
+    pub fn matching_json(&self, bytes: &[u8]) -> Result<Vec<usize>, json::JsonError> {
+        let mut c = Collect::new(self);
+        let mut arrays = 0;
+        json::scan(bytes, 0, &mut c, &mut arrays)?;
+        Ok(c.finish())
+    }
+}
+
+struct Collect<'m> {
+    m: &'m Matcher,
+    /// (conj, condition, leaf): candidates, by their key field.
+    hits: Vec<(u32, u32, u32)>,
+    /// (node, trail start, trail end) per recorded leaf.
+    leaves: Vec<(u32, u32, u32)>,
+    values: Vec<json::Owned>,
+    trails: Vec<(u32, u32)>,
+    scratch: Vec<P>,
+}
+
+impl Visit for Collect<'_> {
+    type Node = u32;
+
+    fn child(&mut self, parent: u32, key: &str) -> Option<u32> {
+        self.m.paths[parent as usize].children.get(key).copied()
+    }
+
+    fn leaf(&mut self, node: u32, value: Value<'_>, trail: &[(u32, u32)]) {
+        let pn = &self.m.paths[node as usize];
+        if !pn.record {
+            return;
+        }
+        let leaf = self.leaves.len() as u32;
+        let start = self.trails.len() as u32;
+        self.trails.extend_from_slice(trail);
+        self.leaves.push((node, start, self.trails.len() as u32));
+        self.values.push(match &value {
+            Value::Str(s) => json::Owned::Str(s.to_string()),
+            Value::Num(n) => json::Owned::Num(n.to_string()),
+            Value::Bool(b) => json::Owned::Bool(*b),
+            Value::Null => json::Owned::Null,
+        });
+        if let Some(ix) = &pn.index {
+            let hits = &mut self.hits;
+            ix.lookup(&value.scalar(), &mut self.scratch, &mut |p| {
+                hits.push((p.conj, p.cond, leaf))
+            });
+        }
+    }
+
+    fn mark(&self) -> usize {
+        self.leaves.len()
+    }
+
+    fn rollback(&mut self, mark: usize) {
+        self.leaves.truncate(mark);
+        self.values.truncate(mark);
+        self.hits.retain(|h| (h.2 as usize) < mark);
+    }
+}
+
+impl<'m> Collect<'m> {
+    fn new(m: &'m Matcher) -> Self {
+        Collect {
+            m,
+            hits: Vec::new(),
+            leaves: Vec::new(),
+            values: Vec::new(),
+            trails: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn trail(&self, leaf: u32) -> &[(u32, u32)] {
+        let (_, a, b) = self.leaves[leaf as usize];
+        &self.trails[a as usize..b as usize]
+    }
+
+    fn finish(mut self) -> Vec<usize> {
+        let m = self.m;
+        let mut conjs: Vec<u32> = self.hits.iter().map(|h| h.0).collect();
+        conjs.extend_from_slice(&m.absent_only);
+        conjs.sort_unstable();
+        conjs.dedup();
+        let mut routes: Vec<u32> = Vec::new();
+        for c in conjs {
+            let info = &m.conjs[c as usize];
+            if routes.last() != Some(&info.route) && self.verify(info) {
+                routes.push(info.route);
+            }
+        }
+        routes.extend_from_slice(&m.always);
+        routes.sort_unstable();
+        routes.dedup();
+        self.hits.clear();
+        routes.into_iter().map(|r| r as usize).collect()
+    }
+
+    /// Every field of a candidate alternative, with array consistency and
+    /// absence.
+    fn verify(&self, info: &ConjInfo) -> bool {
+        let mut candidates: Vec<Vec<u32>> = Vec::with_capacity(info.slots.len());
+        let mut simple = true;
+        for slot in &info.slots {
+            let mut c = Vec::new();
+            for (l, &(node, a, b)) in self.leaves.iter().enumerate() {
+                if node == slot.node
+                    && slot
+                        .conds
+                        .iter()
+                        .any(|cond| cond.test(&self.values[l].scalar()))
+                {
+                    simple &= a == b;
+                    c.push(l as u32);
+                }
+            }
+            if c.is_empty() && !slot.absent_ok {
+                return false;
+            }
+            simple &= !slot.absent_ok;
+            candidates.push(c);
+        }
+        simple || self.assign(info, &candidates, &mut Vec::new())
+    }
+
+    fn assign(
+        &self,
+        info: &ConjInfo,
+        candidates: &[Vec<u32>],
+        chosen: &mut Vec<Option<u32>>,
+    ) -> bool {
+        let k = chosen.len();
+        if k == info.slots.len() {
+            return info.slots.iter().zip(chosen.iter()).all(|(slot, c)| {
+                c.is_some()
+                    || !self.leaves.iter().enumerate().any(|(l, &(node, _, _))| {
+                        node == slot.node
+                            && chosen
+                                .iter()
+                                .flatten()
+                                .all(|&j| consistent(self.trail(l as u32), self.trail(j)))
+                    })
+            });
+        }
+        for &leaf in &candidates[k] {
+            if chosen
+                .iter()
+                .flatten()
+                .all(|&j| consistent(self.trail(leaf), self.trail(j)))
+            {
+                chosen.push(Some(leaf));
+                if self.assign(info, candidates, chosen) {
+                    return true;
+                }
+                chosen.pop();
+            }
+        }
+        if info.slots[k].absent_ok {
+            chosen.push(None);
+            if self.assign(info, candidates, chosen) {
+                return true;
+            }
+            chosen.pop();
+        }
+        false
+    }
+}
+
+/// Everything tested on one field.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    strings: FxMap<Box<str>, Vec<P>>,
+    numbers: FxMap<Box<str>, Vec<P>>,
+    trues: Vec<P>,
+    falses: Vec<P>,
+    nulls: Vec<P>,
+    /// `exists = true`: any leaf.
+    any: Vec<P>,
+    ignore_case: FxMap<Box<str>, Vec<P>>,
+    nfa: Option<Nfa>,
+    numeric: NumIndex,
+    cidr4: BitTrie,
+    cidr6: BitTrie,
+    /// What each `anything-but` excludes, indexed like the rest.
+    but: Option<Box<Index>>,
+    /// Every `anything-but` test, sorted.
+    but_all: Vec<P>,
+}
+
+impl Index {
+    fn insert(&mut self, c: &Condition, p: P) {
+        match c {
+            Condition::Exact(l) => self.insert_literal(l, p),
+            Condition::Prefix(s) => self.nfa_insert(&[s.as_str(), ""], p),
+            Condition::Suffix(s) => self.nfa_insert(&["", s.as_str()], p),
+            Condition::Wildcard(w) => {
+                let pieces: Vec<&str> = w.pieces.iter().map(String::as_str).collect();
+                self.nfa_insert(&pieces, p)
+            }
+            Condition::EqualsIgnoreCase(s) => self
+                .ignore_case
+                .entry(s.to_lowercase().into())
+                .or_default()
+                .push(p),
+            Condition::Numeric(r) => self.numeric.pending.push((*r, p)),
+            Condition::Exists(true) => self.any.push(p),
+            // Absence is checked per candidate, not per leaf.
+            Condition::Exists(false) => {}
+            Condition::Cidr(c) => match c.net {
+                IpAddr::V4(a) => self.cidr4.insert((u32::from(a) as u128) << 96, c.bits, p),
+                IpAddr::V6(a) => self.cidr6.insert(u128::from(a), c.bits, p),
+            },
+            Condition::AnythingBut(ab) => {
+                self.but_all.push(p);
+                let but = self.but.get_or_insert_with(Box::default);
+                match ab {
+                    AnythingBut::Values(vs) => vs.iter().for_each(|l| but.insert_literal(l, p)),
+                    AnythingBut::Prefix(s) => but.nfa_insert(&[s.as_str(), ""], p),
+                    AnythingBut::Suffix(s) => but.nfa_insert(&["", s.as_str()], p),
+                    AnythingBut::EqualsIgnoreCase(vs) => {
+                        for s in vs {
+                            but.ignore_case
+                                .entry(s.to_lowercase().into())
+                                .or_default()
+                                .push(p)
+                        }
+                    }
+                    AnythingBut::Wildcard(ws) => {
+                        for w in ws {
+                            let pieces: Vec<&str> = w.pieces.iter().map(String::as_str).collect();
+                            but.nfa_insert(&pieces, p)
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert_literal(&mut self, l: &Literal, p: P) {
+        match l {
+            Literal::String(s) => self.strings.entry(s.as_str().into()).or_default().push(p),
+            Literal::Number(n) => self.numbers.entry(n.as_str().into()).or_default().push(p),
+            Literal::Bool(true) => self.trues.push(p),
+            Literal::Bool(false) => self.falses.push(p),
+            Literal::Null => self.nulls.push(p),
+        }
+    }
+
+    fn nfa_insert(&mut self, pieces: &[&str], p: P) {
+        self.nfa.get_or_insert_with(Nfa::new).insert(pieces, p)
+    }
+
+    fn finish(&mut self) {
+        self.numeric.finish();
+        self.but_all.sort_unstable();
+        self.but_all.dedup();
+        if let Some(b) = self.but.as_mut() {
+            b.finish();
+        }
+    }
+
+    fn nfa_width(&self) -> usize {
+        self.nfa.as_ref().map_or(0, Nfa::width) + self.but.as_ref().map_or(0, |b| b.nfa_width())
+    }
+
+    /// Calls `out` for every test `leaf` passes (possibly twice).
+    fn lookup(&self, leaf: &Scalar<'_>, scratch: &mut Vec<P>, out: &mut impl FnMut(P)) {
+        self.any.iter().copied().for_each(&mut *out);
+        self.positive(leaf, out);
+        if !self.but_all.is_empty() {
+            scratch.clear();
+            if let Some(b) = &self.but {
+                b.positive(leaf, &mut |p| scratch.push(p));
+            }
+            scratch.sort_unstable();
+            for &p in &self.but_all {
+                if scratch.binary_search(&p).is_err() {
+                    out(p);
+                }
+            }
+        }
+    }
+
+    fn positive(&self, leaf: &Scalar<'_>, out: &mut impl FnMut(P)) {
+        match leaf {
+            Scalar::Str(s) => {
+                if let Some(ps) = self.strings.get(*s) {
+                    ps.iter().copied().for_each(&mut *out);
+                }
+                if !self.ignore_case.is_empty()
+                    && let Some(ps) = self.ignore_case.get(s.to_lowercase().as_str())
+                {
+                    ps.iter().copied().for_each(&mut *out);
+                }
+                if let Some(nfa) = &self.nfa {
+                    nfa.run(s.as_bytes(), out);
+                }
+                if !self.cidr4.is_empty() || !self.cidr6.is_empty() {
+                    match s.parse::<IpAddr>() {
+                        Ok(IpAddr::V4(a)) => {
+                            self.cidr4.lookup((u32::from(a) as u128) << 96, 32, out)
+                        }
+                        Ok(IpAddr::V6(a)) => self.cidr6.lookup(u128::from(a), 128, out),
+                        Err(_) => {}
+                    }
+                }
+            }
+            Scalar::Num(n) => {
+                if let Some(ps) = self.numbers.get(*n) {
+                    ps.iter().copied().for_each(&mut *out);
+                }
+                if !self.numeric.is_empty()
+                    && let Some(x) = super::pattern::parse_number(n)
+                {
+                    self.numeric.lookup(x, out);
+                }
+            }
+            Scalar::Bool(true) => self.trues.iter().copied().for_each(out),
+            Scalar::Bool(false) => self.falses.iter().copied().for_each(out),
+            Scalar::Null => self.nulls.iter().copied().for_each(out),
+        }
+    }
+}
+
+/// Prefix, suffix and wildcard patterns of one field as one NFA: a trie of
+/// literal bytes in which a `*` leads to a star state that loops on any byte.
+#[derive(Debug, Clone)]
+struct Nfa {
+    nodes: Vec<NfaNode>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct NfaNode {
+    /// Sorted by byte.
+    edges: Vec<(u8, u32)>,
+    /// The star state reached through `*` (with no input).
+    star: Option<u32>,
+    is_star: bool,
+    accept: Vec<P>,
+}
+
+impl Nfa {
+    fn new() -> Nfa {
+        Nfa {
+            nodes: vec![NfaNode::default()],
+        }
+    }
+
+    fn edge(&self, n: u32, b: u8) -> Option<u32> {
+        let edges = &self.nodes[n as usize].edges;
+        edges
+            .binary_search_by_key(&b, |e| e.0)
+            .ok()
+            .map(|i| edges[i].1)
+    }
+
+    fn insert(&mut self, pieces: &[&str], p: P) {
+        let mut cur = 0u32;
+        for (i, piece) in pieces.iter().enumerate() {
+            if i > 0 {
+                cur = match self.nodes[cur as usize].star {
+                    Some(s) => s,
+                    None => {
+                        let s = self.nodes.len() as u32;
+                        self.nodes.push(NfaNode {
+                            is_star: true,
+                            ..NfaNode::default()
+                        });
+                        self.nodes[cur as usize].star = Some(s);
+                        s
+                    }
+                };
+            }
+            for &b in piece.as_bytes() {
+                cur = match self.edge(cur, b) {
+                    Some(n) => n,
+                    None => {
+                        let n = self.nodes.len() as u32;
+                        self.nodes.push(NfaNode::default());
+                        let edges = &mut self.nodes[cur as usize].edges;
+                        let at = edges.partition_point(|e| e.0 < b);
+                        edges.insert(at, (b, n));
+                        n
+                    }
+                };
+            }
+        }
+        self.nodes[cur as usize].accept.push(p);
+    }
+
+    fn push_closure(&self, n: u32, set: &mut Vec<u32>) {
+        set.push(n);
+        if let Some(s) = self.nodes[n as usize].star {
+            set.push(s);
+        }
+    }
+
+    fn run(&self, input: &[u8], out: &mut impl FnMut(P)) {
+        let mut cur = Vec::with_capacity(8);
+        let mut next = Vec::with_capacity(8);
+        self.push_closure(0, &mut cur);
+        for &b in input {
+            next.clear();
+            for &n in &cur {
+                if self.nodes[n as usize].is_star {
+                    next.push(n);
+                }
+                if let Some(t) = self.edge(n, b) {
+                    self.push_closure(t, &mut next);
+                }
+            }
+            if next.len() > 1 {
+                next.sort_unstable();
+                next.dedup();
+            }
+            std::mem::swap(&mut cur, &mut next);
+            if cur.is_empty() {
+                return;
+            }
+        }
+        for &n in &cur {
+            self.nodes[n as usize]
+                .accept
+                .iter()
+                .copied()
+                .for_each(&mut *out);
+        }
+    }
+
+    /// An upper bound on the states active at once: each star state, plus
+    /// the longest literal run after it (one node per depth can be active).
+    fn width(&self) -> usize {
+        fn depth(nfa: &Nfa, n: u32) -> usize {
+            nfa.nodes[n as usize]
+                .edges
+                .iter()
+                .map(|&(_, c)| 1 + depth(nfa, c))
+                .max()
+                .unwrap_or(0)
+        }
+        let mut w = 1 + depth(self, 0);
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.is_star {
+                w += 1 + depth(self, i as u32);
+            }
+        }
+        w
+    }
+}
+
+/// Numeric intervals as a segment tree over the regions their end points
+/// cut the line into: a point query visits one root-to-leaf path.
+#[derive(Debug, Clone, Default)]
+struct NumIndex {
+    pending: Vec<(NumRange, P)>,
+    bounds: Vec<f64>,
+    tree: Vec<Vec<P>>,
+    regions: usize,
+}
+
+impl NumIndex {
+    fn is_empty(&self) -> bool {
+        self.regions == 0
+    }
+
+    fn finish(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut bounds: Vec<f64> = self
+            .pending
+            .iter()
+            .flat_map(|(r, _)| [r.lo.map(|b| b.0), r.hi.map(|b| b.0)])
+            .flatten()
+            .collect();
+        bounds.sort_by(f64::total_cmp);
+        bounds.dedup();
+        self.bounds = bounds;
+        self.regions = 2 * self.bounds.len() + 1;
+        self.tree = vec![Vec::new(); 4 * self.regions];
+        let pending = std::mem::take(&mut self.pending);
+        for (r, p) in pending {
+            let start = match r.lo {
+                None => 0,
+                Some((b, inc)) => {
+                    let i = self.bound_index(b);
+                    if inc { 2 * i + 1 } else { 2 * i + 2 }
+                }
+            };
+            let end = match r.hi {
+                None => self.regions - 1,
+                Some((b, inc)) => {
+                    let i = self.bound_index(b);
+                    if inc { 2 * i + 1 } else { 2 * i }
+                }
+            };
+            if start <= end {
+                self.add(1, 0, self.regions - 1, start, end, p);
+            }
+        }
+    }
+
+    fn bound_index(&self, b: f64) -> usize {
+        self.bounds.partition_point(|x| *x < b)
+    }
+
+    fn add(&mut self, node: usize, lo: usize, hi: usize, a: usize, b: usize, p: P) {
+        if a <= lo && hi <= b {
+            self.tree[node].push(p);
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        if a <= mid {
+            self.add(2 * node, lo, mid, a, b, p);
+        }
+        if b > mid {
+            self.add(2 * node + 1, mid + 1, hi, a, b, p);
+        }
+    }
+
+    fn lookup(&self, x: f64, out: &mut impl FnMut(P)) {
+        let i = self.bound_index(x);
+        let region = if self.bounds.get(i) == Some(&x) {
+            2 * i + 1
+        } else {
+            2 * i
+        };
+        let (mut node, mut lo, mut hi) = (1, 0, self.regions - 1);
+        loop {
+            self.tree[node].iter().copied().for_each(&mut *out);
+            if lo == hi {
+                return;
+            }
+            let mid = (lo + hi) / 2;
+            if region <= mid {
+                node *= 2;
+                hi = mid;
+            } else {
+                node = 2 * node + 1;
+                lo = mid + 1;
+            }
+        }
+    }
+}
+
+/// CIDR blocks as a binary trie of address bits (left-aligned in a u128).
+#[derive(Debug, Clone, Default)]
+struct BitTrie {
+    nodes: Vec<([u32; 2], Vec<P>)>,
+}
+
+impl BitTrie {
+    fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    fn insert(&mut self, addr: u128, bits: u8, p: P) {
+        if self.nodes.is_empty() {
+            self.nodes.push(([0, 0], Vec::new()));
+        }
+        let mut cur = 0usize;
+        for i in 0..bits as u32 {
+            let bit = ((addr >> (127 - i)) & 1) as usize;
+            let next = self.nodes[cur].0[bit];
+            cur = if next == 0 {
+                let n = self.nodes.len();
+                self.nodes.push(([0, 0], Vec::new()));
+                self.nodes[cur].0[bit] = n as u32;
+                n
+            } else {
+                next as usize
+            };
+        }
+        self.nodes[cur].1.push(p);
+    }
+
+    fn lookup(&self, addr: u128, width: u32, out: &mut impl FnMut(P)) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        let mut cur = 0usize;
+        for i in 0..=width {
+            self.nodes[cur].1.iter().copied().for_each(&mut *out);
+            if i == width {
+                return;
+            }
+            let bit = ((addr >> (127 - i)) & 1) as usize;
+            match self.nodes[cur].0[bit] {
+                0 => return,
+                n => cur = n as usize,
+            }
+        }
+    }
+}
