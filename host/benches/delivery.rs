@@ -24,7 +24,7 @@ use switchyard::event::Event;
 use switchyard::journal::Journal;
 use switchyard::runtime::{Invocation, Limits, Runtime};
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 
@@ -60,17 +60,7 @@ fn event() -> Event {
 /// An engine set up like `Runtime::new`'s (pooling allocator, epochs), for the
 /// bare instantiation figure.
 fn bare_engine() -> Engine {
-    let mut config = Config::new();
-    config.wasm_component_model(true);
-    config.epoch_interruption(true);
-    let mut pool = PoolingAllocationConfig::default();
-    pool.total_component_instances(1000);
-    pool.total_core_instances(4000);
-    pool.total_memories(2000);
-    pool.total_tables(4000);
-    pool.max_memory_size(switchyard::runtime::MAX_PLUGIN_MEMORY as usize);
-    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-    Engine::new(&config).expect("engine")
+    Engine::new(&switchyard::runtime::engine_config()).expect("engine")
 }
 
 fn delivery(c: &mut Criterion) {

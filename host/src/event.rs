@@ -109,20 +109,10 @@ impl Event {
                 text_attr("datacontenttype")?.unwrap_or_else(|| "application/json".into()),
             ),
         };
-        const CORE: [&str; 9] = [
-            "specversion",
-            "id",
-            "source",
-            "type",
-            "subject",
-            "time",
-            "datacontenttype",
-            "data",
-            "data_base64",
-        ];
+
         let mut extensions = BTreeMap::new();
         for (k, v) in &obj {
-            if CORE.contains(&k.as_str()) {
+            if CONTEXT_ATTRIBUTES.contains(&k.as_str()) || k == "data_base64" {
                 continue;
             }
             let v = match v {
@@ -143,6 +133,18 @@ impl Event {
         })
     }
 }
+
+/// The envelope's own attributes: an extension may not use these names.
+pub const CONTEXT_ATTRIBUTES: [&str; 8] = [
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "data",
+    "specversion",
+];
 
 /// `application/json`, `application/cloudevents+json`, `text/json`, any `+json`.
 pub fn is_json_media_type(content_type: &str) -> bool {

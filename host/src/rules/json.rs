@@ -500,18 +500,6 @@ pub fn flatten(bytes: &[u8]) -> Result<Vec<Leaf>, JsonError> {
     Ok(f.leaves)
 }
 
-/// The attributes an extension may not shadow.
-const ATTRIBUTES: [&str; 8] = [
-    "id",
-    "source",
-    "type",
-    "subject",
-    "time",
-    "datacontenttype",
-    "data",
-    "specversion",
-];
-
 /// Scans an event as patterns see it: its envelope attributes, extensions,
 /// and `data` when it is JSON (malformed `data` counts as absent).
 pub(crate) fn scan_event<V: Visit>(event: &crate::event::Event, root: V::Node, visit: &mut V) {
@@ -521,7 +509,7 @@ pub(crate) fn scan_event<V: Visit>(event: &crate::event::Event, root: V::Node, v
         }
     };
     for (k, v) in &event.extensions {
-        if !ATTRIBUTES.contains(&k.as_str()) {
+        if !crate::event::CONTEXT_ATTRIBUTES.contains(&k.as_str()) {
             string(visit, k, v);
         }
     }

@@ -136,21 +136,27 @@ pub struct Runtime {
     ticker_stop: Arc<AtomicBool>,
 }
 
+/// The engine configuration every plugin runs under: component model, epoch
+/// interruption for deadlines, the pooling allocator.
+pub fn engine_config() -> Config {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(1000);
+    pool.total_core_instances(4000);
+    pool.total_memories(2000);
+    pool.total_tables(4000);
+    pool.max_memory_size(MAX_PLUGIN_MEMORY as usize);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}
+
 impl Runtime {
     /// Sets up the engine; compiled artifacts are cached in `cache_dir`.
     pub fn new(cache_dir: &Path, journal: Journal) -> Result<Runtime, RuntimeError> {
         let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
-        let mut config = Config::new();
-        config.wasm_component_model(true);
-        config.epoch_interruption(true);
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(1000);
-        pool.total_core_instances(4000);
-        pool.total_memories(2000);
-        pool.total_tables(4000);
-        pool.max_memory_size(MAX_PLUGIN_MEMORY as usize);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(engine_err)?;
+        let engine = Engine::new(&engine_config()).map_err(engine_err)?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
