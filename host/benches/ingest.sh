@@ -3,7 +3,7 @@
 #
 #   bare         host/examples/bare_hyper.rs: same HTTP stack, body read and
 #                JSON parse, 202 with an id; no storage (the baseline)
-#   switchyard   the real server: redb journal with group commit, one route
+#   switchyard   the real server: fjall journal with group commit, one route
 #                (`audit-all` → the audit plugin, fresh instance per delivery)
 #   no-routes    the real server with no routes: journal only, no deliveries
 #
