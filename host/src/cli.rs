@@ -97,6 +97,10 @@ pub fn main() -> ExitCode {
 fn check(file: &std::path::Path) -> ExitCode {
     match config::load(file) {
         Ok(c) => {
+            // Valid, but worth knowing: patterns that may make matching slow.
+            for warning in c.routes.warnings() {
+                eprintln!("warning: {}: {warning}", file.display());
+            }
             println!(
                 "{}: ok ({} sources, {} plugins, {} routes)",
                 file.display(),

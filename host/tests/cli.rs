@@ -153,3 +153,29 @@ fn schema_command_prints_the_committed_schema() {
     let committed = std::fs::read_to_string(repo().join("docs/rules.schema.json")).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), committed);
 }
+
+#[test]
+fn check_warns_about_wildcard_sets_that_may_match_slowly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "[[sources]]\nname = \"s\"\n[[plugins]]\nname = \"p\"\nwasm = \"{}\"\n",
+        repo().join("plugins/audit").display()
+    );
+    for i in 0..300 {
+        text.push_str(&format!(
+            "[[routes]]\nname = \"r{i}\"\nmatch = {{ subject = [{{ wildcard = \"*a{i}*b*c*\" }}] }}\nto = [\"p\"]\n"
+        ));
+    }
+    std::fs::write(dir.path().join("rules.toml"), text).unwrap();
+    let (code, stdout, stderr) = check(dir.path(), "rules.toml");
+    assert_eq!(code, 0, "a warning is not an error: {stderr}");
+    assert!(
+        stdout.contains("ok (1 sources, 1 plugins, 300 routes)"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.starts_with("warning: rules.toml: field `subject`:")
+            && stderr.contains("may be slow"),
+        "{stderr}"
+    );
+}
