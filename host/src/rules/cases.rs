@@ -178,6 +178,32 @@ const CASES: &[(&str, &str, bool)] = &[
         r#"{"t":1}"#,
         false,
     ),
+    // prefix / suffix ignoring case (EventBridge's nested equals-ignore-case).
+    (
+        r#"{ t = [{ prefix = { equals-ignore-case = "ORDER." } }] }"#,
+        r#"{"t":"order.Created"}"#,
+        true,
+    ),
+    (
+        r#"{ t = [{ prefix = { equals-ignore-case = "ORDER." } }] }"#,
+        r#"{"t":"refund.order."}"#,
+        false,
+    ),
+    (
+        r#"{ f = [{ suffix = { equals-ignore-case = ".png" } }] }"#,
+        r#"{"f":"A.PNG"}"#,
+        true,
+    ),
+    (
+        r#"{ f = [{ suffix = { equals-ignore-case = ".png" } }] }"#,
+        r#"{"f":".pngx"}"#,
+        false,
+    ),
+    (
+        r#"{ f = [{ suffix = { equals-ignore-case = "G" } }] }"#,
+        r#"{"f":7}"#,
+        false,
+    ),
     // wildcard.
     (
         r#"{ f = [{ wildcard = "*.png" }] }"#,
@@ -556,6 +582,16 @@ fn invalid_patterns_are_errors_with_paths() {
     let cases: &[(&str, &str, &str)] = &[
         (r#"{ type = "x" }"#, "type", "must be in a list"),
         (r#"{ type = [] }"#, "type", "empty list"),
+        (
+            r#"{ t = [{ prefix = { wildcard = "a*" } }] }"#,
+            "t",
+            "`prefix` takes a string, or { equals-ignore-case",
+        ),
+        (
+            r#"{ t = [{ suffix = { equals-ignore-case = 1 } }] }"#,
+            "t",
+            "`suffix.equals-ignore-case` takes a string",
+        ),
         (r#"{ d = {} }"#, "d", "empty table"),
         (
             r#"{ type = [{ prefixx = "a" }] }"#,
@@ -896,6 +932,8 @@ mod property {
             r#"{ prefix = "" }"#,
             r#"{ suffix = "y" }"#,
             r#"{ equals-ignore-case = "x" }"#,
+            r#"{ prefix = { equals-ignore-case = "X" } }"#,
+            r#"{ suffix = { equals-ignore-case = "Y" } }"#,
             r#"{ wildcard = "*x*" }"#,
             r#"{ wildcard = "a*" }"#,
             r#"{ wildcard = 'a\*b' }"#,

@@ -84,7 +84,11 @@ struct SlotInfo {
 fn breadth(c: &Condition) -> usize {
     match c {
         Condition::Exact(_) | Condition::EqualsIgnoreCase(_) => 1,
-        Condition::Prefix(_) | Condition::Suffix(_) | Condition::Cidr(_) => 4,
+        Condition::Prefix(_)
+        | Condition::Suffix(_)
+        | Condition::PrefixIgnoreCase(_)
+        | Condition::SuffixIgnoreCase(_)
+        | Condition::Cidr(_) => 4,
         Condition::Wildcard(_) | Condition::Numeric(_) => 16,
         Condition::AnythingBut(_) | Condition::Exists(_) => 1 << 20,
     }
@@ -430,6 +434,8 @@ struct Index {
     any: Vec<P>,
     ignore_case: FxMap<Box<str>, Vec<P>>,
     nfa: Option<Nfa>,
+    /// Prefixes and suffixes compared ignoring case: run on the lower-cased leaf.
+    nfa_ci: Option<Nfa>,
     numeric: NumIndex,
     cidr4: BitTrie,
     cidr6: BitTrie,
@@ -445,6 +451,14 @@ impl Index {
             Condition::Exact(l) => self.insert_literal(l, p),
             Condition::Prefix(s) => self.nfa_insert(&[s.as_str(), ""], p),
             Condition::Suffix(s) => self.nfa_insert(&["", s.as_str()], p),
+            Condition::PrefixIgnoreCase(s) => self
+                .nfa_ci
+                .get_or_insert_with(Nfa::new)
+                .insert(&[s.as_str(), ""], p),
+            Condition::SuffixIgnoreCase(s) => self
+                .nfa_ci
+                .get_or_insert_with(Nfa::new)
+                .insert(&["", s.as_str()], p),
             Condition::Wildcard(w) => {
                 let pieces: Vec<&str> = w.pieces.iter().map(String::as_str).collect();
                 self.nfa_insert(&pieces, p)
@@ -512,7 +526,9 @@ impl Index {
     }
 
     fn nfa_width(&self) -> usize {
-        self.nfa.as_ref().map_or(0, Nfa::width) + self.but.as_ref().map_or(0, |b| b.nfa_width())
+        self.nfa.as_ref().map_or(0, Nfa::width)
+            + self.nfa_ci.as_ref().map_or(0, Nfa::width)
+            + self.but.as_ref().map_or(0, |b| b.nfa_width())
     }
 
     /// Calls `out` for every test `leaf` passes (possibly twice).
@@ -546,6 +562,9 @@ impl Index {
                 }
                 if let Some(nfa) = &self.nfa {
                     nfa.run(s.as_bytes(), out);
+                }
+                if let Some(nfa) = &self.nfa_ci {
+                    nfa.run(s.to_lowercase().as_bytes(), out);
                 }
                 if !self.cidr4.is_empty() || !self.cidr6.is_empty() {
                     match s.parse::<IpAddr>() {

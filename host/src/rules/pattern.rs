@@ -101,6 +101,10 @@ pub(crate) enum Condition {
     Exact(Literal),
     Prefix(String),
     Suffix(String),
+    /// `prefix = { equals-ignore-case = "..." }`; held in lower case.
+    PrefixIgnoreCase(String),
+    /// `suffix = { equals-ignore-case = "..." }`; held in lower case.
+    SuffixIgnoreCase(String),
     EqualsIgnoreCase(String),
     Wildcard(Wildcard),
     AnythingBut(AnythingBut),
@@ -370,6 +374,12 @@ impl Condition {
             (Condition::Exact(l), leaf) => l.equals(leaf),
             (Condition::Prefix(p), Scalar::Str(s)) => s.starts_with(p.as_str()),
             (Condition::Suffix(p), Scalar::Str(s)) => s.ends_with(p.as_str()),
+            (Condition::PrefixIgnoreCase(p), Scalar::Str(s)) => {
+                s.to_lowercase().starts_with(p.as_str())
+            }
+            (Condition::SuffixIgnoreCase(p), Scalar::Str(s)) => {
+                s.to_lowercase().ends_with(p.as_str())
+            }
             (Condition::EqualsIgnoreCase(p), Scalar::Str(s)) => {
                 p.to_lowercase() == s.to_lowercase()
             }
@@ -400,6 +410,8 @@ impl fmt::Display for Condition {
             Condition::Exact(l) => write!(f, "{l}"),
             Condition::Prefix(p) => write!(f, "starts with {}", q(p)),
             Condition::Suffix(p) => write!(f, "ends with {}", q(p)),
+            Condition::PrefixIgnoreCase(p) => write!(f, "starts with {} ignoring case", q(p)),
+            Condition::SuffixIgnoreCase(p) => write!(f, "ends with {} ignoring case", q(p)),
             Condition::EqualsIgnoreCase(p) => write!(f, "equals {} ignoring case", q(p)),
             Condition::Wildcard(w) => write!(f, "matches wildcard {}", q(&w.text)),
             Condition::Numeric(r) => write!(f, "{r}"),
@@ -435,11 +447,19 @@ impl Condition {
                 format!("{leaf} does not start with {}", q(p))
             }
             (Condition::Suffix(p), Scalar::Str(_)) => format!("{leaf} does not end with {}", q(p)),
+            (Condition::PrefixIgnoreCase(p), Scalar::Str(_)) => {
+                format!("{leaf} does not start with {} ignoring case", q(p))
+            }
+            (Condition::SuffixIgnoreCase(p), Scalar::Str(_)) => {
+                format!("{leaf} does not end with {} ignoring case", q(p))
+            }
             (Condition::Numeric(_), Scalar::Num(_)) => format!("{leaf} is not {self}"),
             (
                 Condition::Numeric(_)
                 | Condition::Prefix(_)
                 | Condition::Suffix(_)
+                | Condition::PrefixIgnoreCase(_)
+                | Condition::SuffixIgnoreCase(_)
                 | Condition::EqualsIgnoreCase(_)
                 | Condition::Wildcard(_)
                 | Condition::Cidr(_),
@@ -800,6 +820,36 @@ fn compile_operator(
         other => Err(format!("`{op}` takes a string, found {}", other.type_str())),
     };
     match op {
+        // EventBridge's `{ prefix = { equals-ignore-case = "..." } }`.
+        "prefix" | "suffix" if matches!(arg.get_ref(), DeValue::Table(_)) => {
+            let DeValue::Table(t) = arg.get_ref() else {
+                return None;
+            };
+            let entries: Vec<_> = t.iter().collect();
+            match entries.as_slice() {
+                [(k, v)] if k.get_ref().as_ref() == "equals-ignore-case" => match v.get_ref() {
+                    DeValue::String(s) => {
+                        let s = s.to_lowercase();
+                        Some(if op == "prefix" {
+                            Condition::PrefixIgnoreCase(s)
+                        } else {
+                            Condition::SuffixIgnoreCase(s)
+                        })
+                    }
+                    other => fail(
+                        v.span(),
+                        format!(
+                            "`{op}.equals-ignore-case` takes a string, found {}",
+                            other.type_str()
+                        ),
+                    ),
+                },
+                _ => fail(
+                    arg.span(),
+                    format!("`{op}` takes a string, or {{ equals-ignore-case = \"...\" }}"),
+                ),
+            }
+        }
         "prefix" | "suffix" | "equals-ignore-case" | "wildcard" | "cidr" => {
             let s = match string_arg(arg) {
                 Ok(s) => s,
