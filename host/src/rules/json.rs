@@ -214,9 +214,30 @@ impl<'a> Scanner<'a, '_> {
 
     fn number(&mut self) -> Result<&'a str, JsonError> {
         let start = self.i;
+        self.number_end()?;
+        // Only ASCII digits and signs: always UTF-8.
+        std::str::from_utf8(&self.b[start..self.i]).or_else(|_| self.err())
+    }
+
+    /// Moves past a number, checking its syntax (as [`Scanner::number`]).
+    fn number_end(&mut self) -> Result<(), JsonError> {
         let b = self.b;
         let digits = |i: &mut usize| {
             let s = *i;
+            // Eight digits at a time (the test of simdjson's
+            // `is_made_of_eight_digits_fast`), then one by one.
+            while let Some(c) = b.get(*i..*i + 8) {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(c);
+                let v = u64::from_le_bytes(w);
+                const HI: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+                if (v & HI) | (((v.wrapping_add(0x0606_0606_0606_0606)) & HI) >> 4)
+                    != 0x3333_3333_3333_3333
+                {
+                    break;
+                }
+                *i += 8;
+            }
             while b.get(*i).is_some_and(u8::is_ascii_digit) {
                 *i += 1;
             }
@@ -249,8 +270,56 @@ impl<'a> Scanner<'a, '_> {
             }
         }
         self.i = i;
-        // Only ASCII digits and signs: always UTF-8.
-        std::str::from_utf8(&b[start..i]).or_else(|_| self.err())
+        Ok(())
+    }
+
+    /// Skips a scalar other than a string, as strictly as [`Scanner::scalar`].
+    fn skip_scalar(&mut self) -> Result<(), JsonError> {
+        let rest = &self.b[self.i..];
+        let lit: &[u8] = match rest.first() {
+            Some(b't') => b"true",
+            Some(b'f') => b"false",
+            Some(b'n') => b"null",
+            _ => return self.number_end(),
+        };
+        if rest.starts_with(lit) {
+            self.i += lit.len();
+            Ok(())
+        } else {
+            self.number_end()
+        }
+    }
+
+    /// Skips a string at `"`, as strictly as [`Scanner::string`] but without
+    /// decoding it (escaped strings take the decoding path).
+    fn skip_string(&mut self) -> Result<(), JsonError> {
+        let b = self.b;
+        let start = self.i + 1;
+        let mut i = start;
+        let mut ascii = true;
+        while let Some(&c) = b.get(i) {
+            match c {
+                b'"' => {
+                    self.i = i + 1;
+                    return if ascii || std::str::from_utf8(&b[start..i]).is_ok() {
+                        Ok(())
+                    } else {
+                        self.err()
+                    };
+                }
+                b'\\' => return self.string().map(drop),
+                c if c < 0x20 => {
+                    self.i = i;
+                    return self.err();
+                }
+                c => {
+                    ascii &= c < 0x80;
+                    i += 1;
+                }
+            }
+        }
+        self.i = i;
+        self.err()
     }
 
     /// A string at `"`, decoded.
@@ -366,12 +435,8 @@ impl<'a> Scanner<'a, '_> {
                         continue;
                     }
                 }
-                Some(b'"') => {
-                    self.string()?;
-                }
-                Some(_) => {
-                    self.scalar()?;
-                }
+                Some(b'"') => self.skip_string()?,
+                Some(_) => self.skip_scalar()?,
                 None => return self.err(),
             }
             // What follows a value.
@@ -407,7 +472,7 @@ impl<'a> Scanner<'a, '_> {
         if self.peek() != Some(b'"') {
             return self.err();
         }
-        self.string()?;
+        self.skip_string()?;
         self.expect(b':')
     }
 }

@@ -20,6 +20,7 @@
 //! on that candidate alone). So the work per event depends on the event and
 //! on how many tests it hits, not on how many routes there are.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
@@ -94,9 +95,15 @@ fn breadth(c: &Condition) -> usize {
     }
 }
 
+/// Up to this many children, a path node's keys are compared one by one
+/// instead of hashed.
+const FEW_CHILDREN: usize = 8;
+
 #[derive(Debug, Clone, Default)]
 struct PathNode {
     children: FxMap<Box<str>, u32>,
+    /// The children again when there are at most [`FEW_CHILDREN`].
+    few: Vec<(Box<str>, u32)>,
     index: Option<Box<Index>>,
     /// Some slot names this path: record its leaves.
     record: bool,
@@ -204,6 +211,11 @@ impl Matcher {
                 m.conjs.push(info);
             }
         }
+        for pn in &mut m.paths {
+            if pn.children.len() <= FEW_CHILDREN {
+                pn.few = pn.children.iter().map(|(k, &v)| (k.clone(), v)).collect();
+            }
+        }
         let mut warnings = Vec::new();
         for i in 0..m.paths.len() {
             if let Some(ix) = m.paths[i].index.as_mut() {
@@ -263,22 +275,73 @@ impl Matcher {
     }
 }
 
-struct Collect<'m> {
-    m: &'m Matcher,
+/// A recorded leaf's value; strings and numbers are ranges of `Scratch::text`.
+#[derive(Debug, Clone, Copy)]
+enum Recorded {
+    Str(u32, u32),
+    Num(u32, u32),
+    Bool(bool),
+    Null,
+}
+
+/// The buffers of one match, kept per thread between events.
+#[derive(Debug, Default)]
+struct Scratch {
     /// (conj, condition, leaf): candidates, by their key field.
     hits: Vec<(u32, u32, u32)>,
     /// (node, trail start, trail end) per recorded leaf.
     leaves: Vec<(u32, u32, u32)>,
-    values: Vec<json::Owned>,
+    values: Vec<Recorded>,
+    text: String,
     trails: Vec<(u32, u32)>,
     scratch: Vec<P>,
+}
+
+/// Buffers larger than this are not kept for the next event.
+const KEEP_SCRATCH: usize = 1 << 16;
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+struct Collect<'m> {
+    m: &'m Matcher,
+    s: Scratch,
+}
+
+impl Drop for Collect<'_> {
+    fn drop(&mut self) {
+        let mut s = std::mem::take(&mut self.s);
+        if s.text.capacity() > KEEP_SCRATCH
+            || s.leaves.capacity() > KEEP_SCRATCH
+            || s.hits.capacity() > KEEP_SCRATCH
+            || s.trails.capacity() > KEEP_SCRATCH
+        {
+            return;
+        }
+        s.hits.clear();
+        s.leaves.clear();
+        s.values.clear();
+        s.text.clear();
+        s.trails.clear();
+        s.scratch.clear();
+        let _ = SCRATCH.try_with(|c| {
+            if let Ok(mut slot) = c.try_borrow_mut() {
+                *slot = s;
+            }
+        });
+    }
 }
 
 impl Visit for Collect<'_> {
     type Node = u32;
 
     fn child(&mut self, parent: u32, key: &str) -> Option<u32> {
-        self.m.paths[parent as usize].children.get(key).copied()
+        let pn = &self.m.paths[parent as usize];
+        if pn.children.len() <= FEW_CHILDREN {
+            return pn.few.iter().find(|(k, _)| **k == *key).map(|&(_, v)| v);
+        }
+        pn.children.get(key).copied()
     }
 
     fn leaf(&mut self, node: u32, value: Value<'_>, trail: &[(u32, u32)]) {
@@ -286,55 +349,77 @@ impl Visit for Collect<'_> {
         if !pn.record {
             return;
         }
-        let leaf = self.leaves.len() as u32;
-        let start = self.trails.len() as u32;
-        self.trails.extend_from_slice(trail);
-        self.leaves.push((node, start, self.trails.len() as u32));
-        self.values.push(match &value {
-            Value::Str(s) => json::Owned::Str(s.to_string()),
-            Value::Num(n) => json::Owned::Num(n.to_string()),
-            Value::Bool(b) => json::Owned::Bool(*b),
-            Value::Null => json::Owned::Null,
-        });
+        let s = &mut self.s;
+        let leaf = s.leaves.len() as u32;
+        let start = s.trails.len() as u32;
+        s.trails.extend_from_slice(trail);
+        s.leaves.push((node, start, s.trails.len() as u32));
+        let mut text = |t: &str| {
+            let a = s.text.len() as u32;
+            s.text.push_str(t);
+            (a, s.text.len() as u32)
+        };
+        let rec = match &value {
+            Value::Str(t) => {
+                let (a, b) = text(t);
+                Recorded::Str(a, b)
+            }
+            Value::Num(n) => {
+                let (a, b) = text(n);
+                Recorded::Num(a, b)
+            }
+            Value::Bool(b) => Recorded::Bool(*b),
+            Value::Null => Recorded::Null,
+        };
+        s.values.push(rec);
         if let Some(ix) = &pn.index {
-            let hits = &mut self.hits;
-            ix.lookup(&value.scalar(), &mut self.scratch, &mut |p| {
+            let hits = &mut s.hits;
+            ix.lookup(&value.scalar(), &mut s.scratch, &mut |p| {
                 hits.push((p.conj, p.cond, leaf))
             });
         }
     }
 
     fn mark(&self) -> usize {
-        self.leaves.len()
+        self.s.leaves.len()
     }
 
     fn rollback(&mut self, mark: usize) {
-        self.leaves.truncate(mark);
-        self.values.truncate(mark);
-        self.hits.retain(|h| (h.2 as usize) < mark);
+        self.s.leaves.truncate(mark);
+        self.s.values.truncate(mark);
+        self.s.hits.retain(|h| (h.2 as usize) < mark);
     }
 }
 
 impl<'m> Collect<'m> {
     fn new(m: &'m Matcher) -> Self {
-        Collect {
-            m,
-            hits: Vec::new(),
-            leaves: Vec::new(),
-            values: Vec::new(),
-            trails: Vec::new(),
-            scratch: Vec::new(),
-        }
+        let s = SCRATCH
+            .try_with(|c| c.try_borrow_mut().map(|mut s| std::mem::take(&mut *s)))
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        Collect { m, s }
     }
 
     fn trail(&self, leaf: u32) -> &[(u32, u32)] {
-        let (_, a, b) = self.leaves[leaf as usize];
-        &self.trails[a as usize..b as usize]
+        let (_, a, b) = self.s.leaves[leaf as usize];
+        &self.s.trails[a as usize..b as usize]
     }
 
-    fn finish(mut self) -> Vec<usize> {
+    /// The value of recorded leaf `l`.
+    fn value(&self, l: usize) -> Scalar<'_> {
+        let text = |a: u32, b: u32| self.s.text.get(a as usize..b as usize).unwrap_or("");
+        match self.s.values[l] {
+            Recorded::Str(a, b) => Scalar::Str(text(a, b)),
+            Recorded::Num(a, b) => Scalar::Num(text(a, b)),
+            Recorded::Bool(b) => Scalar::Bool(b),
+            Recorded::Null => Scalar::Null,
+        }
+    }
+
+    fn finish(self) -> Vec<usize> {
         let m = self.m;
-        let mut conjs: Vec<u32> = self.hits.iter().map(|h| h.0).collect();
+        let mut conjs: Vec<u32> = self.s.hits.iter().map(|h| h.0).collect();
         conjs.extend_from_slice(&m.absent_only);
         conjs.sort_unstable();
         conjs.dedup();
@@ -348,7 +433,6 @@ impl<'m> Collect<'m> {
         routes.extend_from_slice(&m.always);
         routes.sort_unstable();
         routes.dedup();
-        self.hits.clear();
         routes.into_iter().map(|r| r as usize).collect()
     }
 
@@ -359,13 +443,8 @@ impl<'m> Collect<'m> {
         let mut simple = true;
         for slot in &info.slots {
             let mut c = Vec::new();
-            for (l, &(node, a, b)) in self.leaves.iter().enumerate() {
-                if node == slot.node
-                    && slot
-                        .conds
-                        .iter()
-                        .any(|cond| cond.test(&self.values[l].scalar()))
-                {
+            for (l, &(node, a, b)) in self.s.leaves.iter().enumerate() {
+                if node == slot.node && slot.conds.iter().any(|cond| cond.test(&self.value(l))) {
                     simple &= a == b;
                     c.push(l as u32);
                 }
@@ -389,7 +468,7 @@ impl<'m> Collect<'m> {
         if k == info.slots.len() {
             return info.slots.iter().zip(chosen.iter()).all(|(slot, c)| {
                 c.is_some()
-                    || !self.leaves.iter().enumerate().any(|(l, &(node, _, _))| {
+                    || !self.s.leaves.iter().enumerate().any(|(l, &(node, _, _))| {
                         node == slot.node
                             && chosen
                                 .iter()
