@@ -48,6 +48,17 @@ fn serve(config: &Path, log: &Path) -> Running {
     Running { child, base }
 }
 
+async fn timeline(client: &reqwest::Client, base: &str, id: &str) -> serde_json::Value {
+    client
+        .get(format!("{base}/api/events/{id}"))
+        .send()
+        .await
+        .expect("get timeline")
+        .json()
+        .await
+        .expect("timeline json")
+}
+
 fn config(data: &Path, sink_wasm: &str, timeout: &str) -> String {
     format!(
         r#"
@@ -98,14 +109,7 @@ async fn accepted_events_are_delivered_after_a_kill_and_restart() {
         ids.push(body["id"].as_str().unwrap().to_string());
     }
     for id in &ids {
-        let t: serde_json::Value = client
-            .get(format!("{}/api/events/{id}", first.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let t = timeline(&client, &first.base, id).await;
         assert_eq!(t["deliveries"][0]["status"], "pending", "{t}");
     }
     drop(first); // SIGKILL
@@ -121,14 +125,7 @@ async fn accepted_events_are_delivered_after_a_kill_and_restart() {
             (resp.status() == 200).then_some(())
         })
         .await;
-        let t: serde_json::Value = client
-            .get(format!("{}/api/events/{id}", second.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let t = timeline(&client, &second.base, id).await;
         let d = &t["deliveries"][0];
         assert_eq!(d["status"], "delivered", "{t}");
         assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{t}");

@@ -716,17 +716,23 @@ mod tests {
         assert_eq!(j.stats().unwrap().events, 200);
     }
 
+    /// A store and a writer driven by the test itself (no thread).
+    fn bare_writer(dir: &std::path::Path) -> (Arc<Store>, Writer) {
+        let (store, next_seq) = Store::open(&dir.join("journal")).unwrap();
+        let store = Arc::new(store);
+        let writer = Writer {
+            store: store.clone(),
+            next_seq,
+        };
+        (store, writer)
+    }
+
     /// Ops of one batch see each other: a settlement sees the delivery
     /// appended before it, and the kv writes of the settlement before it.
     #[test]
     fn ops_in_one_batch_see_earlier_ones() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, next_seq) = Store::open(&dir.path().join("journal")).unwrap();
-        let store = Arc::new(store);
-        let mut writer = Writer {
-            store: store.clone(),
-            next_seq,
-        };
+        let (store, mut writer) = bare_writer(dir.path());
         let write = |v: &str| KvChanges {
             reads: vec![("k".into(), None)],
             writes: vec![("k".into(), Some(v.as_bytes().to_vec()))],
@@ -802,12 +808,7 @@ mod tests {
     #[test]
     fn a_failed_commit_fails_the_whole_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, next_seq) = Store::open(&dir.path().join("journal")).unwrap();
-        let store = Arc::new(store);
-        let mut writer = Writer {
-            store: store.clone(),
-            next_seq,
-        };
+        let (store, mut writer) = bare_writer(dir.path());
         let mut run = |ids: &[&str]| {
             let mut batch = Vec::new();
             let mut rxs = Vec::new();
