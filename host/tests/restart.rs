@@ -125,7 +125,7 @@ async fn accepted_events_are_delivered_after_a_kill_and_restart() {
             (resp.status() == 200).then_some(())
         })
         .await;
-        let t = timeline(&client, &second.base, id).await;
+        let t = timeline(client, &second.base, id).await;
         let d = &t["deliveries"][0];
         assert_eq!(d["status"], "delivered", "{t}");
         assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{t}");
