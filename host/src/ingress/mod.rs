@@ -136,29 +136,31 @@ async fn webhook(
     let event = Arc::new(to_event(source, &headers, &data, body)?);
 
     let routes = live.config.routes.matching(&event);
-    let mut planned = Vec::new();
-    for route in &routes {
-        for plugin in &route.to {
-            planned.push(PlannedDelivery {
-                route: route.name.clone(),
-                plugin: plugin.clone(),
-            });
-        }
-    }
+    let planned: Vec<PlannedDelivery> = routes
+        .iter()
+        .flat_map(|r| {
+            r.to.iter().map(|p| PlannedDelivery {
+                route: r.name.clone(),
+                plugin: p.clone(),
+            })
+        })
+        .collect();
     let accepted_ms = now_ms();
     let seq = state
         .journal
-        .append(event.clone(), accepted_ms, planned.clone())
+        .append(event.clone(), accepted_ms, planned)
         .await?;
-    for (idx, p) in planned.into_iter().enumerate() {
+    // The same (route, plugin) order as `planned`: the index is the delivery's.
+    let targets = routes.iter().flat_map(|r| r.to.iter().map(move |p| (r, p)));
+    for (idx, (route, plugin)) in targets.enumerate() {
         state.dispatcher.enqueue(Work {
             key: crate::journal::DeliveryKey {
                 seq,
                 idx: idx as u32,
             },
             due_ms: accepted_ms,
-            route: p.route,
-            plugin: p.plugin,
+            route: route.name.clone(),
+            plugin: plugin.clone(),
             attempts: 0,
             conflicts: 0,
             event: Some(event.clone()),

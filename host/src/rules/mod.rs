@@ -143,32 +143,6 @@ pub fn explain(pattern: &Pattern, event: &Event) -> Result<(), String> {
     pattern.explain_leaves(&f.leaves)
 }
 
-/// The event as patterns see it: its envelope attributes, extensions, and
-/// `data` parsed when it is JSON.
-pub fn envelope(event: &Event) -> Value {
-    let mut obj = serde_json::Map::new();
-    for (k, v) in &event.extensions {
-        obj.insert(k.clone(), Value::String(v.clone()));
-    }
-    obj.insert("id".into(), event.id.clone().into());
-    obj.insert("source".into(), event.source.clone().into());
-    obj.insert("type".into(), event.ty.clone().into());
-    if let Some(s) = &event.subject {
-        obj.insert("subject".into(), s.clone().into());
-    }
-    obj.insert("time".into(), event.time.clone().into());
-    obj.insert(
-        "datacontenttype".into(),
-        event.datacontenttype.clone().into(),
-    );
-    if event.data_is_json()
-        && let Ok(data) = serde_json::from_slice::<Value>(&event.data)
-    {
-        obj.insert("data".into(), data);
-    }
-    Value::Object(obj)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
