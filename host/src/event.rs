@@ -26,6 +26,42 @@ pub struct Event {
 }
 
 impl Event {
+    /// The text at a JSON pointer into the envelope (`/subject`, `/type`,
+    /// `/data/account`, an extension's name): strings as they are, numbers
+    /// and booleans as JSON text; `None` when absent or not a scalar. `data`
+    /// is the parsed payload if the caller has it (else it is parsed here).
+    pub fn pointer_text(&self, pointer: &str, data: Option<&serde_json::Value>) -> Option<String> {
+        use serde_json::Value;
+        let rest = pointer.strip_prefix('/')?;
+        let (head, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        let scalar = |v: &Value| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
+            _ => None,
+        };
+        let attribute = |v: &str| tail.is_empty().then(|| v.to_string());
+        match head {
+            "data" => match data {
+                Some(d) => d.pointer(tail).and_then(scalar),
+                None if self.data_is_json() => serde_json::from_slice::<Value>(&self.data)
+                    .ok()?
+                    .pointer(tail)
+                    .and_then(scalar),
+                None => None,
+            },
+            "id" => attribute(&self.id),
+            "source" => attribute(&self.source),
+            "type" => attribute(&self.ty),
+            "subject" => attribute(self.subject.as_deref()?),
+            "time" => attribute(&self.time),
+            "datacontenttype" => attribute(&self.datacontenttype),
+            ext => attribute(self.extensions.get(ext)?),
+        }
+    }
+
     /// Whether `data` is JSON (so patterns can look inside it).
     pub fn data_is_json(&self) -> bool {
         is_json_media_type(&self.datacontenttype)
@@ -178,6 +214,32 @@ pub fn rfc3339_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pointer_text_reads_attributes_and_data() {
+        let mut e = Event {
+            id: "i".into(),
+            source: "s".into(),
+            ty: "t".into(),
+            subject: Some("sub".into()),
+            time: "now".into(),
+            datacontenttype: "application/json".into(),
+            data: br#"{"account":"a1","n":7,"deep":{"x":true},"list":[1]}"#.to_vec(),
+            extensions: BTreeMap::from([("tenant".into(), "t1".into())]),
+        };
+        let p = |e: &Event, ptr: &str| e.pointer_text(ptr, None);
+        assert_eq!(p(&e, "/data/account").as_deref(), Some("a1"));
+        assert_eq!(p(&e, "/data/n").as_deref(), Some("7"));
+        assert_eq!(p(&e, "/data/deep/x").as_deref(), Some("true"));
+        assert_eq!(p(&e, "/data/list"), None);
+        assert_eq!(p(&e, "/data/missing"), None);
+        assert_eq!(p(&e, "/subject").as_deref(), Some("sub"));
+        assert_eq!(p(&e, "/tenant").as_deref(), Some("t1"));
+        assert_eq!(p(&e, "/subject/x"), None);
+        assert_eq!(p(&e, "data"), None);
+        e.subject = None;
+        assert_eq!(p(&e, "/subject"), None);
+    }
 
     #[test]
     fn json_media_types() {

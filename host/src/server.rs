@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, WasmSource};
 use crate::dispatch::{Dispatcher, Work};
+use crate::event::now_ms;
 use crate::ingress::{self, AppState};
 use crate::journal::{Journal, JournalError};
 use crate::runtime::{Plugin, Runtime, RuntimeError, cargo};
@@ -55,11 +56,22 @@ pub enum ServeError {
     },
 }
 
+/// How often old events are looked for.
+const COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+/// Events looked at per compaction step (one journal transaction), so that
+/// ingest waits for at most one short step.
+const COMPACTION_STEP: usize = 512;
+
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
     journal: Journal,
+    live: Arc<ArcSwap<Live>>,
     reloader: Arc<Reloader>,
+    dispatcher: Dispatcher,
+    /// Cancelled when shutdown begins: webhooks answer 503 from then on.
+    draining: CancellationToken,
+    /// Cancelled when shutdown ends: HTTP, watcher and compaction stop.
     stop: CancellationToken,
     http: JoinHandle<()>,
     _watcher: Option<ConfigWatcher>,
@@ -144,7 +156,12 @@ impl Server {
             source,
         })?;
         let data_dir = config.server.data_dir.clone();
-        let journal = Journal::open(&data_dir)?;
+        let journal = Journal::open_with(&data_dir, config.server.fsync)?;
+        if !config.server.fsync {
+            tracing::warn!(
+                "[server] fsync = false: a crash may lose events already answered 202"
+            );
+        }
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"), journal.clone())?);
         let plugins = load_plugins(&runtime, &config).await?;
         let workers = config.server.workers;
@@ -158,41 +175,27 @@ impl Server {
         });
 
         let stop = CancellationToken::new();
-        let dispatcher = Dispatcher::start(
-            journal.clone(),
-            runtime.clone(),
-            live.clone(),
-            workers,
-            stop.clone(),
-        );
+        let draining = CancellationToken::new();
+        let dispatcher = Dispatcher::start(journal.clone(), runtime.clone(), live.clone(), workers);
         // Whatever was accepted but not finished before the last stop.
         let due = journal.due_deliveries()?;
         if !due.is_empty() {
             tracing::info!(count = due.len(), "resuming unfinished deliveries");
         }
-        for d in due {
-            dispatcher.enqueue(Work {
-                key: d.key,
-                due_ms: d.due_ms,
-                route: d.record.route,
-                plugin: d.record.plugin,
-                attempts: d.record.attempts.len() as u32,
-                conflicts: 0,
-                event: None,
-            });
-        }
+        dispatcher.enqueue_all(due.into_iter().map(|d| Work::from_due(d, None)).collect());
 
         let admin_token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
             .map(Arc::from);
         let state = AppState {
-            live,
+            live: live.clone(),
             reloader: reloader.clone(),
             journal: journal.clone(),
-            dispatcher,
+            dispatcher: dispatcher.clone(),
             admin_open: ingress::is_loopback(&addr),
             admin_token,
+            draining: draining.clone(),
         };
         let app = ingress::router(state);
         let shutdown = stop.clone();
@@ -204,6 +207,11 @@ impl Server {
                 tracing::error!(error = %e, "http server failed");
             }
         });
+        tokio::spawn(compact_periodically(
+            journal.clone(),
+            live.clone(),
+            stop.clone(),
+        ));
         let watcher = match ConfigWatcher::start(&config_file, reloader.clone(), stop.clone()) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -215,7 +223,10 @@ impl Server {
         Ok(Server {
             addr,
             journal,
+            live,
             reloader,
+            dispatcher,
+            draining,
             stop,
             http,
             _watcher: watcher,
@@ -239,8 +250,23 @@ impl Server {
         &self.journal
     }
 
-    /// Stops accepting, stops the dispatcher, and waits for the HTTP side.
+    /// Graceful shutdown: webhooks answer 503 from now on; deliveries in
+    /// flight get `[server] shutdown_grace` to finish and commit; then HTTP
+    /// stops. A delivery cut off is delivered again after the next start.
     pub async fn shutdown(self) {
+        self.draining.cancel();
+        let grace = self.live.load().config.server.shutdown_grace;
+        if self.dispatcher.drain(grace).await {
+            tracing::info!("deliveries in flight finished");
+        } else {
+            tracing::warn!(
+                grace = %humantime::format_duration(grace),
+                "deliveries still running at the end of the grace period will run again after restart"
+            );
+        }
+        if let Err(e) = self.journal.flush().await {
+            tracing::error!(error = %e, "journal flush at shutdown failed");
+        }
         self.stop.cancel();
         let _ = self.http.await;
     }
@@ -250,6 +276,44 @@ impl Server {
         signal.await;
         tracing::info!("shutting down");
         self.shutdown().await;
+    }
+}
+
+/// Deletes events older than `[server] retention` (and their finished
+/// deliveries) now and then, one short journal transaction at a time.
+async fn compact_periodically(journal: Journal, live: Arc<ArcSwap<Live>>, stop: CancellationToken) {
+    loop {
+        let retention = live.load().config.server.retention;
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let (mut events, mut deliveries) = (0, 0);
+        let mut resume = None;
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match journal.compact(cutoff, resume, COMPACTION_STEP).await {
+                Ok(step) => {
+                    events += step.events;
+                    deliveries += step.deliveries;
+                    resume = step.resume;
+                    if resume.is_none() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "compaction step failed; trying again later");
+                    break;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        if events > 0 {
+            tracing::info!(events, deliveries, "compacted events past retention");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
+        }
     }
 }
 

@@ -42,6 +42,12 @@ pub struct ServerConfig {
     pub build_dir: Option<PathBuf>,
     /// Deliveries running at once.
     pub workers: usize,
+    /// How long events stay in the journal.
+    pub retention: Duration,
+    /// How long in-flight deliveries may take to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// Whether journal commits wait for the disk.
+    pub fsync: bool,
 }
 
 impl ServerConfig {
@@ -67,7 +73,13 @@ pub struct SourceConfig {
     pub type_from: Option<FieldFrom>,
     pub subject_from: Option<FieldFrom>,
     pub max_body: usize,
+    /// Where the idempotency key comes from, if the source deduplicates.
+    pub dedup_from: Option<FieldFrom>,
+    pub dedup_window: Duration,
 }
+
+/// How long a source remembers idempotency keys unless it says otherwise.
+pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WasmSource {
@@ -402,12 +414,23 @@ impl Validator {
                 None
             }
         };
+        let retention = match &raw.retention {
+            None => Some(Duration::from_secs(7 * 24 * 3600)),
+            Some(d) => self.duration(d, "server.retention"),
+        };
+        let shutdown_grace = match &raw.shutdown_grace {
+            None => Some(Duration::from_secs(10)),
+            Some(d) => self.duration(d, "server.shutdown_grace"),
+        };
         Some((
             ServerConfig {
                 listen: listen?,
                 data_dir,
                 build_dir,
                 workers: workers?,
+                retention: retention?,
+                shutdown_grace: shutdown_grace?,
+                fsync: raw.fsync.as_ref().is_none_or(|f| *f.get_ref()),
             },
             max_body?,
         ))
@@ -531,6 +554,11 @@ impl Validator {
                 Some(m) => self.size(m, &format!("{key}.max_body")),
                 None => default_max_body,
             };
+            let dedup_from = self.field_from(&s.dedup_header, &s.dedup_pointer, &key, "dedup");
+            let dedup_window = match &s.dedup_window {
+                Some(d) => self.duration(d, &format!("{key}.dedup_window")),
+                None => Some(DEFAULT_DEDUP_WINDOW),
+            };
             if named {
                 let name = s.name.into_inner();
                 out.insert(
@@ -540,6 +568,8 @@ impl Validator {
                         type_from,
                         subject_from,
                         max_body: max_body.unwrap_or(DEFAULT_MAX_BODY),
+                        dedup_from,
+                        dedup_window: dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW),
                     },
                 );
             }
@@ -685,12 +715,41 @@ impl Validator {
                 .retry
                 .as_ref()
                 .and_then(|rt| self.retry(rt, &format!("{key}.retry")));
+            let order_key = r.order_key.as_ref().and_then(|k| {
+                let ptr = k.get_ref();
+                if ptr.starts_with('/') {
+                    Some(ptr.clone())
+                } else {
+                    self.error(
+                        Some(k.span()),
+                        format!("{key}.order_key"),
+                        format!(
+                            "`{ptr}` is not a JSON pointer into the event; write e.g. \"/data/account\" or \"/subject\""
+                        ),
+                    );
+                    None
+                }
+            });
+            let concurrency = match &r.concurrency {
+                None => None,
+                Some(c) if (1..=4096).contains(c.get_ref()) => Some(*c.get_ref() as usize),
+                Some(c) => {
+                    self.error(
+                        Some(c.span()),
+                        format!("{key}.concurrency"),
+                        "`concurrency` must be between 1 and 4096",
+                    );
+                    None
+                }
+            };
             if let (true, Some(pattern)) = (named, pattern) {
                 table.push(Route {
                     name: r.name.into_inner(),
                     pattern,
                     to,
                     retry: retry.unwrap_or_default(),
+                    order_key,
+                    concurrency,
                     match_json,
                 });
             }
@@ -735,6 +794,11 @@ impl Validator {
             policy.max = self
                 .duration(d, &format!("{key}.max"))
                 .unwrap_or(policy.max);
+        }
+        if let Some(d) = &r.max_age {
+            policy.max_age = self
+                .duration(d, &format!("{key}.max_age"))
+                .unwrap_or(policy.max_age);
         }
         if policy.max < policy.initial {
             self.error(

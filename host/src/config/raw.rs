@@ -26,6 +26,19 @@ pub struct RawServer {
     /// Deliveries running at once (default 8 per CPU).
     #[schemars(with = "Option<u32>", range(min = 1, max = 4096))]
     pub workers: Option<Spanned<i64>>,
+    /// How long accepted events stay in the journal for replay, e.g. "7d"
+    /// (the default). Events with dead letters or unfinished deliveries stay
+    /// until those are done.
+    #[schemars(with = "Option<String>")]
+    pub retention: Option<Spanned<String>>,
+    /// On SIGTERM/SIGINT, how long in-flight deliveries may take to finish,
+    /// e.g. "10s" (the default).
+    #[schemars(with = "Option<String>")]
+    pub shutdown_grace: Option<Spanned<String>>,
+    /// Whether each journal commit waits for the disk (default true). `false`
+    /// is for benchmarks only: a crash may lose events already answered 202.
+    #[schemars(with = "Option<bool>")]
+    pub fsync: Option<Spanned<bool>>,
 }
 
 /// `[[sources]]`: a webhook, `POST /webhooks/<name>`.
@@ -50,6 +63,17 @@ pub struct RawSource {
     /// Largest body accepted, e.g. "256KiB" (default: `[server] max_body`).
     #[schemars(with = "Option<String>")]
     pub max_body: Option<Spanned<String>>,
+    /// Deduplicate on this request header, e.g. "webhook-id" or
+    /// "X-GitHub-Delivery": a repeat within `dedup_window` is answered with the
+    /// first event's id and stored once.
+    #[schemars(with = "Option<String>")]
+    pub dedup_header: Option<Spanned<String>>,
+    /// Deduplicate on the string at this JSON pointer into the body, e.g. "/id".
+    #[schemars(with = "Option<String>")]
+    pub dedup_pointer: Option<Spanned<String>>,
+    /// How long an idempotency key is remembered, e.g. "24h" (the default).
+    #[schemars(with = "Option<String>")]
+    pub dedup_window: Option<Spanned<String>>,
 }
 
 /// `[[plugins]]`: a consumer plugin (a WebAssembly component).
@@ -89,24 +113,38 @@ pub struct RawRoute {
     /// How a failed delivery is retried.
     #[schemars(with = "Option<RawRetry>")]
     pub retry: Option<Spanned<RawRetry>>,
+    /// A JSON pointer into the event envelope, e.g. "/data/account" or
+    /// "/subject": deliveries with the same value run one at a time, in the
+    /// order the events were accepted. Events without the value are not
+    /// ordered.
+    #[schemars(with = "Option<String>")]
+    pub order_key: Option<Spanned<String>>,
+    /// Deliveries of this route running at once (default: no limit but
+    /// `[server] workers`).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 4096))]
+    pub concurrency: Option<Spanned<i64>>,
 }
 
 /// A route's retry policy.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RawRetry {
-    /// Attempts in all, the first included (default 5).
+    /// Attempts in all, the first included (default 8).
     #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     pub attempts: Option<Spanned<i64>>,
     /// "exponential" (the default) or "fixed".
     #[schemars(with = "Option<Backoff>")]
     pub backoff: Option<Spanned<String>>,
-    /// Delay before the second attempt (default "500ms").
+    /// Delay before the second attempt (default "30s").
     #[schemars(with = "Option<String>")]
     pub initial: Option<Spanned<String>>,
-    /// Longest delay between attempts (default "1m").
+    /// Longest delay between attempts (default "30m").
     #[schemars(with = "Option<String>")]
     pub max: Option<Spanned<String>>,
+    /// Give up once this long has passed since the first attempt, e.g. "1d"
+    /// (the default).
+    #[schemars(with = "Option<String>")]
+    pub max_age: Option<Spanned<String>>,
 }
 
 /// How the delay between attempts grows.

@@ -2,18 +2,29 @@
 //! it when it is due, and records what happened. A delivery is marked done in
 //! the journal only once `handle` returned Ok, so whatever was accepted and not
 //! yet delivered when the process stopped is found again at the next start.
+//!
+//! The scheduler hands due deliveries to a fixed set of workers. It holds a
+//! delivery back while its route is at its `concurrency` limit, and, for a
+//! route with an `order_key`, while an earlier delivery with the same key is
+//! not final (the journal's order index says which one is first).
+
+pub mod replay;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::event::{Event, now_ms};
-use crate::journal::{Attempt, DeliveryKey, Journal, Outcome, Settled, Settlement};
+use crate::journal::{
+    Attempt, DeliveryKey, DueDelivery, Journal, KvChanges, Outcome, Settled, Settlement,
+};
+use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
 use crate::server::Live;
 
@@ -24,6 +35,12 @@ const MAX_CONFLICT_RERUNS: u32 = 64;
 /// How long to wait before trying again when the journal itself failed.
 const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 
+/// The extension attribute that tells a plugin which attempt this is (1-based,
+/// counted since the delivery was planned or last redriven).
+pub const ATTEMPT_EXTENSION: &str = "deliveryattempt";
+/// The extension attribute set to "true" on deliveries planned by a replay.
+pub const REPLAYED_EXTENSION: &str = "replayed";
+
 /// One delivery to make.
 #[derive(Debug, Clone)]
 pub struct Work {
@@ -31,103 +48,264 @@ pub struct Work {
     pub due_ms: u64,
     pub route: String,
     pub plugin: String,
-    /// Attempts made so far.
+    /// Attempts made so far that count against the retry policy.
     pub attempts: u32,
+    /// When the retry budget started (planned or last redriven), Unix ms.
+    pub since_ms: u64,
+    /// The route's order key value, if the delivery is ordered.
+    pub order_key: Option<String>,
+    /// Planned by a replay.
+    pub replayed: bool,
     /// Times this attempt was run again because a kv key it read changed.
     pub conflicts: u32,
     /// The event, when at hand (else it is read from the journal).
     pub event: Option<Arc<Event>>,
 }
 
+impl Work {
+    /// The work for a delivery as the journal holds it.
+    pub fn from_due(d: DueDelivery, event: Option<Arc<Event>>) -> Work {
+        Work {
+            key: d.key,
+            due_ms: d.due_ms,
+            attempts: d.record.budget_attempts(),
+            since_ms: d.record.budget_since_ms(),
+            replayed: d.record.replay.is_some(),
+            route: d.record.route,
+            plugin: d.record.plugin,
+            order_key: d.record.order_key,
+            conflicts: 0,
+            event,
+        }
+    }
+
+    fn order_slot(&self) -> Option<(String, String)> {
+        self.order_key
+            .as_ref()
+            .map(|k| (self.route.clone(), k.clone()))
+    }
+}
+
+enum Msg {
+    Enqueue(Vec<Work>),
+    /// A dispatched delivery is over (its result committed, or given up on).
+    Done {
+        route: String,
+        order_key: Option<String>,
+    },
+}
+
 /// Handle to the running dispatcher.
 #[derive(Clone)]
 pub struct Dispatcher {
-    tx: mpsc::UnboundedSender<Work>,
+    tx: mpsc::UnboundedSender<Msg>,
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 impl Dispatcher {
-    /// Starts the scheduler and `workers` delivery tasks; they stop when
-    /// `stop` is cancelled.
+    /// Starts the scheduler and `workers` delivery tasks.
     pub fn start(
         journal: Journal,
         runtime: Arc<Runtime>,
         live: Arc<ArcSwap<Live>>,
         workers: usize,
-        stop: CancellationToken,
     ) -> Dispatcher {
         let (tx, rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = mpsc::channel::<Work>(workers);
         let ready_rx = Arc::new(Mutex::new(ready_rx));
+        let tasks = TaskTracker::new();
+        let stop = CancellationToken::new();
         let ctx = Arc::new(Context {
-            journal,
+            journal: journal.clone(),
             runtime,
-            live,
+            live: live.clone(),
             requeue: tx.clone(),
+            tasks: tasks.clone(),
         });
         for _ in 0..workers {
             let (ctx, ready_rx, stop) = (ctx.clone(), ready_rx.clone(), stop.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 loop {
                     let work = tokio::select! {
                         _ = stop.cancelled() => break,
                         w = async { ready_rx.lock().await.recv().await } => w,
                     };
                     let Some(work) = work else { break };
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = ctx.deliver(work) => {}
-                    }
+                    // A started delivery runs to its end (its plugin's
+                    // deadline bounds it); shutdown waits for it.
+                    ctx.deliver(work).await;
                 }
             });
         }
-        tokio::spawn(schedule(rx, ready_tx, stop));
-        Dispatcher { tx }
+        let scheduler = Scheduler {
+            journal,
+            live,
+            ready: ready_tx,
+            heap: BinaryHeap::new(),
+            waiting: HashMap::new(),
+            in_flight: HashMap::new(),
+            held: HashMap::new(),
+            busy_keys: HashSet::new(),
+            parked: HashMap::new(),
+        };
+        tokio::spawn(scheduler.run(rx, stop.clone()));
+        Dispatcher { tx, tasks, stop }
     }
 
     /// Queues a delivery (already in the journal) to run when it is due.
     pub fn enqueue(&self, work: Work) {
-        // Fails only after shutdown; the journal still has the delivery.
-        let _ = self.tx.send(work);
+        self.enqueue_all(vec![work]);
+    }
+
+    /// Queues deliveries together: the scheduler sees all of them before it
+    /// dispatches any (ordered routes rely on it after a restart).
+    pub fn enqueue_all(&self, work: Vec<Work>) {
+        if !work.is_empty() {
+            // Fails only after shutdown; the journal still has the deliveries.
+            let _ = self.tx.send(Msg::Enqueue(work));
+        }
+    }
+
+    /// Stops dispatching and waits up to `grace` for the deliveries in flight
+    /// and their journal commits. Returns whether everything finished; what
+    /// did not is delivered again after the next start.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
     }
 }
 
 /// Keeps deliveries until they are due, then hands them to the workers in due
 /// order, waiting while every worker is busy.
-async fn schedule(
-    mut rx: mpsc::UnboundedReceiver<Work>,
+struct Scheduler {
+    journal: Journal,
+    live: Arc<ArcSwap<Live>>,
     ready: mpsc::Sender<Work>,
-    stop: CancellationToken,
-) {
-    let mut heap: BinaryHeap<Reverse<(u64, DeliveryKey)>> = BinaryHeap::new();
-    let mut waiting: HashMap<DeliveryKey, Work> = HashMap::new();
-    loop {
-        let now = now_ms();
-        while let Some(Reverse((due, key))) = heap.peek().copied() {
-            if due > now {
-                break;
-            }
-            heap.pop();
-            if let Some(work) = waiting.remove(&key) {
+    heap: BinaryHeap<Reverse<(u64, DeliveryKey)>>,
+    waiting: HashMap<DeliveryKey, Work>,
+    /// Deliveries dispatched and not done, per route.
+    in_flight: HashMap<String, usize>,
+    /// Due deliveries of routes at their concurrency limit, in due order.
+    held: HashMap<String, VecDeque<Work>>,
+    /// (route, order key) slots with a delivery in flight.
+    busy_keys: HashSet<(String, String)>,
+    /// Due deliveries waiting for an earlier one of their (route, key).
+    parked: HashMap<(String, String), Vec<Work>>,
+}
+
+impl Scheduler {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>, stop: CancellationToken) {
+        loop {
+            let now = now_ms();
+            while let Some(Reverse((due, key))) = self.heap.peek().copied() {
+                if due > now {
+                    break;
+                }
+                self.heap.pop();
+                let Some(work) = self.waiting.remove(&key) else {
+                    continue;
+                };
+                let Some(work) = self.admit(work) else {
+                    continue;
+                };
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = ready.send(work) => if r.is_err() { return },
+                    r = self.ready.send(work) => if r.is_err() { return },
+                }
+            }
+            let next = self
+                .heap
+                .peek()
+                .map(|Reverse((due, _))| due.saturating_sub(now_ms()));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                msg = rx.recv() => match msg {
+                    Some(msg) => {
+                        self.handle(msg);
+                        // Take everything already queued before dispatching.
+                        while let Ok(msg) = rx.try_recv() {
+                            self.handle(msg);
+                        }
+                    }
+                    None => return,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(next.unwrap_or(0))), if next.is_some() => {}
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Enqueue(works) => {
+                for w in works {
+                    self.push(w);
+                }
+            }
+            Msg::Done { route, order_key } => {
+                if let Some(n) = self.in_flight.get_mut(&route) {
+                    *n = n.saturating_sub(1);
+                }
+                if let Some(w) = self.held.get_mut(&route).and_then(VecDeque::pop_front) {
+                    self.push(w);
+                }
+                if let Some(k) = order_key {
+                    let slot = (route, k);
+                    self.busy_keys.remove(&slot);
+                    for w in self.parked.remove(&slot).unwrap_or_default() {
+                        self.push(w);
+                    }
                 }
             }
         }
-        let next = heap
-            .peek()
-            .map(|Reverse((due, _))| due.saturating_sub(now_ms()));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            w = rx.recv() => match w {
-                Some(w) => {
-                    heap.push(Reverse((w.due_ms, w.key)));
-                    waiting.insert(w.key, w);
-                }
-                None => return,
-            },
-            _ = tokio::time::sleep(Duration::from_millis(next.unwrap_or(0))), if next.is_some() => {}
+    }
+
+    fn push(&mut self, w: Work) {
+        self.heap.push(Reverse((w.due_ms, w.key)));
+        self.waiting.insert(w.key, w);
+    }
+
+    /// Whether a due delivery may run now; if not, keeps it where it waits.
+    fn admit(&mut self, work: Work) -> Option<Work> {
+        let limit = self
+            .live
+            .load()
+            .config
+            .routes
+            .get(&work.route)
+            .and_then(|r| r.concurrency);
+        let running = self.in_flight.get(&work.route).copied().unwrap_or(0);
+        if limit.is_some_and(|l| running >= l) {
+            self.held
+                .entry(work.route.clone())
+                .or_default()
+                .push_back(work);
+            return None;
         }
+        if let Some(slot) = work.order_slot() {
+            if self.busy_keys.contains(&slot) {
+                self.parked.entry(slot).or_default().push(work);
+                return None;
+            }
+            match self.journal.order_head(&slot.0, &slot.1) {
+                Ok(Some(head)) if head != work.key => {
+                    self.parked.entry(slot).or_default().push(work);
+                    return None;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the order index; will try again");
+                    let mut work = work;
+                    work.due_ms = now_ms() + JOURNAL_RETRY.as_millis() as u64;
+                    self.push(work);
+                    return None;
+                }
+            }
+            self.busy_keys.insert(slot);
+        }
+        *self.in_flight.entry(work.route.clone()).or_default() += 1;
+        Some(work)
     }
 }
 
@@ -135,7 +313,43 @@ struct Context {
     journal: Journal,
     runtime: Arc<Runtime>,
     live: Arc<ArcSwap<Live>>,
-    requeue: mpsc::UnboundedSender<Work>,
+    requeue: mpsc::UnboundedSender<Msg>,
+    tasks: TaskTracker,
+}
+
+/// What to record for an attempt that did not succeed.
+fn failed(
+    policy: &RetryPolicy,
+    work: &Work,
+    error: String,
+    requested: Option<Duration>,
+    retryable: bool,
+) -> (Outcome, String) {
+    let attempt_no = work.attempts + 1;
+    if !retryable {
+        return (Outcome::Dead, error);
+    }
+    if attempt_no >= policy.attempts {
+        return (
+            Outcome::Dead,
+            format!("{error}; gave up after {attempt_no} attempts"),
+        );
+    }
+    let delay = requested
+        .map(|d| d.min(MAX_REQUESTED_DELAY))
+        .unwrap_or_else(|| policy.delay_after(attempt_no));
+    let due_ms = now_ms() + delay.as_millis() as u64;
+    let deadline = work.since_ms + policy.max_age.as_millis() as u64;
+    if due_ms > deadline {
+        return (
+            Outcome::Dead,
+            format!(
+                "{error}; gave up: the next attempt would come after the route's max_age of {}",
+                humantime::format_duration(policy.max_age)
+            ),
+        );
+    }
+    (Outcome::Retry { due_ms }, error)
 }
 
 impl Context {
@@ -149,7 +363,7 @@ impl Context {
                         seq = work.key.seq,
                         "delivery refers to a missing event; dropping it"
                     );
-                    return;
+                    return self.done(&work);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read event from journal; will try again");
@@ -165,58 +379,50 @@ impl Context {
             .map(|r| r.retry)
             .unwrap_or_default();
         let attempt_no = work.attempts + 1;
+        let at_ms = now_ms();
         let Some(plugin) = live.plugins.get(&work.plugin).cloned() else {
+            // Retryable: a reload may bring the plugin back.
             let error = format!("plugin `{}` is not configured", work.plugin);
+            let (outcome, error) = failed(&policy, &work, error, None, true);
             let attempt = Attempt {
-                at_ms: now_ms(),
+                at_ms,
                 duration_us: 0,
                 error: Some(error),
+                plugin_hash: None,
             };
-            return self.settle_later(work, event, attempt, Outcome::Failed, Default::default());
+            return self.settle_later(work, event, attempt, outcome, KvChanges::default());
         };
 
         if work.conflicts >= MAX_CONFLICT_RERUNS {
             // Constant conflicts: count it as a failed attempt and back off.
+            let error = "kv writes kept conflicting with concurrent deliveries".to_string();
+            let (outcome, error) = failed(&policy, &work, error, None, true);
             let attempt = Attempt {
-                at_ms: now_ms(),
+                at_ms,
                 duration_us: 0,
-                error: Some("kv writes kept conflicting with concurrent deliveries".into()),
+                error: Some(error),
+                plugin_hash: Some(plugin.hash.clone()),
             };
-            let outcome = if attempt_no < policy.attempts {
-                Outcome::Retry {
-                    due_ms: now_ms() + policy.delay_after(attempt_no).as_millis() as u64,
-                }
-            } else {
-                Outcome::Failed
-            };
-            return self.settle_later(work, event, attempt, outcome, Default::default());
+            return self.settle_later(work, event, attempt, outcome, KvChanges::default());
         }
 
-        let at_ms = now_ms();
-        let run = self.runtime.deliver(&plugin, &event).await;
+        let mut extra = vec![(ATTEMPT_EXTENSION, attempt_no.to_string())];
+        if work.replayed {
+            extra.push((REPLAYED_EXTENSION, "true".to_string()));
+        }
+        let run = self.runtime.deliver_with(&plugin, &event, &extra).await;
         let (outcome, error) = match run.invocation {
             Invocation::Ok => (Outcome::Delivered, None),
-            Invocation::Retry(delay) if attempt_no < policy.attempts => {
-                let delay = delay
-                    .map(|d| d.min(MAX_REQUESTED_DELAY))
-                    .unwrap_or_else(|| policy.delay_after(attempt_no));
-                let due_ms = now_ms() + delay.as_millis() as u64;
-                (
-                    Outcome::Retry { due_ms },
-                    Some(format!(
-                        "plugin asked to retry; next attempt in {}",
-                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64))
-                    )),
-                )
+            Invocation::Retry(delay) => {
+                let error = "plugin asked to retry".to_string();
+                let (o, e) = failed(&policy, &work, error, delay, true);
+                (o, Some(e))
             }
-            Invocation::Retry(_) => (
-                Outcome::Failed,
-                Some(format!(
-                    "plugin asked to retry; gave up after {attempt_no} attempts"
-                )),
-            ),
-            Invocation::Reject(reason) => (Outcome::Failed, Some(format!("rejected: {reason}"))),
-            Invocation::Trap(text) => (Outcome::Failed, Some(text)),
+            Invocation::Reject(reason) => (Outcome::Dead, Some(format!("rejected: {reason}"))),
+            Invocation::Trap(text) => {
+                let (o, e) = failed(&policy, &work, text, None, true);
+                (o, Some(e))
+            }
         };
         if let Some(e) = &error {
             tracing::warn!(
@@ -233,6 +439,7 @@ impl Context {
             at_ms,
             duration_us: run.elapsed.as_micros() as u64,
             error,
+            plugin_hash: Some(plugin.hash.clone()),
         };
         self.settle_later(work, event, attempt, outcome, run.kv);
     }
@@ -245,10 +452,10 @@ impl Context {
         event: Arc<Event>,
         attempt: Attempt,
         outcome: Outcome,
-        kv: crate::journal::KvChanges,
+        kv: KvChanges,
     ) {
         let ctx = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let settlement = Settlement {
                 key: work.key,
                 plugin: work.plugin.clone(),
@@ -256,10 +463,20 @@ impl Context {
                 outcome: outcome.clone(),
                 kv,
             };
-            match ctx.journal.settle(settlement).await {
+            let result = ctx.journal.settle(settlement).await;
+            // Only now, with the result committed, may the next delivery of
+            // the same order key start.
+            ctx.done(&work);
+            match result {
                 Ok(Settled::Committed) => {
                     if let Outcome::Retry { due_ms } = outcome {
-                        ctx.enqueue_retry(&work, event, work.attempts + 1, due_ms);
+                        ctx.requeue(Work {
+                            due_ms,
+                            attempts: work.attempts + 1,
+                            conflicts: 0,
+                            event: Some(event),
+                            ..work
+                        });
                     }
                 }
                 Ok(Settled::Stale) => {}
@@ -267,7 +484,7 @@ impl Context {
                     // A key it read changed meanwhile: nothing was written; run
                     // the same attempt again now, on the new values.
                     tracing::debug!(event_id = %event.id, plugin = %work.plugin, "kv conflict; running the delivery again");
-                    let _ = ctx.requeue.send(Work {
+                    ctx.requeue(Work {
                         due_ms: now_ms(),
                         conflicts: work.conflicts + 1,
                         event: Some(event),
@@ -276,27 +493,104 @@ impl Context {
                 }
                 Err(e) => {
                     tracing::error!(error = %e, event_id = %event.id, "cannot record delivery; will try again");
-                    ctx.later(work, JOURNAL_RETRY);
+                    ctx.requeue(Work {
+                        due_ms: now_ms() + JOURNAL_RETRY.as_millis() as u64,
+                        ..work
+                    });
                 }
             }
         });
     }
 
-    fn enqueue_retry(&self, work: &Work, event: Arc<Event>, attempts: u32, due_ms: u64) {
-        let _ = self.requeue.send(Work {
-            key: work.key,
-            due_ms,
+    fn done(&self, work: &Work) {
+        let _ = self.requeue.send(Msg::Done {
             route: work.route.clone(),
-            plugin: work.plugin.clone(),
-            attempts,
-            conflicts: 0,
-            event: Some(event),
+            order_key: work.order_key.clone(),
         });
+    }
+
+    fn requeue(&self, work: Work) {
+        let _ = self.requeue.send(Msg::Enqueue(vec![work]));
     }
 
     /// Runs the same attempt again later (the journal was not updated).
     fn later(&self, mut work: Work, delay: Duration) {
+        self.done(&work);
         work.due_ms = now_ms() + delay.as_millis() as u64;
-        let _ = self.requeue.send(work);
+        self.requeue(work);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn work(attempts: u32, since_ms: u64) -> Work {
+        Work {
+            key: DeliveryKey { seq: 1, idx: 0 },
+            due_ms: 0,
+            route: "r".into(),
+            plugin: "p".into(),
+            attempts,
+            since_ms,
+            order_key: None,
+            replayed: false,
+            conflicts: 0,
+            event: None,
+        }
+    }
+
+    fn policy(attempts: u32, max_age: Duration) -> RetryPolicy {
+        RetryPolicy {
+            attempts,
+            backoff: crate::rules::Backoff::Fixed,
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(10),
+            max_age,
+        }
+    }
+
+    #[test]
+    fn retryable_failures_back_off_until_attempts_or_age_run_out() {
+        let day = Duration::from_secs(86400);
+        let now = now_ms();
+        let (o, e) = failed(&policy(3, day), &work(0, now), "boom".into(), None, true);
+        let Outcome::Retry { due_ms } = o else {
+            panic!("{o:?}")
+        };
+        // Fixed 10 s with equal jitter: 5 to 10 s from now.
+        assert!((now + 5_000..=now_ms() + 10_000).contains(&due_ms), "{due_ms}");
+        assert_eq!(e, "boom");
+
+        // The plugin's own delay wins over the policy's.
+        let (o, _) = failed(
+            &policy(3, day),
+            &work(1, now),
+            "x".into(),
+            Some(Duration::from_millis(1)),
+            true,
+        );
+        assert!(matches!(o, Outcome::Retry { due_ms } if due_ms <= now_ms() + 1));
+
+        // The third of three attempts was the last.
+        let (o, e) = failed(&policy(3, day), &work(2, now), "boom".into(), None, true);
+        assert!(matches!(o, Outcome::Dead));
+        assert_eq!(e, "boom; gave up after 3 attempts");
+
+        // Past max_age: dead even with attempts left.
+        let (o, e) = failed(
+            &policy(100, Duration::from_secs(60)),
+            &work(1, now - 58_000),
+            "boom".into(),
+            None,
+            true,
+        );
+        assert!(matches!(o, Outcome::Dead), "{o:?}");
+        assert!(e.contains("max_age of 1m"), "{e}");
+
+        // A rejection is not retried.
+        let (o, e) = failed(&policy(3, day), &work(0, now), "no".into(), None, false);
+        assert!(matches!(o, Outcome::Dead));
+        assert_eq!(e, "no");
     }
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::config::{FieldFrom, SourceConfig};
 use crate::dispatch::{Dispatcher, Work};
 use crate::event::{Event, is_json_media_type, new_event_id, now_ms, rfc3339_ms};
-use crate::journal::{Journal, JournalError, PlannedDelivery};
+use crate::journal::{Appended, DedupKey, Journal, JournalError, PlannedDelivery};
 use crate::server::Live;
 
 /// What every handler shares.
@@ -34,6 +34,8 @@ pub struct AppState {
     /// Whether the admin API needs a bearer token (not bound to loopback).
     pub admin_token: Option<Arc<str>>,
     pub admin_open: bool,
+    /// Cancelled when the server begins to shut down: webhooks answer 503.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// An error answer: `{"error": "...", "detail": "..."}` with a status.
@@ -105,6 +107,9 @@ async fn webhook(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    if state.draining.is_cancelled() {
+        return Err(shutting_down());
+    }
     let live = state.live.load_full();
     let Some(source) = live.config.sources.get(&source_name) else {
         return Err(ApiError::new(
@@ -133,39 +138,64 @@ async fn webhook(
             format!("the body is not valid JSON: {e}"),
         )
     })?;
+    let dedup = match &source.dedup_from {
+        None => None,
+        Some(from) => Some(DedupKey {
+            source: source.name.clone(),
+            key: attribute(from, &headers, &data).ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "missing idempotency key",
+                    format!(
+                        "this source deduplicates on {}, which the request lacks",
+                        describe(from)
+                    ),
+                )
+            })?,
+            window_ms: source.dedup_window.as_millis() as u64,
+        }),
+    };
     let event = Arc::new(to_event(source, &headers, &data, body)?);
 
     let routes = live.config.routes.matching(&event);
-    let planned: Vec<PlannedDelivery> = routes
-        .iter()
-        .flat_map(|r| {
-            r.to.iter().map(|p| PlannedDelivery {
-                route: r.name.clone(),
-                plugin: p.clone(),
-            })
-        })
-        .collect();
+    let planned: Vec<PlannedDelivery> = plan(&routes, &event, Some(&data));
     let accepted_ms = now_ms();
-    let seq = state
+    let appended = state
         .journal
-        .append(event.clone(), accepted_ms, planned)
+        .append(event.clone(), accepted_ms, planned.clone(), dedup)
         .await?;
-    // The same (route, plugin) order as `planned`: the index is the delivery's.
-    let targets = routes.iter().flat_map(|r| r.to.iter().map(move |p| (r, p)));
-    for (idx, (route, plugin)) in targets.enumerate() {
-        state.dispatcher.enqueue(Work {
+    let seq = match appended {
+        Appended::New(seq) => seq,
+        Appended::Duplicate { id } => {
+            tracing::debug!(%id, source = %event.source, "duplicate delivery; answered with the first event's id");
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "id": id, "duplicate": true })),
+            )
+                .into_response());
+        }
+    };
+    // The index of a delivery is its position in `planned`.
+    let work = planned
+        .into_iter()
+        .enumerate()
+        .map(|(idx, p)| Work {
             key: crate::journal::DeliveryKey {
                 seq,
                 idx: idx as u32,
             },
             due_ms: accepted_ms,
-            route: route.name.clone(),
-            plugin: plugin.clone(),
+            route: p.route,
+            plugin: p.plugin,
             attempts: 0,
+            since_ms: accepted_ms,
+            order_key: p.order_key,
+            replayed: false,
             conflicts: 0,
             event: Some(event.clone()),
-        });
-    }
+        })
+        .collect();
+    state.dispatcher.enqueue_all(work);
     let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
     tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");
     Ok((
@@ -173,6 +203,37 @@ async fn webhook(
         Json(json!({ "id": event.id, "routes": route_names })),
     )
         .into_response())
+}
+
+/// The deliveries of an event to the routes it matched: one per (route,
+/// plugin), with the route's order key value if it has one.
+pub fn plan(
+    routes: &[&crate::rules::Route],
+    event: &Event,
+    data: Option<&Value>,
+) -> Vec<PlannedDelivery> {
+    routes
+        .iter()
+        .flat_map(|r| {
+            let order_key = r
+                .order_key
+                .as_ref()
+                .and_then(|ptr| event.pointer_text(ptr, data));
+            r.to.iter().map(move |p| PlannedDelivery {
+                route: r.name.clone(),
+                plugin: p.clone(),
+                order_key: order_key.clone(),
+            })
+        })
+        .collect()
+}
+
+fn shutting_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "shutting down",
+        "this server is shutting down; retry against another or after it restarts",
+    )
 }
 
 /// Reads the body, refusing (413) anything over `limit` without buffering it.
@@ -268,6 +329,8 @@ mod tests {
             type_from,
             subject_from: Some(FieldFrom::Pointer("/customer".into())),
             max_body: 1024,
+            dedup_from: None,
+            dedup_window: crate::config::DEFAULT_DEDUP_WINDOW,
         }
     }
 

@@ -20,8 +20,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::{
+    Appended, ArchivedEvent, Compacted, DeadLetter, DeadLetterPage, DedupInfo, DedupKey,
     DeliveryKey, DeliveryRecord, DeliveryStatus, DueDelivery, EventTimeline, JournalError,
-    JournalStats, Outcome, PlannedDelivery, Seq, Settled, Settlement,
+    JournalStats, Outcome, PlannedDelivery, RedriveSelect, ReplayJob, ReplaySpec, Seq, Settled,
+    Settlement,
 };
 use crate::event::Event;
 
@@ -30,16 +32,30 @@ use crate::event::Event;
 //
 // events:     seq (8 B)                        → msgpack(StoredEvent)
 // event_ids:  event id (UTF-8)                 → seq (8 B)
+// by_time:    accepted ms (8 B) ‖ seq (8 B)    → empty: events in acceptance
+//             time, for replay and compaction
 // deliveries: seq (8 B) ‖ idx (4 B)            → msgpack(DeliveryRecord)
 // due:        due ms (8 B) ‖ seq (8 B) ‖ idx (4 B) → empty: the deliveries that
 //             are not final, in the order they are due
-// kv:         plugin ‖ 0x00 ‖ key              → value. Plugin names are
-//             `[A-Za-z0-9._-]` (config checks it), so they never hold 0x00 and
-//             the order is (plugin, key) order; the key may hold any byte.
+// dead:       seq (8 B) ‖ idx (4 B)            → route: the dead letters
+// order:      route ‖ 0x00 ‖ key length (4 B) ‖ key ‖ seq (8 B) ‖ idx (4 B)
+//             → empty: the ordered deliveries that are not final; the first
+//             one under a (route, key) prefix is the one that may run
+// dedup:      source ‖ 0x00 ‖ idempotency key  → msgpack(DedupEntry)
+// replays:    replay id (8 B)                  → msgpack(ReplayJob)
+// kv:         plugin ‖ 0x00 ‖ key              → value. Plugin, source and
+//             route names are `[A-Za-z0-9._-]` (config checks it), so they
+//             never hold 0x00 and the order is (name, key) order; the key may
+//             hold any byte.
 const EVENTS: &str = "events";
 const EVENT_IDS: &str = "event_ids";
+const BY_TIME: &str = "by_time";
 const DELIVERIES: &str = "deliveries";
 const DUE: &str = "due";
+const DEAD: &str = "dead";
+const ORDER: &str = "order";
+const DEDUP: &str = "dedup";
+const REPLAYS: &str = "replays";
 const KV: &str = "kv";
 
 /// fjall keys are 1 to 65535 bytes long; longer or empty ones would panic.
@@ -54,28 +70,85 @@ const MAX_BATCH: usize = 2048;
 struct StoredEvent {
     accepted_ms: u64,
     event: Event,
+    /// The idempotency key it was accepted under, if its source has one.
+    #[serde(default)]
+    dedup_key: Option<String>,
 }
 
+/// The first event accepted under an idempotency key.
+#[derive(Serialize, Deserialize)]
+struct DedupEntry {
+    seq: Seq,
+    id: String,
+    first_ms: u64,
+    duplicates: u64,
+    last_duplicate_ms: Option<u64>,
+}
+
+/// An operation for the writer, with the channel its result goes back on.
 enum WriteOp {
     Append {
         event: Arc<Event>,
         accepted_ms: u64,
         deliveries: Vec<PlannedDelivery>,
-        reply: oneshot::Sender<Result<Seq, JournalError>>,
+        dedup: Option<DedupKey>,
+        reply: oneshot::Sender<Result<Appended, JournalError>>,
     },
     Settle {
         settlement: Box<Settlement>,
         reply: oneshot::Sender<Result<Settled, JournalError>>,
     },
+    Redrive {
+        keys: Vec<DeliveryKey>,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<Vec<DueDelivery>, JournalError>>,
+    },
+    Replay {
+        /// `None`: a new replay.
+        job: Option<u64>,
+        spec: ReplaySpec,
+        items: Vec<(Seq, Vec<PlannedDelivery>)>,
+        now_ms: u64,
+        reply: oneshot::Sender<Result<(u64, Vec<DueDelivery>), JournalError>>,
+    },
+    Compact {
+        cutoff_ms: u64,
+        resume: Option<(u64, Seq)>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Compacted, JournalError>>,
+    },
+    /// Answers once everything queued before it is committed.
+    Flush { reply: oneshot::Sender<Result<(), JournalError>> },
+}
+
+/// Sends an op's result once its batch is committed, or the batch's error.
+type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn reply<T: Send + 'static>(
+    tx: oneshot::Sender<Result<T, JournalError>>,
+    result: Result<T, JournalError>,
+) -> Reply {
+    Box::new(move |failed: Option<&str>| {
+        let result = match failed {
+            None => result,
+            Some(text) => Err(JournalError::CommitFailed(text.to_string())),
+        };
+        let _ = tx.send(result);
+    })
 }
 
 impl WriteOp {
     /// The reply slot of an op that a failed batch did not get to (the caller
-    /// is told the batch's error, not this placeholder).
+    /// is told the batch's error).
     fn unapplied(self) -> Reply {
+        use JournalError::Closed;
         match self {
-            WriteOp::Append { reply, .. } => Reply::Append(reply, Err(JournalError::Closed)),
-            WriteOp::Settle { reply, .. } => Reply::Settle(reply, Err(JournalError::Closed)),
+            WriteOp::Append { reply: r, .. } => reply(r, Err(Closed)),
+            WriteOp::Settle { reply: r, .. } => reply(r, Err(Closed)),
+            WriteOp::Redrive { reply: r, .. } => reply(r, Err(Closed)),
+            WriteOp::Replay { reply: r, .. } => reply(r, Err(Closed)),
+            WriteOp::Compact { reply: r, .. } => reply(r, Err(Closed)),
+            WriteOp::Flush { reply: r } => reply(r, Err(Closed)),
         }
     }
 }
@@ -85,9 +158,16 @@ struct Store {
     db: SingleWriterTxDatabase,
     events: SingleWriterTxKeyspace,
     ids: SingleWriterTxKeyspace,
+    by_time: SingleWriterTxKeyspace,
     deliveries: SingleWriterTxKeyspace,
     due: SingleWriterTxKeyspace,
+    dead: SingleWriterTxKeyspace,
+    order: SingleWriterTxKeyspace,
+    dedup: SingleWriterTxKeyspace,
+    replays: SingleWriterTxKeyspace,
     kv: SingleWriterTxKeyspace,
+    /// Whether commits fsync (off only for benchmarks: see `[server] fsync`).
+    fsync: bool,
     /// Transactions the writer has committed (each one fsync), for tests and
     /// metrics: with concurrent requests it stays well below the op count.
     commits: std::sync::atomic::AtomicU64,
@@ -96,7 +176,7 @@ struct Store {
 impl Store {
     /// Opens (or creates) the store at `path`, replaying its journal, and
     /// returns it with the next sequence number.
-    fn open(path: &Path) -> Result<(Store, Seq), JournalError> {
+    fn open(path: &Path, fsync: bool) -> Result<(Store, Seq), JournalError> {
         let open_err = |e: fjall::Error| JournalError::Open {
             path: path.display().to_string(),
             source: Box::new(e),
@@ -113,10 +193,16 @@ impl Store {
         let store = Store {
             events: keyspace(EVENTS)?,
             ids: keyspace(EVENT_IDS)?,
+            by_time: keyspace(BY_TIME)?,
             deliveries: keyspace(DELIVERIES)?,
             due: keyspace(DUE)?,
+            dead: keyspace(DEAD)?,
+            order: keyspace(ORDER)?,
+            dedup: keyspace(DEDUP)?,
+            replays: keyspace(REPLAYS)?,
             kv: keyspace(KV)?,
             db: db.clone(),
+            fsync,
             commits: Default::default(),
         };
         let last = match store.db.read_tx().last_key_value(&store.events) {
@@ -137,19 +223,18 @@ pub struct Journal {
 impl Journal {
     /// Opens (or creates) the journal in `dir`, and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
+        Journal::open_with(dir, true)
+    }
+
+    /// As [`Journal::open`]; `fsync = false` commits without waiting for the
+    /// disk (benchmarks only: a crash may lose acknowledged writes).
+    pub fn open_with(dir: &Path, fsync: bool) -> Result<Journal, JournalError> {
         std::fs::create_dir_all(dir).map_err(|e| JournalError::Open {
             path: dir.display().to_string(),
             source: Box::new(e),
         })?;
-        if dir.join("journal.redb").exists() {
-            tracing::warn!(
-                dir = %dir.display(),
-                "journal.redb (the redb journal of earlier versions) is ignored; \
-                 the journal now lives in journal/"
-            );
-        }
         let path = dir.join("journal");
-        let (store, next_seq) = Store::open(&path)?;
+        let (store, next_seq) = Store::open(&path, fsync)?;
         let store = Arc::new(store);
         let (writer, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         let writer_store = store.clone();
@@ -176,39 +261,121 @@ impl Journal {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> WriteOp,
+    ) -> Result<T, JournalError> {
+        let (reply, rx) = oneshot::channel();
+        self.writer.try_send(op(reply)).map_err(|e| match e {
+            TrySendError::Full(_) => JournalError::Saturated,
+            TrySendError::Disconnected(_) => JournalError::Closed,
+        })?;
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
     /// Durably stores an event with its planned deliveries; returns once they
-    /// are committed.
+    /// are committed. With a dedup key seen within its window, stores nothing
+    /// and names the event first accepted under it.
     pub async fn append(
         &self,
         event: Arc<Event>,
         accepted_ms: u64,
         deliveries: Vec<PlannedDelivery>,
-    ) -> Result<Seq, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Append {
+        dedup: Option<DedupKey>,
+    ) -> Result<Appended, JournalError> {
+        self.call(|reply| WriteOp::Append {
             event,
             accepted_ms,
             deliveries,
+            dedup,
             reply,
-        })?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        })
+        .await
     }
 
     /// Durably records an attempt's result (and, on success, its kv writes).
     pub async fn settle(&self, settlement: Settlement) -> Result<Settled, JournalError> {
-        let (reply, rx) = oneshot::channel();
-        self.submit(WriteOp::Settle {
+        self.call(|reply| WriteOp::Settle {
             settlement: Box::new(settlement),
             reply,
-        })?;
-        rx.await.map_err(|_| JournalError::Closed)?
+        })
+        .await
     }
 
-    fn submit(&self, op: WriteOp) -> Result<(), JournalError> {
-        self.writer.try_send(op).map_err(|e| match e {
-            TrySendError::Full(_) => JournalError::Saturated,
-            TrySendError::Disconnected(_) => JournalError::Closed,
+    /// Makes dead letters pending again, with a fresh retry budget; returns
+    /// the deliveries to dispatch. Deliveries that are not dead are skipped.
+    pub async fn redrive(&self, select: RedriveSelect) -> Result<Vec<DueDelivery>, JournalError> {
+        let keys = match select {
+            RedriveSelect::Keys(keys) => keys,
+            RedriveSelect::Route(route) => {
+                let s = &*self.store;
+                let mut keys = Vec::new();
+                for entry in s.db.read_tx().iter(&s.dead) {
+                    let (k, v) = entry.into_inner()?;
+                    if route.as_deref().is_none_or(|r| r.as_bytes() == &v[..]) {
+                        let (seq, idx) = delivery_from(&k)?;
+                        keys.push(DeliveryKey { seq, idx });
+                    }
+                }
+                keys
+            }
+        };
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_BATCH) {
+            let keys = chunk.to_vec();
+            let now_ms = crate::event::now_ms();
+            out.extend(
+                self.call(|reply| WriteOp::Redrive {
+                    keys,
+                    now_ms,
+                    reply,
+                })
+                .await?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Plans deliveries of archived events (a replay). `job = None` starts a
+    /// new replay; later chunks name the id the first one returned.
+    pub async fn plan_replay(
+        &self,
+        job: Option<u64>,
+        spec: ReplaySpec,
+        items: Vec<(Seq, Vec<PlannedDelivery>)>,
+    ) -> Result<(u64, Vec<DueDelivery>), JournalError> {
+        let now_ms = crate::event::now_ms();
+        self.call(|reply| WriteOp::Replay {
+            job,
+            spec,
+            items,
+            now_ms,
+            reply,
         })
+        .await
+    }
+
+    /// Deletes, oldest first, up to `limit` events accepted before `cutoff_ms`
+    /// whose deliveries are all delivered (dead letters and unfinished
+    /// deliveries keep their event), with their deliveries and dedup entries.
+    pub async fn compact(
+        &self,
+        cutoff_ms: u64,
+        resume: Option<(u64, Seq)>,
+        limit: usize,
+    ) -> Result<Compacted, JournalError> {
+        self.call(|reply| WriteOp::Compact {
+            cutoff_ms,
+            resume,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Waits until everything submitted before is committed.
+    pub async fn flush(&self) -> Result<(), JournalError> {
+        self.call(|reply| WriteOp::Flush { reply }).await
     }
 
     /// Every delivery that is not final, in the order it is due.
@@ -237,6 +404,33 @@ impl Journal {
         }
     }
 
+    /// One delivery's record.
+    pub fn delivery(&self, key: DeliveryKey) -> Result<Option<DeliveryRecord>, JournalError> {
+        match self
+            .store
+            .deliveries
+            .get(delivery_key(key.seq, key.idx))?
+        {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The first ordered delivery of `(route, key)` that is not final: the
+    /// only one of them that may run.
+    pub fn order_head(&self, route: &str, key: &str) -> Result<Option<DeliveryKey>, JournalError> {
+        let s = &*self.store;
+        let prefix = order_prefix(route, key);
+        match s.db.read_tx().prefix(&s.order, &prefix).next() {
+            Some(entry) => {
+                let k = entry.key()?;
+                let (seq, idx) = delivery_from(&k[prefix.len()..])?;
+                Ok(Some(DeliveryKey { seq, idx }))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// The event with this id and all its deliveries.
     pub fn timeline(&self, id: &str) -> Result<Option<EventTimeline>, JournalError> {
         if check_key(id.as_bytes()).is_err() {
@@ -258,12 +452,144 @@ impl Journal {
             let (seq, idx) = delivery_from(&k)?;
             deliveries.push((DeliveryKey { seq, idx }, decode(&v)?));
         }
+        let dedup = match &stored.dedup_key {
+            Some(key) => {
+                let entry = snap
+                    .get(&s.dedup, dedup_key(&stored.event.source, key))?
+                    .map(|v| decode::<DedupEntry>(&v))
+                    .transpose()?
+                    .filter(|e| e.seq == seq);
+                Some(DedupInfo {
+                    key: key.clone(),
+                    duplicates: entry.as_ref().map_or(0, |e| e.duplicates),
+                    last_duplicate_ms: entry.and_then(|e| e.last_duplicate_ms),
+                })
+            }
+            None => None,
+        };
         Ok(Some(EventTimeline {
             seq,
             event: Arc::new(stored.event),
             accepted_ms: stored.accepted_ms,
+            dedup,
             deliveries,
         }))
+    }
+
+    /// Dead letters after `after` (exclusive), oldest event first, of one
+    /// route or all.
+    pub fn dead_letters(
+        &self,
+        route: Option<&str>,
+        after: Option<DeliveryKey>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, JournalError> {
+        let s = &*self.store;
+        let snap = s.db.read_tx();
+        let start = after.map(|k| {
+            // The smallest key after `k`: its 12 bytes followed by a zero.
+            let mut b = delivery_key(k.seq, k.idx).to_vec();
+            b.push(0);
+            b
+        });
+        let iter = match &start {
+            Some(b) => snap.range(&s.dead, b.as_slice()..),
+            None => snap.iter(&s.dead),
+        };
+        let mut items = Vec::new();
+        let mut next = None;
+        for entry in iter {
+            let (k, v) = entry.into_inner()?;
+            if route.is_some_and(|r| r.as_bytes() != &v[..]) {
+                continue;
+            }
+            let (seq, idx) = delivery_from(&k)?;
+            let key = DeliveryKey { seq, idx };
+            if items.len() == limit {
+                next = items.last().map(|d: &DeadLetter| d.key);
+                break;
+            }
+            if let Some(d) = self.dead_letter_in(&snap, key)? {
+                items.push(d);
+            }
+        }
+        Ok(DeadLetterPage { items, next })
+    }
+
+    /// One dead letter (`None` if that delivery is not dead).
+    pub fn dead_letter(&self, key: DeliveryKey) -> Result<Option<DeadLetter>, JournalError> {
+        let snap = self.store.db.read_tx();
+        self.dead_letter_in(&snap, key)
+    }
+
+    fn dead_letter_in(
+        &self,
+        snap: &fjall::Snapshot,
+        key: DeliveryKey,
+    ) -> Result<Option<DeadLetter>, JournalError> {
+        let s = &*self.store;
+        let Some(record) = snap.get(&s.deliveries, delivery_key(key.seq, key.idx))? else {
+            return Ok(None);
+        };
+        let record: DeliveryRecord = decode(&record)?;
+        if record.status != DeliveryStatus::Dead {
+            return Ok(None);
+        }
+        let Some(stored) = snap.get(&s.events, key.seq.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let stored: StoredEvent = decode(&stored)?;
+        Ok(Some(DeadLetter {
+            key,
+            event: Arc::new(stored.event),
+            record,
+        }))
+    }
+
+    /// Archived events accepted in `[since_ms, until_ms)`, from `after`
+    /// (exclusive) on, at most `limit`, in acceptance order.
+    pub fn archived(
+        &self,
+        since_ms: u64,
+        until_ms: Option<u64>,
+        after: Option<(u64, Seq)>,
+        limit: usize,
+    ) -> Result<Vec<ArchivedEvent>, JournalError> {
+        let s = &*self.store;
+        let snap = s.db.read_tx();
+        let start = match after {
+            Some((ms, seq)) => {
+                let mut b = time_key(ms, seq).to_vec();
+                b.push(0);
+                b
+            }
+            None => time_key(since_ms, 0).to_vec(),
+        };
+        let end = time_key(until_ms.unwrap_or(u64::MAX), 0);
+        let mut out = Vec::new();
+        for entry in snap.range(&s.by_time, start.as_slice()..end.as_slice()) {
+            if out.len() == limit {
+                break;
+            }
+            let k = entry.key()?;
+            let (accepted_ms, seq) = time_from(&k)?;
+            if let Some(v) = snap.get(&s.events, seq.to_be_bytes())? {
+                out.push(ArchivedEvent {
+                    seq,
+                    accepted_ms,
+                    event: Arc::new(decode::<StoredEvent>(&v)?.event),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A replay and the deliveries it planned.
+    pub fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
+        match self.store.replays.get(id.to_be_bytes())? {
+            Some(v) => Ok(Some(decode(&v)?)),
+            None => Ok(None),
+        }
     }
 
     /// A plugin's value under `key`, as last committed.
@@ -283,6 +609,7 @@ impl Journal {
             events: snap.len(&s.events)? as u64,
             deliveries: snap.len(&s.deliveries)? as u64,
             due: snap.len(&s.due)? as u64,
+            dead: snap.len(&s.dead)? as u64,
             kv_entries: snap.len(&s.kv)? as u64,
         })
     }
@@ -293,17 +620,6 @@ impl Journal {
 struct Writer {
     store: Arc<Store>,
     next_seq: Seq,
-}
-
-enum Reply {
-    Append(
-        oneshot::Sender<Result<Seq, JournalError>>,
-        Result<Seq, JournalError>,
-    ),
-    Settle(
-        oneshot::Sender<Result<Settled, JournalError>>,
-        Result<Settled, JournalError>,
-    ),
 }
 
 impl Writer {
@@ -329,14 +645,10 @@ impl Writer {
         let seq_before = self.next_seq;
         let mut replies = Vec::with_capacity(batch.len());
         let mut ops = batch.drain(..);
-        let result = self.apply(&mut ops, &mut replies);
-        match result {
+        match self.apply(&mut ops, &mut replies) {
             Ok(()) => {
                 for reply in replies {
-                    match reply {
-                        Reply::Append(tx, r) => drop(tx.send(r)),
-                        Reply::Settle(tx, r) => drop(tx.send(r)),
-                    }
+                    reply(None);
                 }
             }
             Err(e) => {
@@ -350,11 +662,7 @@ impl Writer {
                 self.next_seq = seq_before;
                 let text = e.to_string();
                 for reply in replies.into_iter().chain(ops.map(WriteOp::unapplied)) {
-                    let err = || JournalError::CommitFailed(text.clone());
-                    match reply {
-                        Reply::Append(tx, _) => drop(tx.send(Err(err()))),
-                        Reply::Settle(tx, _) => drop(tx.send(Err(err()))),
-                    }
+                    reply(Some(&text));
                 }
             }
         }
@@ -368,33 +676,96 @@ impl Writer {
         let s = &*self.store;
         // Reads inside the transaction see its own earlier writes, so each op
         // sees the ops before it in the batch.
-        let mut tx = s.db.write_tx().durability(Some(PersistMode::SyncAll));
+        let durability = if s.fsync {
+            PersistMode::SyncAll
+        } else {
+            PersistMode::Buffer
+        };
+        let mut tx = s.db.write_tx().durability(Some(durability));
+        // A store error fails the whole batch (the transaction is dropped,
+        // i.e. rolled back); any other error concerns only its op, which
+        // wrote nothing.
+        fn fatal<T>(r: &Result<T, JournalError>) -> Option<fjall::Error> {
+            match r {
+                Err(JournalError::Store(e)) => Some(clone_store_error(e)),
+                _ => None,
+            }
+        }
         for op in ops {
             match op {
                 WriteOp::Append {
                     event,
                     accepted_ms,
                     deliveries,
-                    reply,
+                    dedup,
+                    reply: r,
                 } => {
-                    // Appends only write, and cannot fail once encoded.
-                    let r = append(&mut tx, s, self.next_seq, &event, accepted_ms, deliveries);
-                    if r.is_ok() {
+                    let res = append(
+                        &mut tx,
+                        s,
+                        self.next_seq,
+                        &event,
+                        accepted_ms,
+                        deliveries,
+                        dedup,
+                    );
+                    if let Ok(Appended::New(_)) = res {
                         self.next_seq += 1;
                     }
-                    replies.push(Reply::Append(reply, r));
-                }
-                WriteOp::Settle { settlement, reply } => {
-                    let r = settle(&mut tx, s, &settlement);
-                    // A store error fails the whole batch (the transaction is
-                    // dropped, i.e. rolled back); an encoding error concerns
-                    // only this op, which wrote nothing.
-                    if let Err(JournalError::Store(e)) = r {
-                        replies.push(Reply::Settle(reply, Err(JournalError::Closed)));
-                        return Err(JournalError::Store(e));
+                    let err = fatal(&res);
+                    replies.push(reply(r, res));
+                    if let Some(e) = err {
+                        return Err(e.into());
                     }
-                    replies.push(Reply::Settle(reply, r));
                 }
+                WriteOp::Settle { settlement, reply: r } => {
+                    let res = settle(&mut tx, s, &settlement);
+                    let err = fatal(&res);
+                    replies.push(reply(r, res));
+                    if let Some(e) = err {
+                        return Err(e.into());
+                    }
+                }
+                WriteOp::Redrive {
+                    keys,
+                    now_ms,
+                    reply: r,
+                } => {
+                    let res = redrive(&mut tx, s, &keys, now_ms);
+                    let err = fatal(&res);
+                    replies.push(reply(r, res));
+                    if let Some(e) = err {
+                        return Err(e.into());
+                    }
+                }
+                WriteOp::Replay {
+                    job,
+                    spec,
+                    items,
+                    now_ms,
+                    reply: r,
+                } => {
+                    let res = replay(&mut tx, s, job, spec, items, now_ms);
+                    let err = fatal(&res);
+                    replies.push(reply(r, res));
+                    if let Some(e) = err {
+                        return Err(e.into());
+                    }
+                }
+                WriteOp::Compact {
+                    cutoff_ms,
+                    resume,
+                    limit,
+                    reply: r,
+                } => {
+                    let res = compact(&mut tx, s, cutoff_ms, resume, limit);
+                    let err = fatal(&res);
+                    replies.push(reply(r, res));
+                    if let Some(e) = err {
+                        return Err(e.into());
+                    }
+                }
+                WriteOp::Flush { reply: r } => replies.push(reply(r, Ok(()))),
             }
         }
         #[cfg(test)]
@@ -411,8 +782,15 @@ impl Writer {
     }
 }
 
-/// Stages an event and its deliveries under `seq`. Everything is encoded and
-/// checked before the first write, so an error leaves the transaction as it was.
+/// fjall's error is not `Clone`; the op's caller gets one copy (as text, if
+/// need be) and the batch another.
+fn clone_store_error(e: &fjall::Error) -> fjall::Error {
+    fjall::Error::Io(std::io::Error::other(e.to_string()))
+}
+
+/// Stages an event and its deliveries under `seq`, unless its dedup key was
+/// seen within the window. Everything is encoded and checked before the first
+/// write, so an error leaves the transaction as it was.
 fn append(
     tx: &mut WriteTransaction<'_>,
     s: &Store,
@@ -420,30 +798,148 @@ fn append(
     event: &Event,
     accepted_ms: u64,
     planned: Vec<PlannedDelivery>,
-) -> Result<Seq, JournalError> {
+    dedup: Option<DedupKey>,
+) -> Result<Appended, JournalError> {
     check_key(event.id.as_bytes())?;
+    let mut dedup_write = None;
+    if let Some(d) = &dedup {
+        let k = dedup_key(&d.source, &d.key);
+        check_key(&k)?;
+        if let Some(v) = tx.get(&s.dedup, &k)? {
+            let mut entry: DedupEntry = decode(&v)?;
+            if accepted_ms.saturating_sub(entry.first_ms) < d.window_ms {
+                entry.duplicates += 1;
+                entry.last_duplicate_ms = Some(accepted_ms);
+                tx.insert(&s.dedup, &k, encode(&entry)?);
+                return Ok(Appended::Duplicate { id: entry.id });
+            }
+        }
+        let entry = DedupEntry {
+            seq,
+            id: event.id.clone(),
+            first_ms: accepted_ms,
+            duplicates: 0,
+            last_duplicate_ms: None,
+        };
+        dedup_write = Some((k, encode(&entry)?));
+    }
     let stored = encode(&StoredEvent {
         accepted_ms,
         event: event.clone(),
+        dedup_key: dedup.map(|d| d.key),
     })?;
     let mut records = Vec::with_capacity(planned.len());
-    for p in planned {
-        records.push(encode(&DeliveryRecord {
+    for (idx, p) in planned.into_iter().enumerate() {
+        let record = DeliveryRecord {
             route: p.route,
             plugin: p.plugin,
             status: DeliveryStatus::Pending,
             attempts: Vec::new(),
             due_ms: Some(accepted_ms),
-        })?);
+            created_ms: accepted_ms,
+            order_key: p.order_key,
+            replay: None,
+            redriven_ms: Vec::new(),
+        };
+        let key = DeliveryKey {
+            seq,
+            idx: idx as u32,
+        };
+        records.push((key, encode(&record)?, index_entries(key, &record)?));
     }
     tx.insert(&s.events, seq.to_be_bytes(), stored);
     tx.insert(&s.ids, event.id.as_str(), seq.to_be_bytes());
-    for (idx, record) in records.into_iter().enumerate() {
-        let idx = idx as u32;
-        tx.insert(&s.deliveries, delivery_key(seq, idx), record);
-        tx.insert(&s.due, due_key(accepted_ms, seq, idx), b"");
+    tx.insert(&s.by_time, time_key(accepted_ms, seq), b"");
+    if let Some((k, v)) = dedup_write {
+        tx.insert(&s.dedup, k, v);
     }
-    Ok(seq)
+    for (key, record, indexes) in records {
+        tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), record);
+        add_indexes(tx, s, indexes);
+    }
+    Ok(Appended::New(seq))
+}
+
+/// The index entries a delivery has in its state: `due` and `order` while it
+/// is not final, `dead` while it is dead.
+struct IndexEntries {
+    due: Option<[u8; 20]>,
+    dead: Option<([u8; 12], Vec<u8>)>,
+    order: Option<Vec<u8>>,
+}
+
+fn index_entries(key: DeliveryKey, r: &DeliveryRecord) -> Result<IndexEntries, JournalError> {
+    let open = !r.status.is_final();
+    let order = match (&r.order_key, open) {
+        (Some(k), true) => {
+            let mut b = order_prefix(&r.route, k);
+            b.extend_from_slice(&delivery_key(key.seq, key.idx));
+            check_key(&b)?;
+            Some(b)
+        }
+        _ => None,
+    };
+    Ok(IndexEntries {
+        due: r
+            .due_ms
+            .filter(|_| open)
+            .map(|d| due_key(d, key.seq, key.idx)),
+        dead: (r.status == DeliveryStatus::Dead)
+            .then(|| (delivery_key(key.seq, key.idx), r.route.as_bytes().to_vec())),
+        order,
+    })
+}
+
+fn add_indexes(tx: &mut WriteTransaction<'_>, s: &Store, e: IndexEntries) {
+    if let Some(k) = e.due {
+        tx.insert(&s.due, k, b"");
+    }
+    if let Some((k, route)) = e.dead {
+        tx.insert(&s.dead, k, route);
+    }
+    if let Some(k) = e.order {
+        tx.insert(&s.order, k, b"");
+    }
+}
+
+fn remove_indexes(tx: &mut WriteTransaction<'_>, s: &Store, e: IndexEntries) {
+    if let Some(k) = e.due {
+        tx.remove(&s.due, k);
+    }
+    if let Some((k, _)) = e.dead {
+        tx.remove(&s.dead, k);
+    }
+    if let Some(k) = e.order {
+        tx.remove(&s.order, k);
+    }
+}
+
+/// Replaces a delivery's record and moves its index entries along. Encodes
+/// before it writes, so an error leaves the transaction as it was.
+fn update_delivery(
+    tx: &mut WriteTransaction<'_>,
+    s: &Store,
+    key: DeliveryKey,
+    old: &DeliveryRecord,
+    new: &DeliveryRecord,
+) -> Result<(), JournalError> {
+    let encoded = encode(new)?;
+    let old_idx = index_entries(key, old)?;
+    let new_idx = index_entries(key, new)?;
+    remove_indexes(tx, s, old_idx);
+    add_indexes(tx, s, new_idx);
+    tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), encoded);
+    Ok(())
+}
+
+fn read_delivery(
+    tx: &WriteTransaction<'_>,
+    s: &Store,
+    key: DeliveryKey,
+) -> Result<Option<DeliveryRecord>, JournalError> {
+    tx.get(&s.deliveries, delivery_key(key.seq, key.idx))?
+        .map(|v| decode::<DeliveryRecord>(&v[..]))
+        .transpose()
 }
 
 /// Stages a settlement. Reads (and the kv check) go through `tx`, so they see
@@ -454,15 +950,10 @@ fn settle(
     s: &Store,
     st: &Settlement,
 ) -> Result<Settled, JournalError> {
-    let key = delivery_key(st.key.seq, st.key.idx);
-    let Some(mut record) = tx
-        .get(&s.deliveries, key)?
-        .map(|v| decode::<DeliveryRecord>(&v[..]))
-        .transpose()?
-    else {
+    let Some(old) = read_delivery(tx, s, st.key)? else {
         return Ok(Settled::Stale);
     };
-    if record.status.is_final() {
+    if old.status.is_final() {
         return Ok(Settled::Stale);
     }
     let mut kv_writes = Vec::new();
@@ -480,25 +971,14 @@ fn settle(
             kv_writes.push((kv_key(&st.plugin, k)?, v));
         }
     }
-    let old_due = record.due_ms;
+    let mut record = old.clone();
     record.attempts.push(st.attempt.clone());
-    let new_due = match st.outcome {
-        Outcome::Delivered => {
-            record.status = DeliveryStatus::Delivered;
-            None
-        }
-        Outcome::Failed => {
-            record.status = DeliveryStatus::Failed;
-            None
-        }
-        Outcome::Retry { due_ms } => {
-            record.status = DeliveryStatus::Retrying;
-            Some(due_ms)
-        }
+    (record.status, record.due_ms) = match st.outcome {
+        Outcome::Delivered => (DeliveryStatus::Delivered, None),
+        Outcome::Dead => (DeliveryStatus::Dead, None),
+        Outcome::Retry { due_ms } => (DeliveryStatus::Retrying, Some(due_ms)),
     };
-    record.due_ms = new_due;
-    let record = encode(&record)?;
-
+    update_delivery(tx, s, st.key, &old, &record)?;
     // In order: the last write of a key wins.
     for (k, v) in kv_writes {
         match v {
@@ -506,14 +986,165 @@ fn settle(
             None => tx.remove(&s.kv, k),
         }
     }
-    if let Some(old_due) = old_due {
-        tx.remove(&s.due, due_key(old_due, st.key.seq, st.key.idx));
-    }
-    if let Some(due_ms) = new_due {
-        tx.insert(&s.due, due_key(due_ms, st.key.seq, st.key.idx), b"");
-    }
-    tx.insert(&s.deliveries, key, record);
     Ok(Settled::Committed)
+}
+
+/// Stages the redrive of those of `keys` that are dead letters.
+fn redrive(
+    tx: &mut WriteTransaction<'_>,
+    s: &Store,
+    keys: &[DeliveryKey],
+    now_ms: u64,
+) -> Result<Vec<DueDelivery>, JournalError> {
+    let mut out = Vec::new();
+    for &key in keys {
+        let Some(old) = read_delivery(tx, s, key)? else {
+            continue;
+        };
+        if old.status != DeliveryStatus::Dead {
+            continue;
+        }
+        let mut record = old.clone();
+        record.status = DeliveryStatus::Pending;
+        record.due_ms = Some(now_ms);
+        record.redriven_ms.push(now_ms);
+        update_delivery(tx, s, key, &old, &record)?;
+        out.push(DueDelivery {
+            key,
+            due_ms: now_ms,
+            record,
+        });
+    }
+    Ok(out)
+}
+
+/// Stages new deliveries of archived events, marked with the replay's id.
+fn replay(
+    tx: &mut WriteTransaction<'_>,
+    s: &Store,
+    job: Option<u64>,
+    spec: ReplaySpec,
+    items: Vec<(Seq, Vec<PlannedDelivery>)>,
+    now_ms: u64,
+) -> Result<(u64, Vec<DueDelivery>), JournalError> {
+    let mut record = match job {
+        Some(id) => match tx.get(&s.replays, id.to_be_bytes())? {
+            Some(v) => decode::<ReplayJob>(&v)?,
+            None => return Err(JournalError::Encoding(format!("no replay {id}"))),
+        },
+        None => {
+            let id = match tx.last_key_value(&s.replays) {
+                Some(guard) => seq_from(&guard.key()?)? + 1,
+                None => 1,
+            };
+            ReplayJob {
+                id,
+                spec,
+                created_ms: now_ms,
+                events: 0,
+                deliveries: Vec::new(),
+            }
+        }
+    };
+    let mut writes = Vec::new();
+    let mut out = Vec::new();
+    for (seq, planned) in items {
+        if planned.is_empty() || tx.get(&s.events, seq.to_be_bytes())?.is_none() {
+            continue; // compacted meanwhile
+        }
+        let mut idx = match tx.prefix(&s.deliveries, seq.to_be_bytes()).next_back() {
+            Some(entry) => delivery_from(&entry.key()?)?.1 + 1,
+            None => 0,
+        };
+        record.events += 1;
+        for p in planned {
+            let key = DeliveryKey { seq, idx };
+            idx += 1;
+            let d = DeliveryRecord {
+                route: p.route,
+                plugin: p.plugin,
+                status: DeliveryStatus::Pending,
+                attempts: Vec::new(),
+                due_ms: Some(now_ms),
+                created_ms: now_ms,
+                order_key: p.order_key,
+                replay: Some(record.id),
+                redriven_ms: Vec::new(),
+            };
+            writes.push((key, encode(&d)?, index_entries(key, &d)?));
+            record.deliveries.push(key);
+            out.push(DueDelivery {
+                key,
+                due_ms: now_ms,
+                record: d,
+            });
+        }
+    }
+    let job_bytes = encode(&record)?;
+    for (key, bytes, indexes) in writes {
+        tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), bytes);
+        add_indexes(tx, s, indexes);
+    }
+    tx.insert(&s.replays, record.id.to_be_bytes(), job_bytes);
+    Ok((record.id, out))
+}
+
+/// Stages one compaction step; see [`Journal::compact`].
+fn compact(
+    tx: &mut WriteTransaction<'_>,
+    s: &Store,
+    cutoff_ms: u64,
+    resume: Option<(u64, Seq)>,
+    limit: usize,
+) -> Result<Compacted, JournalError> {
+    let start = time_key(resume.map_or(0, |r| r.0), resume.map_or(0, |r| r.1));
+    let end = time_key(cutoff_ms, 0);
+    let mut candidates = Vec::new();
+    let mut resume = None;
+    for entry in tx.range(&s.by_time, start.as_slice()..end.as_slice()) {
+        let pos = time_from(&entry.key()?)?;
+        if candidates.len() == limit {
+            resume = Some(pos);
+            break;
+        }
+        candidates.push(pos);
+    }
+    let mut done = Compacted {
+        resume,
+        ..Compacted::default()
+    };
+    'events: for (ms, seq) in candidates {
+        let mut keys = Vec::new();
+        for entry in tx.prefix(&s.deliveries, seq.to_be_bytes()) {
+            let (k, v) = entry.into_inner()?;
+            if decode::<DeliveryRecord>(&v)?.status != DeliveryStatus::Delivered {
+                continue 'events; // unfinished or dead: keep the event
+            }
+            keys.push(k);
+        }
+        if let Some(v) = tx.get(&s.events, seq.to_be_bytes())? {
+            let stored: StoredEvent = decode(&v)?;
+            tx.remove(&s.ids, stored.event.id.as_str());
+            if let Some(key) = &stored.dedup_key {
+                let dk = dedup_key(&stored.event.source, key);
+                let ours = match tx.get(&s.dedup, &dk)? {
+                    Some(v) => decode::<DedupEntry>(&v)?.seq == seq,
+                    None => false,
+                };
+                if ours {
+                    tx.remove(&s.dedup, dk);
+                }
+            }
+        }
+        tx.remove(&s.events, seq.to_be_bytes());
+        tx.remove(&s.by_time, time_key(ms, seq));
+        done.deliveries += keys.len() as u64;
+        for k in keys {
+            tx.remove(&s.deliveries, k);
+        }
+        done.events += 1;
+    }
+    Ok(done)
 }
 
 fn delivery_key(seq: Seq, idx: u32) -> [u8; 12] {
@@ -528,6 +1159,32 @@ fn due_key(due_ms: u64, seq: Seq, idx: u32) -> [u8; 20] {
     k[..8].copy_from_slice(&due_ms.to_be_bytes());
     k[8..].copy_from_slice(&delivery_key(seq, idx));
     k
+}
+
+fn time_key(ms: u64, seq: Seq) -> [u8; 16] {
+    let mut k = [0; 16];
+    k[..8].copy_from_slice(&ms.to_be_bytes());
+    k[8..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// `route ‖ 0x00 ‖ key length ‖ key`: the length keeps a key that is a
+/// prefix of another from sharing its range.
+fn order_prefix(route: &str, key: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(route.len() + 5 + key.len() + 12);
+    b.extend_from_slice(route.as_bytes());
+    b.push(0);
+    b.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    b.extend_from_slice(key.as_bytes());
+    b
+}
+
+fn dedup_key(source: &str, key: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(source.len() + 1 + key.len());
+    b.extend_from_slice(source.as_bytes());
+    b.push(0);
+    b.extend_from_slice(key.as_bytes());
+    b
 }
 
 /// `plugin ‖ 0x00 ‖ key`; see the keyspace table at the top.
@@ -575,6 +1232,13 @@ fn delivery_from(b: &[u8]) -> Result<(Seq, u32), JournalError> {
     Ok((be_u64(&b[..8]), idx))
 }
 
+fn time_from(b: &[u8]) -> Result<(u64, Seq), JournalError> {
+    if b.len() != 16 {
+        return Err(bad_key(b));
+    }
+    Ok((be_u64(&b[..8]), be_u64(&b[8..])))
+}
+
 fn due_from(b: &[u8]) -> Result<(u64, Seq, u32), JournalError> {
     if b.len() != 20 {
         return Err(bad_key(b));
@@ -616,11 +1280,19 @@ mod tests {
         })
     }
 
+    fn new(a: Appended) -> Seq {
+        match a {
+            Appended::New(seq) => seq,
+            other => panic!("not stored: {other:?}"),
+        }
+    }
+
     fn planned(n: usize) -> Vec<PlannedDelivery> {
         (0..n)
             .map(|i| PlannedDelivery {
                 route: format!("r{i}"),
                 plugin: "p".into(),
+                order_key: None,
             })
             .collect()
     }
@@ -633,6 +1305,7 @@ mod tests {
                 at_ms: 1,
                 duration_us: 2,
                 error: None,
+                plugin_hash: None,
             },
             outcome,
             kv,
@@ -644,8 +1317,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let j = Journal::open(dir.path()).unwrap();
-            let s1 = j.append(event("a"), 10, planned(2)).await.unwrap();
-            let s2 = j.append(event("b"), 11, planned(1)).await.unwrap();
+            let s1 = new(j.append(event("a"), 10, planned(2), None).await.unwrap());
+            let s2 = new(j.append(event("b"), 11, planned(1), None).await.unwrap());
             assert_eq!((s1, s2), (1, 2));
         }
         // The writer thread of the first handle exits once its sender drops;
@@ -660,7 +1333,7 @@ mod tests {
         assert_eq!(due.len(), 3);
         assert_eq!(due[0].key, DeliveryKey { seq: 1, idx: 0 });
         assert_eq!(due[2].due_ms, 11);
-        assert_eq!(j.append(event("c"), 12, vec![]).await.unwrap(), 3);
+        assert_eq!(new(j.append(event("c"), 12, vec![], None).await.unwrap()), 3);
         let t = j.timeline("a").unwrap().unwrap();
         assert_eq!(t.deliveries.len(), 2);
         assert_eq!(t.deliveries[1].1.route, "r1");
@@ -670,7 +1343,7 @@ mod tests {
     async fn settle_applies_kv_only_on_success_and_detects_conflicts() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let seq = j.append(event("a"), 1, planned(1)).await.unwrap();
+        let seq = new(j.append(event("a"), 1, planned(1), None).await.unwrap());
         let write = |v: &str| KvChanges {
             reads: vec![("k".into(), None)],
             writes: vec![("k".into(), Some(v.as_bytes().to_vec()))],
@@ -698,7 +1371,7 @@ mod tests {
             .unwrap();
         assert_eq!(r, Settled::Stale);
         // A delivery that read "k" as absent conflicts now that it is "y".
-        let seq2 = j.append(event("b"), 2, planned(1)).await.unwrap();
+        let seq2 = new(j.append(event("b"), 2, planned(1), None).await.unwrap());
         let r = j
             .settle(settlement(seq2, Outcome::Delivered, write("w")))
             .await
@@ -718,7 +1391,9 @@ mod tests {
         for i in 0..200 {
             let j = j.clone();
             tasks.push(tokio::spawn(async move {
-                j.append(event(&format!("e{i}")), 1, planned(1)).await
+                j.append(event(&format!("e{i}")), 1, planned(1), None)
+                    .await
+                    .map(new)
             }));
         }
         let mut seqs = Vec::new();
@@ -740,7 +1415,7 @@ mod tests {
 
     /// A store and a writer driven by the test itself (no thread).
     fn bare_writer(dir: &std::path::Path) -> (Arc<Store>, Writer) {
-        let (store, next_seq) = Store::open(&dir.join("journal")).unwrap();
+        let (store, next_seq) = Store::open(&dir.join("journal"), true).unwrap();
         let store = Arc::new(store);
         let writer = Writer {
             store: store.clone(),
@@ -768,6 +1443,7 @@ mod tests {
                 event: event(id),
                 accepted_ms: 5,
                 deliveries: planned(n),
+                dedup: None,
                 reply,
             });
             appends.push(rx);
@@ -775,8 +1451,8 @@ mod tests {
         for s in [
             settlement(1, Outcome::Delivered, write("x")),
             settlement(2, Outcome::Delivered, write("y")),
-            settlement(1, Outcome::Failed, KvChanges::default()),
-            settlement(9, Outcome::Failed, KvChanges::default()),
+            settlement(1, Outcome::Dead, KvChanges::default()),
+            settlement(9, Outcome::Dead, KvChanges::default()),
         ] {
             let (reply, rx) = oneshot::channel();
             batch.push(WriteOp::Settle {
@@ -791,10 +1467,10 @@ mod tests {
             .iter_mut()
             .map(|rx| rx.try_recv().unwrap())
             .collect();
-        assert_eq!(appended[0].as_ref().unwrap(), &1);
+        assert_eq!(appended[0].as_ref().unwrap(), &Appended::New(1));
         // An empty id cannot be a key: that op alone fails, and takes no seq.
         assert!(matches!(appended[1], Err(JournalError::Encoding(_))));
-        assert_eq!(appended[2].as_ref().unwrap(), &2);
+        assert_eq!(appended[2].as_ref().unwrap(), &Appended::New(2));
         let settled: Vec<_> = settles
             .iter_mut()
             .map(|rx| rx.try_recv().unwrap().unwrap())
@@ -820,6 +1496,7 @@ mod tests {
                 events: 2,
                 deliveries: 2,
                 due: 1,
+                dead: 0,
                 kv_entries: 1
             }
         );
@@ -840,13 +1517,14 @@ mod tests {
                     event: event(id),
                     accepted_ms: 1,
                     deliveries: planned(1),
+                    dedup: None,
                     reply,
                 });
                 rxs.push(rx);
             }
             let (reply, mut rx) = oneshot::channel();
             batch.push(WriteOp::Settle {
-                settlement: Box::new(settlement(1, Outcome::Failed, KvChanges::default())),
+                settlement: Box::new(settlement(1, Outcome::Dead, KvChanges::default())),
                 reply,
             });
             writer.commit_batch(&mut batch);
@@ -867,7 +1545,7 @@ mod tests {
         assert_eq!(j.stats().unwrap(), JournalStats::default());
 
         let (appended, settled) = run(&["c"]);
-        assert_eq!(appended[0].as_ref().unwrap(), &1);
+        assert_eq!(appended[0].as_ref().unwrap(), &Appended::New(1));
         assert_eq!(settled.unwrap(), Settled::Committed);
         assert!(j.timeline("a").unwrap().is_none());
         assert_eq!(j.timeline("c").unwrap().unwrap().seq, 1);
@@ -884,8 +1562,8 @@ mod tests {
     async fn keys_sort_as_tuples_and_kv_is_per_plugin() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let late = j.append(event("late"), 256, planned(1)).await.unwrap();
-        let early = j.append(event("early"), 1, planned(1)).await.unwrap();
+        let late = new(j.append(event("late"), 256, planned(1), None).await.unwrap());
+        let early = new(j.append(event("early"), 1, planned(1), None).await.unwrap());
         let due: Vec<_> = j
             .due_deliveries()
             .unwrap()

@@ -61,25 +61,29 @@ pub struct DeliveryKey {
 pub struct PlannedDelivery {
     pub route: String,
     pub plugin: String,
+    /// The route's `order_key` value for this event, when the route has one
+    /// and the event holds it: such deliveries run one at a time per key.
+    pub order_key: Option<String>,
 }
 
 /// Where a delivery stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryStatus {
-    /// Not attempted yet.
+    /// Not attempted yet (or redriven).
     Pending,
     /// Failed at least once and will be attempted again.
     Retrying,
     /// `handle` returned Ok; final.
     Delivered,
-    /// Rejected, trapped, or out of attempts; final.
-    Failed,
+    /// Rejected, or out of attempts or age: a dead letter until redriven.
+    #[serde(alias = "failed")]
+    Dead,
 }
 
 impl DeliveryStatus {
     pub fn is_final(self) -> bool {
-        matches!(self, DeliveryStatus::Delivered | DeliveryStatus::Failed)
+        matches!(self, DeliveryStatus::Delivered | DeliveryStatus::Dead)
     }
 }
 
@@ -92,6 +96,9 @@ pub struct Attempt {
     pub duration_us: u64,
     /// Why it failed; `None` when it succeeded.
     pub error: Option<String>,
+    /// The content hash (sha256) of the plugin that ran, when one ran.
+    #[serde(default)]
+    pub plugin_hash: Option<String>,
 }
 
 /// The stored state of one delivery.
@@ -103,6 +110,32 @@ pub struct DeliveryRecord {
     pub attempts: Vec<Attempt>,
     /// When it is due next (Unix ms), while it is not final.
     pub due_ms: Option<u64>,
+    /// When it was planned (Unix ms).
+    #[serde(default)]
+    pub created_ms: u64,
+    /// See [`PlannedDelivery::order_key`].
+    #[serde(default)]
+    pub order_key: Option<String>,
+    /// The replay that planned it, if one did.
+    #[serde(default)]
+    pub replay: Option<u64>,
+    /// When it was redriven from the dead letters, oldest first.
+    #[serde(default)]
+    pub redriven_ms: Vec<u64>,
+}
+
+impl DeliveryRecord {
+    /// Attempts that count against the retry policy: those since the last
+    /// redrive (a redrive grants a fresh budget).
+    pub fn budget_attempts(&self) -> u32 {
+        let since = self.budget_since_ms();
+        self.attempts.iter().filter(|a| a.at_ms >= since).count() as u32
+    }
+
+    /// When the current retry budget started: planned, or last redriven.
+    pub fn budget_since_ms(&self) -> u64 {
+        self.redriven_ms.last().copied().unwrap_or(self.created_ms)
+    }
 }
 
 /// What became of an attempt, as the dispatcher reports it.
@@ -112,8 +145,8 @@ pub enum Outcome {
     Delivered,
     /// Try again at `due_ms`; the delivery's kv writes are dropped.
     Retry { due_ms: u64 },
-    /// Give up; the delivery's kv writes are dropped.
-    Failed,
+    /// Give up: a dead letter; the delivery's kv writes are dropped.
+    Dead,
 }
 
 /// The kv reads and writes one delivery made. Writes commit only with a
@@ -150,12 +183,43 @@ pub enum Settled {
     Stale,
 }
 
-/// A delivery that is not final, as found when the journal opens.
+/// Ingest deduplication: an event whose key was seen within the window is
+/// not stored again.
+#[derive(Debug, Clone)]
+pub struct DedupKey {
+    /// The source's name.
+    pub source: String,
+    /// The idempotency key the request carried.
+    pub key: String,
+    pub window_ms: u64,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored under this sequence number.
+    New(Seq),
+    /// A repeat of the event stored under this id within the dedup window:
+    /// nothing was written but the repeat count.
+    Duplicate { id: String },
+}
+
+/// A delivery that is not final, to hand to the dispatcher.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
     pub key: DeliveryKey,
     pub due_ms: u64,
     pub record: DeliveryRecord,
+}
+
+/// How an event's dedup key was used, for its timeline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupInfo {
+    pub key: String,
+    /// Repeats answered with this event's id.
+    pub duplicates: u64,
+    /// When the last repeat arrived (Unix ms).
+    pub last_duplicate_ms: Option<u64>,
 }
 
 /// An event and its deliveries, as the admin API shows them.
@@ -164,7 +228,75 @@ pub struct EventTimeline {
     pub seq: Seq,
     pub event: Arc<Event>,
     pub accepted_ms: u64,
+    pub dedup: Option<DedupInfo>,
     pub deliveries: Vec<(DeliveryKey, DeliveryRecord)>,
+}
+
+/// Which dead letters to redrive.
+#[derive(Debug, Clone)]
+pub enum RedriveSelect {
+    /// These deliveries (those not dead are skipped).
+    Keys(Vec<DeliveryKey>),
+    /// Every dead letter of this route, or of every route.
+    Route(Option<String>),
+}
+
+/// A dead letter: a delivery that gave up, with its event.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub key: DeliveryKey,
+    pub event: Arc<Event>,
+    pub record: DeliveryRecord,
+}
+
+/// A page of dead letters, oldest event first.
+#[derive(Debug, Clone)]
+pub struct DeadLetterPage {
+    pub items: Vec<DeadLetter>,
+    /// Pass as `after` for the next page; `None` on the last page.
+    pub next: Option<DeliveryKey>,
+}
+
+/// What a replay asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaySpec {
+    /// Events accepted at or after this time (Unix ms)...
+    pub since_ms: u64,
+    /// ...and before this one, if set.
+    pub until_ms: Option<u64>,
+    /// Only to this route (else every route that matches now).
+    pub route: Option<String>,
+    /// Only events from this source.
+    pub source: Option<String>,
+}
+
+/// A replay and the deliveries it planned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayJob {
+    pub id: u64,
+    pub spec: ReplaySpec,
+    pub created_ms: u64,
+    /// Events that matched at least one route.
+    pub events: u64,
+    pub deliveries: Vec<DeliveryKey>,
+}
+
+/// An archived event as a replay reads it.
+#[derive(Debug, Clone)]
+pub struct ArchivedEvent {
+    pub seq: Seq,
+    pub accepted_ms: u64,
+    pub event: Arc<Event>,
+}
+
+/// What one compaction step deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    pub events: u64,
+    pub deliveries: u64,
+    /// Where the next step goes on: `(accepted ms, seq)` of the next event to
+    /// look at, or `None` when everything before the cutoff was looked at.
+    pub resume: Option<(u64, Seq)>,
 }
 
 /// Counts of what the store holds (for tests and the admin API).
@@ -173,5 +305,6 @@ pub struct JournalStats {
     pub events: u64,
     pub deliveries: u64,
     pub due: u64,
+    pub dead: u64,
     pub kv_entries: u64,
 }

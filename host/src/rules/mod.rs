@@ -27,6 +27,8 @@ pub struct RetryPolicy {
     pub initial: Duration,
     /// Longest delay between two attempts.
     pub max: Duration,
+    /// No attempt starts later than this after the first one.
+    pub max_age: Duration,
 }
 
 /// How the delay grows between attempts.
@@ -38,11 +40,13 @@ pub enum Backoff {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
+        // 8 attempts over about an hour: 30 s, 1, 2, 4, 8, 16 and 30 min.
         RetryPolicy {
-            attempts: 5,
+            attempts: 8,
             backoff: Backoff::Exponential,
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(60),
+            initial: Duration::from_secs(30),
+            max: Duration::from_secs(30 * 60),
+            max_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -73,6 +77,10 @@ pub struct Route {
     /// The plugins it fans out to.
     pub to: Vec<String>,
     pub retry: RetryPolicy,
+    /// See `RawRoute::order_key`: a JSON pointer into the envelope.
+    pub order_key: Option<String>,
+    /// Deliveries of this route running at once.
+    pub concurrency: Option<usize>,
     /// The `match` table as written (for the admin API).
     pub match_json: Value,
 }
@@ -154,6 +162,7 @@ mod tests {
             backoff: Backoff::Exponential,
             initial: Duration::from_millis(100),
             max: Duration::from_secs(1),
+            max_age: Duration::from_secs(3600),
         };
         for _ in 0..50 {
             let d1 = p.delay_after(1);

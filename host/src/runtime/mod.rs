@@ -228,6 +228,17 @@ impl Runtime {
 
     /// Runs `handle(event)` in a fresh instance of `plugin`.
     pub async fn deliver(&self, plugin: &Plugin, event: &Event) -> DeliveryRun {
+        self.deliver_with(plugin, event, &[]).await
+    }
+
+    /// Delivers `event` with extension attributes added for this delivery only
+    /// (`deliveryattempt`, `replayed`): the stored event stays as accepted.
+    pub async fn deliver_with(
+        &self,
+        plugin: &Plugin,
+        event: &Event,
+        extra: &[(&str, String)],
+    ) -> DeliveryRun {
         let started = Instant::now();
         let state = HostState::new(plugin, &event.id, self.journal.clone());
         let mut store = Store::new(&self.engine, state);
@@ -244,7 +255,7 @@ impl Runtime {
 
         let result = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, &to_wit(event)).await
+            instance.call_handle(&mut store, &to_wit(event, extra)).await
         }
         .await;
 
@@ -317,7 +328,7 @@ impl ReusedInstance {
         *self.store.data_mut() = HostState::new(&self.plugin, &event.id, self.journal.clone());
         match self
             .instance
-            .call_handle(&mut self.store, &to_wit(event))
+            .call_handle(&mut self.store, &to_wit(event, &[]))
             .await
         {
             Ok(Ok(())) => Invocation::Ok,
@@ -371,7 +382,7 @@ fn describe_trap(e: &wasmtime::Error, state: &HostState) -> String {
     text
 }
 
-fn to_wit(e: &Event) -> WitEvent {
+fn to_wit(e: &Event, extra: &[(&str, String)]) -> WitEvent {
     WitEvent {
         id: e.id.clone(),
         source: e.source.clone(),
@@ -383,7 +394,9 @@ fn to_wit(e: &Event) -> WitEvent {
         extensions: e
             .extensions
             .iter()
+            .filter(|(k, _)| !extra.iter().any(|(x, _)| x == k))
             .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
             .collect(),
     }
 }
