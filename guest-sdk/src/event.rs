@@ -40,6 +40,21 @@ impl Event {
         })
     }
 
+    /// Which attempt at this delivery this is: 1 the first time, 2 on the first
+    /// retry, ... (counted again from 1 after a redrive from the dead letters).
+    /// The host sets it as the `deliveryattempt` extension attribute.
+    pub fn attempt(&self) -> u32 {
+        self.extension("deliveryattempt")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1)
+    }
+
+    /// Whether this delivery comes from a replay of archived events
+    /// (`switchyard replay`): the `replayed` extension attribute.
+    pub fn is_replay(&self) -> bool {
+        self.extension("replayed") == Some("true")
+    }
+
     /// The value of the extension attribute `name` (e.g. `replayed`), if present.
     pub fn extension(&self, name: &str) -> Option<&str> {
         self.extensions

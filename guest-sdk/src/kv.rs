@@ -147,3 +147,38 @@ mod tests {
         let _ = get("k");
     }
 }
+
+/// Runs `work` once per event id: if a delivery of this event already
+/// succeeded through `once` (the marker under `key_prefix` + id is set), it
+/// returns `Ok(false)` without running `work`; else it runs `work` and sets the
+/// marker, returning `Ok(true)`.
+///
+/// The marker is written like every other kv write: it becomes visible only
+/// if the delivery succeeds, together with `work`'s own writes. So a failed or
+/// cut-off delivery leaves no marker and runs again, and one that succeeded is
+/// never applied twice, even when the router delivers the event again (it
+/// delivers at least once). Side effects outside kv (an HTTP call) can still
+/// happen twice.
+///
+/// ```no_run
+/// # fn demo(event: switchyard_sdk::Event) -> Result<(), switchyard_sdk::Failure> {
+/// use switchyard_sdk::kv;
+/// kv::once("seen/", &event.id, || {
+///     let n: u64 = kv::get_json("count")?.unwrap_or(0);
+///     kv::set_json("count", &(n + 1))?;
+///     Ok::<(), switchyard_sdk::Failure>(())
+/// })?;
+/// # Ok(()) }
+/// ```
+pub fn once<E>(key_prefix: &str, id: &str, work: impl FnOnce() -> Result<(), E>) -> Result<bool, E>
+where
+    E: From<KvError>,
+{
+    let marker = format!("{key_prefix}{id}");
+    if get(&marker)?.is_some() {
+        return Ok(false);
+    }
+    work()?;
+    set(&marker, b"1")?;
+    Ok(true)
+}

@@ -158,9 +158,7 @@ impl Server {
         let data_dir = config.server.data_dir.clone();
         let journal = Journal::open_with(&data_dir, config.server.fsync)?;
         if !config.server.fsync {
-            tracing::warn!(
-                "[server] fsync = false: a crash may lose events already answered 202"
-            );
+            tracing::warn!("[server] fsync = false: a crash may lose events already answered 202");
         }
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"), journal.clone())?);
         let plugins = load_plugins(&runtime, &config).await?;

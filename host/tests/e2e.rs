@@ -153,7 +153,7 @@ async fn account_folds_deposits_and_withdrawals_and_rejects_overdrafts() {
         .find(|d| d["route"] == "ledger")
         .expect("ledger delivery")
         .clone();
-    assert_eq!(ledger["status"], "failed", "{timeline}");
+    assert_eq!(ledger["status"], "dead", "{timeline}");
     assert_eq!(
         ledger["attempts"][0]["error"],
         "rejected: insufficient funds: balance 70, withdrawal 500"
@@ -304,7 +304,7 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn traps_deadlines_and_retries_end_in_failed_with_the_reason() {
+async fn traps_deadlines_and_retries_are_retried_then_dead_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let trap = fixture(dir.path(), "trap", common::TRAP);
     let looping = fixture(dir.path(), "loop", common::LOOP);
@@ -335,11 +335,13 @@ wasm = "{retry}"
 name = "to-trap"
 match = {{ type = ["trap"] }}
 to = ["trap"]
+retry = {{ attempts = 2, backoff = "fixed", initial = "20ms", max = "20ms" }}
 
 [[routes]]
 name = "to-loop"
 match = {{ type = ["loop"] }}
 to = ["loop"]
+retry = {{ attempts = 2, backoff = "fixed", initial = "20ms", max = "20ms" }}
 
 [[routes]]
 name = "to-retry"
@@ -351,7 +353,7 @@ retry = {{ attempts = 3, backoff = "fixed", initial = "20ms", max = "20ms" }}
     let t = TestServer::start_in(dir, &cfg).await;
     let error_of = |timeline: &Value| {
         let d = &timeline["deliveries"][0];
-        assert_eq!(d["status"], "failed", "{timeline}");
+        assert_eq!(d["status"], "dead", "{timeline}");
         d["attempts"].as_array().unwrap().last().unwrap()["error"]
             .as_str()
             .unwrap()
@@ -359,11 +361,21 @@ retry = {{ attempts = 3, backoff = "fixed", initial = "20ms", max = "20ms" }}
     };
     let id = t.accept("s", &json!({"t": "trap"})).await;
     let trap = t.settled(&id).await;
-    assert!(error_of(&trap).contains("unreachable"), "{trap}");
+    // Traps and deadline hits are retried like any transient failure.
+    let trap_error = error_of(&trap);
+    assert!(trap_error.contains("unreachable"), "{trap}");
+    assert!(trap_error.ends_with("; gave up after 2 attempts"), "{trap}");
+    assert_eq!(
+        trap["deliveries"][0]["attempts"].as_array().unwrap().len(),
+        2
+    );
 
     let id = t.accept("s", &json!({"t": "loop"})).await;
     let looped = t.settled(&id).await;
-    assert_eq!(error_of(&looped), "deadline of 100ms exceeded");
+    assert_eq!(
+        error_of(&looped),
+        "deadline of 100ms exceeded; gave up after 2 attempts"
+    );
 
     let id = t.accept("s", &json!({"t": "retry"})).await;
     let retried = t.settled(&id).await;
@@ -373,12 +385,8 @@ retry = {{ attempts = 3, backoff = "fixed", initial = "20ms", max = "20ms" }}
     );
     let attempts = retried["deliveries"][0]["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), 3, "{retried}");
-    assert!(
-        attempts[0]["error"]
-            .as_str()
-            .unwrap()
-            .starts_with("plugin asked to retry; next attempt in")
-    );
+    assert_eq!(attempts[0]["error"], "plugin asked to retry", "{retried}");
+    assert_eq!(retried["status"], "dead");
 
     // The host kept serving throughout.
     let (status, _) = t.get("/healthz").await;

@@ -559,7 +559,10 @@ mod tests {
             panic!("{o:?}")
         };
         // Fixed 10 s with equal jitter: 5 to 10 s from now.
-        assert!((now + 5_000..=now_ms() + 10_000).contains(&due_ms), "{due_ms}");
+        assert!(
+            (now + 5_000..=now_ms() + 10_000).contains(&due_ms),
+            "{due_ms}"
+        );
         assert_eq!(e, "boom");
 
         // The plugin's own delay wins over the policy's.

@@ -193,10 +193,12 @@ fn delivery_id(k: DeliveryKey) -> String {
 
 fn parse_delivery_id(id: &str) -> Result<DeliveryKey, ApiError> {
     id.split_once('-')
-        .and_then(|(s, i)| Some(DeliveryKey {
-            seq: s.parse().ok()?,
-            idx: i.parse().ok()?,
-        }))
+        .and_then(|(s, i)| {
+            Some(DeliveryKey {
+                seq: s.parse().ok()?,
+                idx: i.parse().ok()?,
+            })
+        })
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -422,7 +424,11 @@ async fn replay_start(
     })?;
     let spec = ReplaySpec {
         since_ms: parse_time(&body.since, "since")?,
-        until_ms: body.until.as_ref().map(|u| parse_time(u, "until")).transpose()?,
+        until_ms: body
+            .until
+            .as_ref()
+            .map(|u| parse_time(u, "until"))
+            .transpose()?,
         route: body.route,
         source: body.source,
     };

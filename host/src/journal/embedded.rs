@@ -118,7 +118,9 @@ enum WriteOp {
         reply: oneshot::Sender<Result<Compacted, JournalError>>,
     },
     /// Answers once everything queued before it is committed.
-    Flush { reply: oneshot::Sender<Result<(), JournalError>> },
+    Flush {
+        reply: oneshot::Sender<Result<(), JournalError>>,
+    },
 }
 
 /// Sends an op's result once its batch is committed, or the batch's error.
@@ -406,11 +408,7 @@ impl Journal {
 
     /// One delivery's record.
     pub fn delivery(&self, key: DeliveryKey) -> Result<Option<DeliveryRecord>, JournalError> {
-        match self
-            .store
-            .deliveries
-            .get(delivery_key(key.seq, key.idx))?
-        {
+        match self.store.deliveries.get(delivery_key(key.seq, key.idx))? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -718,7 +716,10 @@ impl Writer {
                         return Err(e.into());
                     }
                 }
-                WriteOp::Settle { settlement, reply: r } => {
+                WriteOp::Settle {
+                    settlement,
+                    reply: r,
+                } => {
                     let res = settle(&mut tx, s, &settlement);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
@@ -1333,7 +1334,10 @@ mod tests {
         assert_eq!(due.len(), 3);
         assert_eq!(due[0].key, DeliveryKey { seq: 1, idx: 0 });
         assert_eq!(due[2].due_ms, 11);
-        assert_eq!(new(j.append(event("c"), 12, vec![], None).await.unwrap()), 3);
+        assert_eq!(
+            new(j.append(event("c"), 12, vec![], None).await.unwrap()),
+            3
+        );
         let t = j.timeline("a").unwrap().unwrap();
         assert_eq!(t.deliveries.len(), 2);
         assert_eq!(t.deliveries[1].1.route, "r1");
@@ -1551,6 +1555,250 @@ mod tests {
         assert_eq!(j.timeline("c").unwrap().unwrap().seq, 1);
     }
 
+    fn dedup(key: &str, window_ms: u64) -> Option<DedupKey> {
+        Some(DedupKey {
+            source: "s".into(),
+            key: key.into(),
+            window_ms,
+        })
+    }
+
+    /// A repeat within the window names the first event and stores nothing;
+    /// after the window it is a new event; the count shows in the timeline.
+    #[tokio::test]
+    async fn dedup_answers_repeats_with_the_first_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let first = j
+            .append(event("a"), 1_000, planned(1), dedup("k1", 100))
+            .await
+            .unwrap();
+        assert_eq!(first, Appended::New(1));
+        let again = j
+            .append(event("b"), 1_050, planned(1), dedup("k1", 100))
+            .await
+            .unwrap();
+        assert_eq!(again, Appended::Duplicate { id: "a".into() });
+        // Another key, or another source, is not a repeat.
+        let other = j
+            .append(event("c"), 1_050, planned(1), dedup("k2", 100))
+            .await
+            .unwrap();
+        assert_eq!(other, Appended::New(2));
+        let stats = j.stats().unwrap();
+        assert_eq!((stats.events, stats.deliveries), (2, 2));
+        let t = j.timeline("a").unwrap().unwrap();
+        let d = t.dedup.unwrap();
+        assert_eq!((d.key.as_str(), d.duplicates), ("k1", 1));
+        assert_eq!(d.last_duplicate_ms, Some(1_050));
+        assert!(j.timeline("b").unwrap().is_none());
+        // Past the window the key starts over.
+        let late = j
+            .append(event("d"), 1_100, planned(1), dedup("k1", 100))
+            .await
+            .unwrap();
+        assert_eq!(late, Appended::New(3));
+        let again = j
+            .append(event("e"), 1_150, planned(1), dedup("k1", 100))
+            .await
+            .unwrap();
+        assert_eq!(again, Appended::Duplicate { id: "d".into() });
+    }
+
+    /// Dead letters are listed (per route, paged), redriven with a fresh
+    /// budget, and leave the dead index when redriven.
+    #[tokio::test]
+    async fn dead_letters_page_and_redrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let seq = new(j.append(event(id), 10, planned(2), None).await.unwrap());
+            assert_eq!(seq, i as u64 + 1);
+            for idx in 0..2 {
+                let mut st = settlement(seq, Outcome::Dead, KvChanges::default());
+                st.key.idx = idx;
+                st.attempt.error = Some("boom".into());
+                assert_eq!(j.settle(st).await.unwrap(), Settled::Committed);
+            }
+        }
+        assert_eq!(j.stats().unwrap().dead, 6);
+        let page = j.dead_letters(Some("r1"), None, 2).unwrap();
+        let keys: Vec<_> = page.items.iter().map(|d| (d.key.seq, d.key.idx)).collect();
+        assert_eq!(keys, [(1, 1), (2, 1)]);
+        assert_eq!(page.items[0].event.id, "a");
+        let rest = j.dead_letters(Some("r1"), page.next, 2).unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.items[0].key, DeliveryKey { seq: 3, idx: 1 });
+        assert_eq!(rest.next, None);
+
+        let due = j
+            .redrive(RedriveSelect::Route(Some("r0".into())))
+            .await
+            .unwrap();
+        assert_eq!(due.len(), 3);
+        assert!(
+            due.iter()
+                .all(|d| d.record.status == DeliveryStatus::Pending)
+        );
+        assert_eq!(due[0].record.attempts.len(), 1);
+        assert_eq!(due[0].record.budget_attempts(), 0);
+        assert_eq!(j.stats().unwrap().dead, 3);
+        assert_eq!(j.due_deliveries().unwrap().len(), 3);
+        assert!(
+            j.dead_letter(DeliveryKey { seq: 1, idx: 0 })
+                .unwrap()
+                .is_none()
+        );
+        // Redriving what is not dead does nothing.
+        let none = j
+            .redrive(RedriveSelect::Keys(vec![DeliveryKey { seq: 1, idx: 0 }]))
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        let all = j.redrive(RedriveSelect::Route(None)).await.unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(j.stats().unwrap().dead, 0);
+    }
+
+    /// The order index names the first unfinished delivery per (route, key);
+    /// keys that are prefixes of each other do not mix.
+    #[tokio::test]
+    async fn order_head_follows_acceptance_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let ordered = |k: &str| {
+            vec![PlannedDelivery {
+                route: "r".into(),
+                plugin: "p".into(),
+                order_key: Some(k.into()),
+            }]
+        };
+        let a1 = new(j.append(event("1"), 5, ordered("a"), None).await.unwrap());
+        let ab = new(j.append(event("2"), 5, ordered("ab"), None).await.unwrap());
+        let a2 = new(j.append(event("3"), 5, ordered("a"), None).await.unwrap());
+        let head = |k: &str| j.order_head("r", k).unwrap().map(|d| d.seq);
+        assert_eq!(head("a"), Some(a1));
+        assert_eq!(head("ab"), Some(ab));
+        // A retry keeps its place; success hands over to the next one.
+        let retry = settlement(a1, Outcome::Retry { due_ms: 99 }, KvChanges::default());
+        j.settle(retry).await.unwrap();
+        assert_eq!(head("a"), Some(a1));
+        j.settle(settlement(a1, Outcome::Delivered, KvChanges::default()))
+            .await
+            .unwrap();
+        assert_eq!(head("a"), Some(a2));
+        j.settle(settlement(a2, Outcome::Dead, KvChanges::default()))
+            .await
+            .unwrap();
+        assert_eq!(head("a"), None);
+        // A redriven letter takes its place in the order again.
+        j.redrive(RedriveSelect::Keys(vec![DeliveryKey { seq: a2, idx: 0 }]))
+            .await
+            .unwrap();
+        assert_eq!(head("a"), Some(a2));
+        assert_eq!(head("x"), None);
+    }
+
+    /// A replay adds deliveries after the event's own, marked with its id,
+    /// and keeps the list for progress.
+    #[tokio::test]
+    async fn replay_plans_new_deliveries_of_archived_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for (id, ms) in [("a", 100), ("b", 200), ("c", 300)] {
+            let seq = new(j.append(event(id), ms, planned(1), None).await.unwrap());
+            j.settle(settlement(seq, Outcome::Delivered, KvChanges::default()))
+                .await
+                .unwrap();
+        }
+        let found = j.archived(150, Some(300), None, 10).unwrap();
+        assert_eq!(found.iter().map(|e| e.seq).collect::<Vec<_>>(), [2]);
+        let all = j.archived(0, None, None, 2).unwrap();
+        assert_eq!(all.len(), 2);
+        let rest = j
+            .archived(0, None, Some((all[1].accepted_ms, all[1].seq)), 2)
+            .unwrap();
+        assert_eq!(rest.iter().map(|e| e.seq).collect::<Vec<_>>(), [3]);
+
+        let spec = ReplaySpec {
+            since_ms: 0,
+            until_ms: None,
+            route: None,
+            source: None,
+        };
+        let (id, due) = j
+            .plan_replay(None, spec.clone(), vec![(1, planned(1)), (3, planned(2))])
+            .await
+            .unwrap();
+        assert_eq!(id, 1);
+        let keys: Vec<_> = due.iter().map(|d| (d.key.seq, d.key.idx)).collect();
+        assert_eq!(keys, [(1, 1), (3, 1), (3, 2)]);
+        assert!(due.iter().all(|d| d.record.replay == Some(1)));
+        let (again, due) = j
+            .plan_replay(Some(id), spec, vec![(2, planned(1))])
+            .await
+            .unwrap();
+        assert_eq!((again, due.len()), (1, 1));
+        let job = j.replay_job(1).unwrap().unwrap();
+        assert_eq!((job.events, job.deliveries.len()), (3, 4));
+        assert_eq!(j.timeline("c").unwrap().unwrap().deliveries.len(), 3);
+    }
+
+    /// Compaction deletes old events whose deliveries are all delivered, in
+    /// steps, and keeps dead letters, unfinished deliveries and recent events.
+    #[tokio::test]
+    async fn compaction_keeps_what_is_not_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut seqs = Vec::new();
+        for (i, ms) in [10, 20, 30, 40, 50, 500].into_iter().enumerate() {
+            let id = format!("e{i}");
+            let seq = new(j
+                .append(event(&id), ms, planned(1), dedup(&id, 1_000_000))
+                .await
+                .unwrap());
+            seqs.push(seq);
+        }
+        for &seq in &seqs[..3] {
+            j.settle(settlement(seq, Outcome::Delivered, KvChanges::default()))
+                .await
+                .unwrap();
+        }
+        j.settle(settlement(seqs[3], Outcome::Dead, KvChanges::default()))
+            .await
+            .unwrap();
+        j.settle(settlement(
+            seqs[5],
+            Outcome::Delivered,
+            KvChanges::default(),
+        ))
+        .await
+        .unwrap();
+        // Event 4 (ms 50) is unfinished, event 5 (ms 500) is recent.
+        let step = j.compact(100, None, 2).await.unwrap();
+        assert_eq!((step.events, step.deliveries), (2, 2));
+        assert_eq!(step.resume, Some((30, seqs[2])));
+        let step = j.compact(100, step.resume, 2).await.unwrap();
+        assert_eq!(step.events, 1);
+        let step = j.compact(100, step.resume, 2).await.unwrap();
+        assert_eq!((step.events, step.resume), (0, None));
+        let stats = j.stats().unwrap();
+        assert_eq!((stats.events, stats.deliveries, stats.dead), (3, 3, 1));
+        assert!(j.timeline("e0").unwrap().is_none());
+        assert!(j.timeline("e3").unwrap().is_some());
+        // The dedup entry went with its event: the key is free again.
+        let again = j
+            .append(event("x"), 600, planned(0), dedup("e0", 1_000_000))
+            .await
+            .unwrap();
+        assert!(matches!(again, Appended::New(_)));
+        let kept = j
+            .append(event("y"), 600, planned(0), dedup("e3", 1_000_000))
+            .await
+            .unwrap();
+        assert_eq!(kept, Appended::Duplicate { id: "e3".into() });
+    }
+
     fn journal_without_writer(store: Arc<Store>) -> (Journal, Receiver<WriteOp>) {
         let (writer, queue) = std::sync::mpsc::sync_channel(1);
         (Journal { store, writer }, queue)
@@ -1562,7 +1810,10 @@ mod tests {
     async fn keys_sort_as_tuples_and_kv_is_per_plugin() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        let late = new(j.append(event("late"), 256, planned(1), None).await.unwrap());
+        let late = new(j
+            .append(event("late"), 256, planned(1), None)
+            .await
+            .unwrap());
         let early = new(j.append(event("early"), 1, planned(1), None).await.unwrap());
         let due: Vec<_> = j
             .due_deliveries()

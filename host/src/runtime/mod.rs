@@ -255,7 +255,9 @@ impl Runtime {
 
         let result = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance.call_handle(&mut store, &to_wit(event, extra)).await
+            instance
+                .call_handle(&mut store, &to_wit(event, extra))
+                .await
         }
         .await;
 

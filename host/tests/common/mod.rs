@@ -87,6 +87,40 @@ impl TestServer {
         }
     }
 
+    /// Replaces the config file (with `DATA` and `BUILD` replaced) and reloads.
+    pub async fn reconfigure(&self, config: &str) {
+        let text = config
+            .replace("DATA", &self.dir.path().join("data").display().to_string())
+            .replace("BUILD", &build_dir());
+        std::fs::write(self.dir.path().join("rules.toml"), text).expect("write config");
+        self.server
+            .as_ref()
+            .expect("running")
+            .reload()
+            .await
+            .unwrap_or_else(|e| panic!("reload: {e}"));
+    }
+
+    /// Posts JSON to an admin path; returns status and body.
+    pub async fn post_api(&self, path: &str, body: &Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .json(body)
+            .send()
+            .await
+            .expect("post");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// GETs an admin path as JSON, expecting 200.
+    pub async fn get_json(&self, path: &str) -> Value {
+        let (status, body) = self.get(path).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).expect("json")
+    }
+
     pub fn journal(&self) -> &switchyard::journal::Journal {
         self.server.as_ref().expect("running").journal()
     }
@@ -138,7 +172,7 @@ impl TestServer {
             let t = self.event(id).await;
             let done = t["deliveries"].as_array().is_some_and(|ds| {
                 ds.iter()
-                    .all(|d| d["status"] == "delivered" || d["status"] == "failed")
+                    .all(|d| d["status"] == "delivered" || d["status"] == "dead")
             });
             done.then_some(t)
         })
