@@ -131,3 +131,140 @@ async fn accepted_events_are_delivered_after_a_kill_and_restart() {
         assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{t}");
     }
 }
+
+fn shutdown_config(data: &Path, grace: &str) -> String {
+    format!(
+        r#"
+[server]
+data_dir = "{data}"
+build_dir = "{build}"
+shutdown_grace = "{grace}"
+
+[[sources]]
+name = "s"
+
+[[plugins]]
+name = "flaky"
+wasm = "{flaky}"
+timeout = "30s"
+
+[[routes]]
+name = "all"
+to = ["flaky"]
+"#,
+        data = data.display(),
+        build = build_dir(),
+        flaky = plugin_crate("flaky"),
+    )
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// Waits for the process to exit on its own; returns its status.
+fn wait_exit(child: &mut Child, within: std::time::Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server did not exit within {within:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+async fn post(client: &reqwest::Client, base: &str, body: serde_json::Value) -> (u16, String) {
+    let resp = client
+        .post(format!("{base}/webhooks/s"))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
+}
+
+/// SIGTERM: new webhooks get 503 at once, the delivery in flight finishes
+/// within the grace period and is committed, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("rules.toml");
+    let log = dir.path().join("serve.log");
+    let client = reqwest::Client::new();
+    std::fs::write(&cfg, shutdown_config(&data, "20s")).unwrap();
+    let mut first = serve(&cfg, &log);
+    let (status, body) = post(&client, &first.base, json!({"mode": "sleep", "ms": 1500})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Let the delivery start, then ask the server to stop.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    sigterm(&first.child);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let (status, body) = post(&client, &first.base, json!({})).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("shutting down"), "{body}");
+    let ready = client
+        .get(format!("{}/readyz", first.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    let exit = wait_exit(&mut first.child, std::time::Duration::from_secs(20));
+    assert!(exit.success(), "exit status {exit:?}");
+
+    // The delivery was finished and committed before the exit: after a
+    // restart it is delivered, once.
+    let second = serve(&cfg, &log);
+    let t = timeline(&client, &second.base, &id).await;
+    let d = &t["deliveries"][0];
+    assert_eq!(d["status"], "delivered", "{t}");
+    assert_eq!(d["attempts"].as_array().unwrap().len(), 1, "{t}");
+}
+
+/// A delivery still running when the grace period ends is cut off, the
+/// process still exits 0, and the delivery runs again after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_cut_off_at_shutdown_runs_again_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = dir.path().join("rules.toml");
+    let log = dir.path().join("serve.log");
+    let client = reqwest::Client::new();
+    std::fs::write(&cfg, shutdown_config(&data, "200ms")).unwrap();
+    let mut first = serve(&cfg, &log);
+    let (status, body) = post(&client, &first.base, json!({"mode": "sleep", "ms": 3000})).await;
+    assert_eq!(status, 202, "{body}");
+    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    sigterm(&first.child);
+    let exit = wait_exit(&mut first.child, std::time::Duration::from_secs(10));
+    assert!(exit.success(), "exit status {exit:?}");
+
+    let second = serve(&cfg, &log);
+    let url = format!("{}/api/plugins/flaky/kv/done/{id}", second.base);
+    wait_for("the cut-off delivery after restart", || async {
+        let resp = client.get(&url).send().await.ok()?;
+        (resp.status() == 200).then_some(())
+    })
+    .await;
+    let t = timeline(&client, &second.base, &id).await;
+    assert_eq!(t["deliveries"][0]["status"], "delivered", "{t}");
+}
