@@ -121,33 +121,6 @@ pub fn set_string(key: &str, value: &str) -> Result<(), KvError> {
     set(key, value.as_bytes())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unavailable_means_retry_and_invalid_means_reject() {
-        assert_eq!(
-            Failure::from(KvError::from(wit::Error::Unavailable("down".into()))),
-            Failure::retry()
-        );
-        assert_eq!(
-            Failure::from(KvError::from(wit::Error::Invalid("key too long".into()))),
-            Failure::reject("kv: invalid key or value: key too long")
-        );
-        assert!(matches!(
-            Failure::from(KvError::Encoding("x".into())),
-            Failure::Reject(_)
-        ));
-    }
-
-    #[test]
-    #[should_panic(expected = "needs the Switchyard host")]
-    fn host_calls_panic_clearly_in_native_builds() {
-        let _ = get("k");
-    }
-}
-
 /// Runs `work` once per event id: if a delivery of this event already
 /// succeeded through `once` (the marker under `key_prefix` + id is set), it
 /// returns `Ok(false)` without running `work`; else it runs `work` and sets the
@@ -181,4 +154,31 @@ where
     work()?;
     set(&marker, b"1")?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_means_retry_and_invalid_means_reject() {
+        assert_eq!(
+            Failure::from(KvError::from(wit::Error::Unavailable("down".into()))),
+            Failure::retry()
+        );
+        assert_eq!(
+            Failure::from(KvError::from(wit::Error::Invalid("key too long".into()))),
+            Failure::reject("kv: invalid key or value: key too long")
+        );
+        assert!(matches!(
+            Failure::from(KvError::Encoding("x".into())),
+            Failure::Reject(_)
+        ));
+    }
+
+    #[test]
+    #[should_panic(expected = "needs the Switchyard host")]
+    fn host_calls_panic_clearly_in_native_builds() {
+        let _ = get("k");
+    }
 }

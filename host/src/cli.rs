@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::client;
 use crate::config;
 use crate::server::Server;
 use crate::telemetry::{self, LogFormat};
@@ -65,6 +66,84 @@ pub enum Command {
     },
     /// Print the JSON Schema of rules.toml (for editors).
     Schema,
+    /// Dead letters of a running server: list, show, redrive.
+    Dlq {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Deliver archived events again to the routes as they are now (marked
+    /// `replayed`), with a progress bar.
+    Replay {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Events accepted from then on: RFC 3339 (2026-11-26T10:00:00Z) or
+        /// a duration ago (90m, 7d).
+        #[arg(long)]
+        since: String,
+        /// ...and before then (same forms).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only to this route (else every route the events match now).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only events of this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Start the replay and return without waiting for it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the replay's final state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which server the admin commands talk to.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The server's base URL, e.g. http://127.0.0.1:8080 (default: the
+    /// `listen` address in --config). The token, if the server needs one, is
+    /// read from SWITCHYARD_ADMIN_TOKEN.
+    #[arg(long, env = "SWITCHYARD_URL", global = true)]
+    server: Option<String>,
+    /// The configuration file to read `listen` from.
+    #[arg(long, short, default_value = "rules.toml", global = true)]
+    config: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, oldest first.
+    List {
+        /// Only this route's.
+        #[arg(long)]
+        route: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its event and every attempt (JSON).
+    Show {
+        /// The dead letter's id, as `list` shows it (e.g. 42-0).
+        id: String,
+    },
+    /// Deliver dead letters again, to the plugin as it is now.
+    Redrive {
+        /// Dead letter ids (e.g. 42-0).
+        #[arg(required_unless_present_any = ["route", "all"], conflicts_with_all = ["route", "all"])]
+        ids: Vec<String>,
+        /// Every dead letter of this route.
+        #[arg(long, conflicts_with = "all")]
+        route: Option<String>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 /// Entry point of the binary.
@@ -83,6 +162,51 @@ pub fn main() -> ExitCode {
             print!("{}", config::schema::rules_schema_json());
             ExitCode::SUCCESS
         }
+        Command::Dlq { server, action } => remote(&server, |c| dlq(c, action)),
+        Command::Replay {
+            server,
+            since,
+            until,
+            route,
+            source,
+            no_wait,
+            json,
+        } => remote(&server, |c| async move {
+            let now = crate::event::now_ms();
+            let since = client::parse_when(&since, now)?;
+            let until = until.map(|u| client::parse_when(&u, now)).transpose()?;
+            let state = client::replay(
+                &c,
+                since,
+                until,
+                route.as_deref(),
+                source.as_deref(),
+                !no_wait,
+            )
+            .await?;
+            if json {
+                println!("{state}");
+            } else if no_wait {
+                println!(
+                    "replay {} started: {} events, {} deliveries planned",
+                    state["id"], state["events"], state["deliveries"]
+                );
+            } else {
+                println!(
+                    "replay {}: {} events, {} deliveries: {} delivered, {} dead",
+                    state["id"],
+                    state["events"],
+                    state["deliveries"],
+                    state["delivered"],
+                    state["dead"]
+                );
+                if state["dead"].as_u64().unwrap_or(0) > 0 {
+                    eprintln!("some deliveries are dead letters: see `switchyard dlq list`");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Serve {
             config,
             listen,
@@ -92,6 +216,69 @@ pub fn main() -> ExitCode {
             serve(config, listen, data_dir)
         }
     }
+}
+
+/// Runs an admin API command against a server; errors go to stderr.
+fn remote<F, Fut>(args: &ServerArgs, run: F) -> ExitCode
+where
+    F: FnOnce(client::AdminClient) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, client::ClientError>>,
+{
+    let result = client::AdminClient::new(args.server.as_deref(), &args.config).and_then(|c| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| client::ClientError::Usage(format!("cannot start the runtime: {e}")))?
+            .block_on(run(c))
+    });
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+async fn dlq(c: client::AdminClient, action: DlqAction) -> Result<ExitCode, client::ClientError> {
+    match action {
+        DlqAction::List { route, limit, json } => {
+            let items = client::dead_letters(&c, route.as_deref(), limit).await?;
+            for d in &items {
+                if json {
+                    println!("{d}");
+                } else {
+                    println!("{}", client::dead_letter_line(d));
+                }
+            }
+            if !json {
+                eprintln!("{} dead letter(s)", items.len());
+            }
+        }
+        DlqAction::Show { id } => {
+            let d = c.get(&format!("/api/dlq/{id}")).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&d).unwrap_or_else(|_| d.to_string())
+            );
+        }
+        DlqAction::Redrive { ids, route, all } => {
+            let mut total = 0;
+            if all || route.is_some() {
+                let body = match route {
+                    Some(r) => serde_json::json!({ "route": r }),
+                    None => serde_json::json!({ "all": true }),
+                };
+                let answer = c.post("/api/dlq/redrive", &body).await?;
+                total += answer["redriven"].as_u64().unwrap_or(0);
+            }
+            for id in ids {
+                let answer = c
+                    .post(&format!("/api/dlq/{id}/redrive"), &serde_json::json!({}))
+                    .await?;
+                total += answer["redriven"].as_u64().unwrap_or(0);
+            }
+            println!("redriven: {total}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(file: &std::path::Path) -> ExitCode {

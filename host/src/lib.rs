@@ -4,9 +4,11 @@
 //! [`ingress`] (HTTP in) → [`journal`] (durable store) → [`rules`] (which
 //! routes match) → [`dispatch`] (delivery, retries) → [`runtime`] (a fresh
 //! Wasm instance per delivery). [`config`] reads `rules.toml`; [`server`]
-//! wires the stages together; [`cli`] is the `switchyard` command.
+//! wires the stages together; [`cli`] is the `switchyard` command, and
+//! [`client`] its side of the admin API (`dlq`, `replay`).
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod event;

@@ -467,3 +467,72 @@ concurrency = 1
     }
     t.stop().await;
 }
+
+/// Runs the `switchyard` binary against the test server; returns exit code,
+/// stdout and stderr.
+async fn cli(t: &TestServer, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+    cmd.args(args).args(["--server", &t.base]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().expect("run switchyard"))
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_shows_and_redrives_dead_letters_and_replays() {
+    let t = TestServer::start(&config("")).await;
+    let dead = t.accept("s", &json!({"mode": "reject"})).await;
+    let ok = t.accept("s", &json!({"n": 1})).await;
+    t.settled(&dead).await;
+    t.settled(&ok).await;
+
+    let (code, out, err) = cli(&t, &["dlq", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&dead) && out.contains("main → flaky"), "{out}");
+    assert!(
+        out.contains("rejected: flaky: rejected on purpose"),
+        "{out}"
+    );
+    assert!(err.contains("1 dead letter(s)"), "{err}");
+    let id = out.split_whitespace().next().unwrap().to_string();
+
+    let (code, out, err) = cli(&t, &["dlq", "show", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(shown["event_id"], dead.as_str());
+
+    let (code, _, err) = cli(&t, &["dlq", "show", "9-9"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("404") && err.contains("not a dead letter"),
+        "{err}"
+    );
+
+    // Redriven to the same rejecting plugin: dead again, with two attempts.
+    let (code, out, err) = cli(&t, &["dlq", "redrive", "--route", "main"]).await;
+    assert_eq!((code, out.trim()), (0, "redriven: 1"), "{err}");
+    wait_for("the redriven letter to die again", || async {
+        let tl = t.event(&dead).await;
+        (attempts(&tl["deliveries"][0]) == 2 && tl["status"] == "dead").then_some(())
+    })
+    .await;
+
+    // A replay of the last hour into `main`: two events, one rejected again,
+    // so the command reports it and exits 1.
+    let (code, out, err) = cli(&t, &["replay", "--since", "1h", "--route", "main"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("2 events, 2 deliveries: 1 delivered, 1 dead"),
+        "{out}"
+    );
+    assert!(err.contains("switchyard dlq list"), "{err}");
+    let (code, _, err) = cli(&t, &["replay", "--since", "last week"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("neither an RFC 3339 time"), "{err}");
+    t.stop().await;
+}

@@ -1053,14 +1053,13 @@ fn replay(
         if planned.is_empty() || tx.get(&s.events, seq.to_be_bytes())?.is_none() {
             continue; // compacted meanwhile
         }
-        let mut idx = match tx.prefix(&s.deliveries, seq.to_be_bytes()).next_back() {
+        let first = match tx.prefix(&s.deliveries, seq.to_be_bytes()).next_back() {
             Some(entry) => delivery_from(&entry.key()?)?.1 + 1,
             None => 0,
         };
         record.events += 1;
-        for p in planned {
+        for (idx, p) in (first..).zip(planned) {
             let key = DeliveryKey { seq, idx };
-            idx += 1;
             let d = DeliveryRecord {
                 route: p.route,
                 plugin: p.plugin,
