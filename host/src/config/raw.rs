@@ -63,9 +63,10 @@ pub struct RawSource {
     /// Largest body accepted, e.g. "256KiB" (default: `[server] max_body`).
     #[schemars(with = "Option<String>")]
     pub max_body: Option<Spanned<String>>,
-    /// Deduplicate on this request header, e.g. "webhook-id" or
-    /// "X-GitHub-Delivery": a repeat within `dedup_window` is answered with the
-    /// first event's id and stored once.
+    /// Deduplicate on this request header, e.g. "webhook-id",
+    /// "X-GitHub-Delivery" or "Idempotency-Key": a repeat within
+    /// `dedup_window` is answered with the first event's id and stored once.
+    /// A request without the header is not deduplicated.
     #[schemars(with = "Option<String>")]
     pub dedup_header: Option<Spanned<String>>,
     /// Deduplicate on the string at this JSON pointer into the body, e.g. "/id".

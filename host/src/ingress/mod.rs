@@ -138,23 +138,15 @@ async fn webhook(
             format!("the body is not valid JSON: {e}"),
         )
     })?;
-    let dedup = match &source.dedup_from {
-        None => None,
-        Some(from) => Some(DedupKey {
+    // A request without the key is accepted as a new event: like Stripe's
+    // optional `Idempotency-Key`, the sender chooses to deduplicate.
+    let dedup = source.dedup_from.as_ref().and_then(|from| {
+        Some(DedupKey {
             source: source.name.clone(),
-            key: attribute(from, &headers, &data).ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "missing idempotency key",
-                    format!(
-                        "this source deduplicates on {}, which the request lacks",
-                        describe(from)
-                    ),
-                )
-            })?,
+            key: attribute(from, &headers, &data)?,
             window_ms: source.dedup_window.as_millis() as u64,
-        }),
-    };
+        })
+    });
     let event = Arc::new(to_event(source, &headers, &data, body)?);
 
     let routes = live.config.routes.matching(&event);

@@ -30,6 +30,25 @@ pub fn load_or_compile(
     Ok((component, hash))
 }
 
+/// Deletes the temporary files of writes that a killed process left behind
+/// (`<entry>.tmp<pid>`). Call it before this process writes any: the data dir,
+/// and with it the cache, belongs to one process at a time (the journal's lock).
+pub fn sweep(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let leftover = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.starts_with("tmp"));
+        if leftover && std::fs::remove_file(&path).is_ok() {
+            tracing::debug!(path = %path.display(), "removed a leftover cache temp file");
+        }
+    }
+}
+
 fn entry_path(engine: &Engine, cache_dir: &Path, wasm_hash: &str) -> PathBuf {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
@@ -95,5 +114,21 @@ mod tests {
         assert_eq!(verified_payload(&bytes), None);
         assert_eq!(verified_payload(b"SWYD"), None);
         assert_eq!(verified_payload(&bytes[..40]), None);
+    }
+
+    #[test]
+    fn sweep_removes_only_leftover_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["a-1.cwasm", "a-1.tmp4242", "b-2.tmp7"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        sweep(dir.path());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["a-1.cwasm"]);
+        sweep(&dir.path().join("missing"));
     }
 }

@@ -155,6 +155,7 @@ pub fn engine_config() -> Config {
 impl Runtime {
     /// Sets up the engine; compiled artifacts are cached in `cache_dir`.
     pub fn new(cache_dir: &Path, journal: Journal) -> Result<Runtime, RuntimeError> {
+        cache::sweep(cache_dir);
         let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
         let engine = Engine::new(&engine_config()).map_err(engine_err)?;
 
