@@ -6,6 +6,11 @@
 #   switchyard   the real server: fjall journal with group commit, one route
 #                (`audit-all` → the audit plugin, fresh instance per delivery)
 #   no-routes    the real server with no routes: journal only, no deliveries
+#   nofsync      as `switchyard`, with `[server] fsync = false`: the same work
+#                without waiting for the disk (what durability costs)
+#
+# Then, for `switchyard`, the latency of the 202 at half the throughput it just
+# reached (a fixed rate, with `hey -q`, Debian package `hey`): p50 and p99.
 #
 # for each connection count, with wrk (Debian package `wrk`) and the same body
 # (host/benches/ingest.lua). Loopback only; each load runs DURATION seconds.
@@ -23,10 +28,14 @@ CONNS="${CONNS:-16 64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 WRK_THREADS="${WRK_THREADS:-2}"
-VARIANTS="${VARIANTS:-bare switchyard no-routes}"
+VARIANTS="${VARIANTS:-bare switchyard nofsync no-routes}"
 
 command -v wrk >/dev/null || {
 	echo "wrk is not installed: apt-get install -y wrk" >&2
+	exit 1
+}
+command -v hey >/dev/null || {
+	echo "hey is not installed: apt-get install -y hey" >&2
 	exit 1
 }
 
@@ -91,13 +100,14 @@ wait_ready() {
 
 # Writes a config for the real server and prints its path.
 write_config() {
-	local dir="$1" port="$2" routes="$3"
+	local dir="$1" port="$2" routes="$3" fsync="$4"
 	mkdir -p "$dir"
 	cat >"$dir/rules.toml" <<EOF
 [server]
 listen = "127.0.0.1:$port"
 data_dir = "$dir/data"
 build_dir = "$REPO/target/test-plugins"
+fsync = $fsync
 
 [[sources]]
 name = "shop"
@@ -132,11 +142,12 @@ start_server() {
 	bare)
 		"$BARE" "127.0.0.1:$port" 2>"$LOG" &
 		;;
-	switchyard | no-routes)
-		local routes=yes
+	switchyard | no-routes | nofsync)
+		local routes=yes fsync=true
 		[[ "$variant" == no-routes ]] && routes=no
+		[[ "$variant" == nofsync ]] && fsync=false
 		local cfg
-		cfg="$(write_config "$TMP/$run" "$port" "$routes")"
+		cfg="$(write_config "$TMP/$run" "$port" "$routes" "$fsync")"
 		# Default logging (info, plugin lines included), as a user would run it.
 		"$SWITCHYARD" serve --config "$cfg" >"$LOG" 2>&1 &
 		;;
@@ -178,16 +189,28 @@ for c in $CONNS; do
 		run="$variant-c$c"
 		start_server "$variant" "$run"
 		wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -s "$HERE/ingest.lua" "$URL" >/dev/null
-		[[ "$variant" == switchyard ]] && wait_drained >/dev/null
+		[[ "$variant" == switchyard || "$variant" == nofsync ]] && wait_drained >/dev/null
 		before="$(deliveries)"
 		out="$(wrk -t"$WRK_THREADS" -c"$c" -d"${DURATION}s" --latency -s "$HERE/ingest.lua" "$URL")"
 		line="$(grep '^RESULT' <<<"$out")"
 		extra=""
-		if [[ "$variant" == switchyard ]]; then
+		if [[ "$variant" == switchyard || "$variant" == nofsync ]]; then
 			during=$(($(deliveries) - before))
 			drain="$(wait_drained)"
 			after=$(($(deliveries) - before))
 			extra=" delivered_during=$during delivered_total=$after drain_s=$drain"
+		fi
+		if [[ "$variant" == switchyard ]]; then
+			# Half the rate just reached, spread over the same connections.
+			rps="$(sed 's/.*rps=\([0-9]*\).*/\1/' <<<"$line")"
+			per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
+			lat="$(hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json -d "$BODY" "$URL")"
+			half_rps="$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$lat")"
+			half_p50="$(awk '/ 50% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
+			half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
+			half_bad="$(awk '/^[ \t]+\[[0-9]+\]/ && $1 != "[202]" { n += $2 } END { print n + 0 }' <<<"$lat")"
+			extra="$extra half_rps=$half_rps half_p50_ms=$half_p50 half_p99_ms=$half_p99 half_non202=$half_bad"
+			wait_drained >/dev/null
 		fi
 		stop_server
 		echo "$run $line$extra" | tee -a "$RESULTS"
@@ -206,6 +229,7 @@ function field(name,   i, kv) {
 	split($1, parts, "-c"); variant = parts[1]; c = parts[2]
 	rps[variant, c] = field("rps"); p50[variant, c] = field("p50_us"); p99[variant, c] = field("p99_us")
 	bad[variant, c] = field("non202") + field("errors"); drain[variant, c] = field("drain_s")
+	if (field("half_rps") != "") half[c] = sprintf("%s req/s: p50 %s ms, p99 %s ms, %s not 202", field("half_rps"), field("half_p50_ms"), field("half_p99_ms"), field("half_non202"))
 	if (!(c in seen)) { seen[c] = 1; order[++n] = c }
 	if (!(variant in vseen)) { vseen[variant] = 1; vorder[++m] = variant }
 }
@@ -219,5 +243,9 @@ END {
 			ratio = (("bare", c) in rps && rps["bare", c] > 0) ? sprintf("%.2f", rps[v, c] / rps["bare", c]) : "-"
 			printf "%-12s %6s %10.0f %9.2f %9.2f %8s %8d %8s\n", v, c, rps[v, c], p50[v, c] / 1000, p99[v, c] / 1000, ratio, bad[v, c], (drain[v, c] == "" ? "-" : drain[v, c])
 		}
+	}
+	for (i = 1; i <= n; i++) {
+		c = order[i]
+		if (c in half) printf "switchyard at half its rate, %s conns: %s\n", c, half[c]
 	}
 }' "$RESULTS"

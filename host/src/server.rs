@@ -56,7 +56,8 @@ pub enum ServeError {
     },
 }
 
-/// How often old events are looked for.
+/// How often old events are looked for, at most: a quarter of the retention
+/// if that is shorter.
 const COMPACTION_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 /// Events looked at per compaction step (one journal transaction), so that
 /// ingest waits for at most one short step.
@@ -308,9 +309,11 @@ async fn compact_periodically(journal: Journal, live: Arc<ArcSwap<Live>>, stop: 
         if events > 0 {
             tracing::info!(events, deliveries, "compacted events past retention");
         }
+        let pause =
+            (retention / 4).clamp(std::time::Duration::from_millis(250), COMPACTION_INTERVAL);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(COMPACTION_INTERVAL) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

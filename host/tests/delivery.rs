@@ -536,3 +536,27 @@ async fn the_cli_lists_shows_and_redrives_dead_letters_and_replays() {
     assert!(err.contains("neither an RFC 3339 time"), "{err}");
     t.stop().await;
 }
+
+/// Past `retention`, delivered events are compacted away; a dead letter keeps
+/// its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_past_retention_are_compacted_but_dead_letters_stay() {
+    let cfg = config("").replace(
+        "build_dir = \"BUILD\"",
+        "build_dir = \"BUILD\"\nretention = \"1s\"",
+    );
+    let t = TestServer::start(&cfg).await;
+    let done = t.accept("s", &json!({})).await;
+    let dead = t.accept("s", &json!({"mode": "reject"})).await;
+    t.settled(&done).await;
+    t.settled(&dead).await;
+    wait_for("compaction", || async {
+        let (status, _) = t.get(&format!("/api/events/{done}")).await;
+        (status == 404).then_some(())
+    })
+    .await;
+    assert_eq!(t.event(&dead).await["status"], "dead");
+    let stats = t.journal().stats().unwrap();
+    assert_eq!((stats.events, stats.deliveries, stats.dead), (1, 1, 1));
+    t.stop().await;
+}

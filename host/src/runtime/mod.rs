@@ -148,6 +148,16 @@ pub fn engine_config() -> Config {
     pool.total_memories(2000);
     pool.total_tables(4000);
     pool.max_memory_size(MAX_PLUGIN_MEMORY as usize);
+    // Reset a freed slot's first pages with memset (only the resident ones,
+    // where the kernel has PAGEMAP_SCAN) instead of madvise: the next instance
+    // in the slot takes no page faults for them. Memory is still zeroed
+    // between deliveries. Halves the cost of a fresh instance (field notes:
+    // ≈36 → ≈17 µs).
+    pool.linear_memory_keep_resident(1 << 20);
+    pool.table_keep_resident(64 << 10);
+    pool.pagemap_scan(wasmtime::Enabled::Auto);
+    // Fewer, larger madvise calls for what is decommitted.
+    pool.decommit_batch_size(16);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
 }
