@@ -9,8 +9,9 @@
 #   nofsync      as `switchyard`, with `[server] fsync = false`: the same work
 #                without waiting for the disk (what durability costs)
 #
-# Then, for `switchyard`, the latency of the 202 at half the throughput it just
-# reached (a fixed rate, with `hey -q`, Debian package `hey`): p50 and p99.
+# Then, for each server but `nofsync`, the latency of the 202 at half the
+# throughput it just reached (a fixed rate, with `hey -q`, Debian package
+# `hey`): p50 and p99. `bare` shows what hey itself adds.
 #
 # for each connection count, with wrk (Debian package `wrk`) and the same body
 # (host/benches/ingest.lua). Loopback only; each load runs DURATION seconds.
@@ -200,7 +201,7 @@ for c in $CONNS; do
 			after=$(($(deliveries) - before))
 			extra=" delivered_during=$during delivered_total=$after drain_s=$drain"
 		fi
-		if [[ "$variant" == switchyard ]]; then
+		if [[ "$variant" != nofsync ]]; then
 			# Half the rate just reached, spread over the same connections.
 			rps="$(sed 's/.*rps=\([0-9]*\).*/\1/' <<<"$line")"
 			per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
@@ -210,7 +211,7 @@ for c in $CONNS; do
 			half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
 			half_bad="$(awk '/^[ \t]+\[[0-9]+\]/ && $1 != "[202]" { n += $2 } END { print n + 0 }' <<<"$lat")"
 			extra="$extra half_rps=$half_rps half_p50_ms=$half_p50 half_p99_ms=$half_p99 half_non202=$half_bad"
-			wait_drained >/dev/null
+			[[ "$variant" == switchyard ]] && wait_drained >/dev/null
 		fi
 		stop_server
 		echo "$run $line$extra" | tee -a "$RESULTS"
@@ -229,7 +230,7 @@ function field(name,   i, kv) {
 	split($1, parts, "-c"); variant = parts[1]; c = parts[2]
 	rps[variant, c] = field("rps"); p50[variant, c] = field("p50_us"); p99[variant, c] = field("p99_us")
 	bad[variant, c] = field("non202") + field("errors"); drain[variant, c] = field("drain_s")
-	if (field("half_rps") != "") half[c] = sprintf("%s req/s: p50 %s ms, p99 %s ms, %s not 202", field("half_rps"), field("half_p50_ms"), field("half_p99_ms"), field("half_non202"))
+	if (field("half_rps") != "") half[variant, c] = sprintf("%7s req/s: p50 %6s ms, p99 %6s ms, %s not 202", field("half_rps"), field("half_p50_ms"), field("half_p99_ms"), field("half_non202"))
 	if (!(c in seen)) { seen[c] = 1; order[++n] = c }
 	if (!(variant in vseen)) { vseen[variant] = 1; vorder[++m] = variant }
 }
@@ -244,8 +245,13 @@ END {
 			printf "%-12s %6s %10.0f %9.2f %9.2f %8s %8d %8s\n", v, c, rps[v, c], p50[v, c] / 1000, p99[v, c] / 1000, ratio, bad[v, c], (drain[v, c] == "" ? "-" : drain[v, c])
 		}
 	}
+	print ""
+	print "== latency of the 202 at half of each server own rate (hey -q; hey itself adds ~1 ms, see bare)"
 	for (i = 1; i <= n; i++) {
 		c = order[i]
-		if (c in half) printf "switchyard at half its rate, %s conns: %s\n", c, half[c]
+		for (j = 1; j <= m; j++) {
+			v = vorder[j]
+			if ((v, c) in half) printf "%-12s %6s conns: %s\n", v, c, half[v, c]
+		}
 	}
 }' "$RESULTS"
