@@ -2,7 +2,7 @@
 //! `<data dir>/journal/`. `docs/adr/0001-embedded-store.md` says why fjall.
 //!
 //! Durability: the writer commits each batch as one `SingleWriterTxDatabase`
-//! transaction with `PersistMode::SyncAll`, so the whole batch is in the
+//! transaction with `PersistMode::SyncData`, so the whole batch is in the
 //! fsynced journal before any caller hears back. Readers see a commit only
 //! after that (fjall publishes the batch's sequence number last). After a crash,
 //! opening replays the journal: a batch is recovered whole or not at all.
@@ -674,8 +674,11 @@ impl Writer {
         let s = &*self.store;
         // Reads inside the transaction see its own earlier writes, so each op
         // sees the ops before it in the batch.
+        // fdatasync: the journal is append-only, and fdatasync also flushes
+        // the file size it needs to be read back (fjall fsyncs new journal
+        // files in full when it creates them).
         let durability = if s.fsync {
-            PersistMode::SyncAll
+            PersistMode::SyncData
         } else {
             PersistMode::Buffer
         };
