@@ -7,7 +7,6 @@
 //!
 //! `cargo run --release -p switchyard --example bare_hyper -- 127.0.0.1:8081`
 
-
 // The same allocator as the switchyard binary, so the baseline differs only
 // in what the server does.
 #[global_allocator]
