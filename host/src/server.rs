@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, WasmSource};
 use crate::dispatch::{Dispatcher, Work};
 use crate::event::now_ms;
+use crate::ingress::verify::{SecretError, Verifier};
 use crate::ingress::{self, AppState};
 use crate::journal::{Journal, JournalError};
 use crate::runtime::{Plugin, Runtime, RuntimeError, cargo};
@@ -21,6 +22,33 @@ use crate::runtime::{Plugin, Runtime, RuntimeError, cargo};
 pub struct Live {
     pub config: Config,
     pub plugins: HashMap<String, Arc<Plugin>>,
+    /// Per source that verifies requests, its verifier with secrets resolved.
+    pub verifiers: HashMap<String, Arc<Verifier>>,
+}
+
+impl Live {
+    /// Resolves secrets (from the environment) and loads every plugin.
+    async fn load(runtime: &Runtime, config: Config) -> Result<Live, LoadError> {
+        let verifiers = verifiers(&config)?;
+        let plugins = load_plugins(runtime, &config).await?;
+        Ok(Live {
+            config,
+            plugins,
+            verifiers,
+        })
+    }
+}
+
+/// The verifiers of every source that has a `verify` table.
+pub fn verifiers(config: &Config) -> Result<HashMap<String, Arc<Verifier>>, SecretError> {
+    let mut out = HashMap::new();
+    for (name, source) in &config.sources {
+        if let Some(v) = &source.verify {
+            let verifier = Verifier::new(name, v, |var| std::env::var(var).ok())?;
+            out.insert(name.clone(), Arc::new(verifier));
+        }
+    }
+    Ok(out)
 }
 
 /// The last reload that failed (cleared by the next one that succeeds).
@@ -38,7 +66,16 @@ pub enum ReloadError {
     #[error("{0}")]
     Config(#[from] crate::config::ConfigErrors),
     #[error(transparent)]
+    Load(#[from] LoadError),
+}
+
+/// Why the plugins or secrets of a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
     Plugin(#[from] RuntimeError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
 }
 
 /// Why the server could not start.
@@ -48,6 +85,8 @@ pub enum ServeError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -105,8 +144,7 @@ impl Reloader {
             config.server.listen = old.listen;
             config.server.data_dir = old.data_dir.clone();
             config.server.build_dir = old.build_dir.clone();
-            let plugins = load_plugins(&self.runtime, &config).await?;
-            Ok::<_, ReloadError>(Live { config, plugins })
+            Ok::<_, ReloadError>(Live::load(&self.runtime, config).await?)
         }
         .await;
         match result {
@@ -162,10 +200,10 @@ impl Server {
             tracing::warn!("[server] fsync = false: a crash may lose events already answered 202");
         }
         let runtime = Arc::new(Runtime::new(&data_dir.join("cache"), journal.clone())?);
-        let plugins = load_plugins(&runtime, &config).await?;
         let workers = config.server.workers;
         let config_file = config.file.clone();
-        let live = Arc::new(ArcSwap::from_pointee(Live { config, plugins }));
+        let live = Live::load(&runtime, config).await?;
+        let live = Arc::new(ArcSwap::from_pointee(live));
         let reloader = Arc::new(Reloader {
             live: live.clone(),
             runtime: runtime.clone(),

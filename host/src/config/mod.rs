@@ -76,6 +76,36 @@ pub struct SourceConfig {
     /// Where the idempotency key comes from, if the source deduplicates.
     pub dedup_from: Option<FieldFrom>,
     pub dedup_window: Duration,
+    /// How requests are verified, if they are.
+    pub verify: Option<VerifyConfig>,
+}
+
+/// A source's `verify` table, validated (secrets are resolved at start).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyConfig {
+    pub scheme: VerifyScheme,
+    /// Environment variables holding the secrets, newest first.
+    pub secret_env: Vec<String>,
+    pub tolerance: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyScheme {
+    StandardWebhooks,
+    Github,
+    Stripe,
+    Bearer,
+}
+
+impl VerifyScheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyScheme::StandardWebhooks => "standard-webhooks",
+            VerifyScheme::Github => "github",
+            VerifyScheme::Stripe => "stripe",
+            VerifyScheme::Bearer => "bearer",
+        }
+    }
 }
 
 /// How long a source remembers idempotency keys unless it says otherwise.
@@ -559,6 +589,10 @@ impl Validator {
                 Some(d) => self.duration(d, &format!("{key}.dedup_window")),
                 None => Some(DEFAULT_DEDUP_WINDOW),
             };
+            let verify = s
+                .verify
+                .as_ref()
+                .and_then(|v| self.verify(v, &format!("{key}.verify")));
             if named {
                 let name = s.name.into_inner();
                 out.insert(
@@ -570,6 +604,7 @@ impl Validator {
                         max_body: max_body.unwrap_or(DEFAULT_MAX_BODY),
                         dedup_from,
                         dedup_window: dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW),
+                        verify,
                     },
                 );
             }
@@ -755,6 +790,56 @@ impl Validator {
             }
         }
         RouteTable::new(table)
+    }
+
+    fn verify(&mut self, raw: &Spanned<raw::RawVerify>, key: &str) -> Option<VerifyConfig> {
+        let v = raw.get_ref();
+        let scheme = match v.scheme.get_ref().as_str() {
+            "standard-webhooks" => Some(VerifyScheme::StandardWebhooks),
+            "github" => Some(VerifyScheme::Github),
+            "stripe" => Some(VerifyScheme::Stripe),
+            "bearer" => Some(VerifyScheme::Bearer),
+            other => {
+                self.error(
+                    Some(v.scheme.span()),
+                    format!("{key}.scheme"),
+                    format!(
+                        "unknown scheme `{other}`; expected \"standard-webhooks\", \"github\", \"stripe\" or \"bearer\""
+                    ),
+                );
+                None
+            }
+        };
+        let names: Option<Vec<String>> = match v.secret_env.get_ref() {
+            toml::Value::String(s) => Some(vec![s.clone()]),
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().map(str::to_string))
+                .collect(),
+            _ => None,
+        };
+        let valid_name =
+            |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        let secret_env = match names {
+            Some(n) if !n.is_empty() && n.iter().all(|n| valid_name(n)) => Some(n),
+            _ => {
+                self.error(
+                    Some(v.secret_env.span()),
+                    format!("{key}.secret_env"),
+                    "`secret_env` names an environment variable (e.g. \"SHOP_WEBHOOK_SECRET\") or a list of them; the secret itself never goes in this file",
+                );
+                None
+            }
+        };
+        let tolerance = match &v.tolerance {
+            Some(t) => self.duration(t, &format!("{key}.tolerance")),
+            None => Some(Duration::from_secs(300)),
+        };
+        Some(VerifyConfig {
+            scheme: scheme?,
+            secret_env: secret_env?,
+            tolerance: tolerance?,
+        })
     }
 
     fn retry(&mut self, raw: &Spanned<RawRetry>, key: &str) -> Option<RetryPolicy> {

@@ -75,6 +75,49 @@ pub struct RawSource {
     /// How long an idempotency key is remembered, e.g. "24h" (the default).
     #[schemars(with = "Option<String>")]
     pub dedup_window: Option<Spanned<String>>,
+    /// Verify each request's signature or token before accepting it (401 if
+    /// it fails).
+    #[schemars(with = "Option<RawVerify>")]
+    pub verify: Option<Spanned<RawVerify>>,
+}
+
+/// A source's request verification. Secrets are never written in the file:
+/// it names the environment variables that hold them.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerify {
+    /// "standard-webhooks" (`webhook-signature`, v1 HMAC `whsec_...` or v1a
+    /// ed25519 `whpk_...`), "github" (`X-Hub-Signature-256`), "stripe"
+    /// (`Stripe-Signature`) or "bearer" (`Authorization: Bearer`).
+    #[schemars(with = "VerifySchemeName")]
+    pub scheme: Spanned<String>,
+    /// The environment variable holding the secret, or several (new first)
+    /// while rotating: a request signed with any of them passes.
+    #[schemars(with = "SecretEnv")]
+    pub secret_env: Spanned<toml::Value>,
+    /// How far a signed timestamp may be from now, e.g. "5m" (the default).
+    #[schemars(with = "Option<String>")]
+    pub tolerance: Option<Spanned<String>>,
+}
+
+/// The verification schemes.
+#[derive(JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+enum VerifySchemeName {
+    StandardWebhooks,
+    Github,
+    Stripe,
+    Bearer,
+}
+
+/// One variable name, or a list of them.
+#[derive(JsonSchema)]
+#[serde(untagged)]
+#[allow(dead_code)]
+enum SecretEnv {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// `[[plugins]]`: a consumer plugin (a WebAssembly component).

@@ -3,6 +3,7 @@
 //! admin API (`admin`).
 
 mod admin;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -131,6 +132,19 @@ async fn webhook(
         ));
     }
     let body = read_body(body, &headers, source.max_body).await?;
+    // Before anything is parsed: a forged request must cost as little as
+    // possible and leave no trace.
+    if let Some(verifier) = live.verifiers.get(&source.name) {
+        let now = now_ms() / 1000;
+        verifier.verify(&headers, &body, now).map_err(|e| {
+            tracing::debug!(source = %source.name, reason = %e, "request failed verification");
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "verification failed",
+                e.to_string(),
+            )
+        })?;
+    }
     let data: Value = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -323,6 +337,7 @@ mod tests {
             max_body: 1024,
             dedup_from: None,
             dedup_window: crate::config::DEFAULT_DEDUP_WINDOW,
+            verify: None,
         }
     }
 
