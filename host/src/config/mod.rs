@@ -737,7 +737,11 @@ impl Validator {
             }
             if let Some(p) = &pattern {
                 for s in p.exact_sources() {
-                    if !sources.contains_key(s) {
+                    // A CloudEvent keeps its own `source`, a URI reference
+                    // ("/orders", "https://…"): only a bare name must be a
+                    // declared webhook (a typo check).
+                    let uri_like = s.contains(['/', ':']);
+                    if !uri_like && !sources.contains_key(s) {
                         self.error(
                             Some(span.clone()),
                             format!("{key}.match.source"),

@@ -3,6 +3,7 @@
 //! admin API (`admin`).
 
 mod admin;
+pub mod cloudevents;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use crate::dispatch::{Dispatcher, Work};
 use crate::event::{Event, is_json_media_type, new_event_id, now_ms, rfc3339_ms};
 use crate::journal::{Appended, DedupKey, Journal, JournalError, PlannedDelivery};
 use crate::server::Live;
+use cloudevents::Mode;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -119,17 +121,24 @@ async fn webhook(
             format!("no source named `{source_name}` is declared in rules.toml"),
         ));
     };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("(not text)").to_string());
-    if let Some(ct) = &content_type
-        && !is_json_media_type(ct)
-    {
-        return Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported content type",
-            format!("`{ct}` is not accepted here; send application/json"),
-        ));
+    let mode = cloudevents::mode(&headers);
+    if mode == Mode::Plain {
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap_or("(not text)").to_string());
+        if let Some(ct) = &content_type
+            && !is_json_media_type(ct)
+        {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported content type",
+                format!(
+                    "`{ct}` is not accepted here; send application/json, or a CloudEvent \
+                     (binary mode with ce-* headers, application/cloudevents+json, \
+                     application/cloudevents-batch+json)"
+                ),
+            ));
+        }
     }
     let body = read_body(body, &headers, source.max_body).await?;
     // Before anything is parsed: a forged request must cost as little as
@@ -145,26 +154,83 @@ async fn webhook(
             )
         })?;
     }
-    let data: Value = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed JSON",
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
-    // A request without the key is accepted as a new event: like Stripe's
-    // optional `Idempotency-Key`, the sender chooses to deduplicate.
-    let dedup = source.dedup_from.as_ref().and_then(|from| {
-        Some(DedupKey {
-            source: source.name.clone(),
-            key: attribute(from, &headers, &data)?,
-            window_ms: source.dedup_window.as_millis() as u64,
-        })
-    });
-    let event = Arc::new(to_event(source, &headers, &data, body)?);
+    let invalid =
+        |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid CloudEvent", detail);
+    let accepted = match mode {
+        Mode::Plain => {
+            let data: Value = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed JSON",
+                    format!("the body is not valid JSON: {e}"),
+                )
+            })?;
+            // A request without the key is accepted as a new event: like
+            // Stripe's optional `Idempotency-Key`, the sender chooses to
+            // deduplicate.
+            let dedup = source.dedup_from.as_ref().and_then(|from| {
+                Some(DedupKey {
+                    source: source.name.clone(),
+                    key: attribute(from, &headers, &data)?,
+                    window_ms: source.dedup_window.as_millis() as u64,
+                })
+            });
+            let event = to_event(source, &headers, &data, body)?;
+            accept(&state, &live, event, Some(&data), dedup).await?
+        }
+        Mode::Binary | Mode::Structured => {
+            let event = cloudevents::decode(&headers, &body, &source.name).map_err(invalid)?;
+            let dedup = ce_dedup(source, &event);
+            accept(&state, &live, event, None, dedup).await?
+        }
+        Mode::Batch => {
+            let items = cloudevents::decode_batch(&body, &source.name).map_err(invalid)?;
+            return accept_batch(state, live, &source_name, items).await;
+        }
+    };
+    Ok((StatusCode::ACCEPTED, Json(accepted.to_json())).into_response())
+}
 
+/// What became of one accepted event.
+struct Accepted {
+    id: String,
+    /// A repeat of an event accepted before (nothing new was stored).
+    duplicate: bool,
+    routes: Vec<String>,
+}
+
+impl Accepted {
+    fn to_json(&self) -> Value {
+        if self.duplicate {
+            json!({ "id": self.id, "duplicate": true })
+        } else {
+            json!({ "id": self.id, "routes": self.routes })
+        }
+    }
+}
+
+/// A CloudEvent's own (source, id) is its idempotency key: the spec makes
+/// that pair unique per distinct event.
+fn ce_dedup(source: &SourceConfig, event: &Event) -> Option<DedupKey> {
+    Some(DedupKey {
+        source: source.name.clone(),
+        key: format!("{}\u{1f}{}", event.source, event.id),
+        window_ms: source.dedup_window.as_millis() as u64,
+    })
+}
+
+/// Matches, plans, journals (answering only once durable) and queues one event.
+async fn accept(
+    state: &AppState,
+    live: &Live,
+    event: Event,
+    data: Option<&Value>,
+    dedup: Option<DedupKey>,
+) -> Result<Accepted, ApiError> {
+    let event = Arc::new(event);
     let routes = live.config.routes.matching(&event);
-    let planned: Vec<PlannedDelivery> = plan(&routes, &event, Some(&data));
+    let planned: Vec<PlannedDelivery> = plan(&routes, &event, data);
+    let route_names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     let accepted_ms = now_ms();
     let appended = state
         .journal
@@ -174,11 +240,11 @@ async fn webhook(
         Appended::New(seq) => seq,
         Appended::Duplicate { id } => {
             tracing::debug!(%id, source = %event.source, "duplicate delivery; answered with the first event's id");
-            return Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({ "id": id, "duplicate": true })),
-            )
-                .into_response());
+            return Ok(Accepted {
+                id,
+                duplicate: true,
+                routes: Vec::new(),
+            });
         }
     };
     // The index of a delivery is its position in `planned`.
@@ -202,13 +268,64 @@ async fn webhook(
         })
         .collect();
     state.dispatcher.enqueue_all(work);
-    let route_names: Vec<&str> = routes.iter().map(|r| r.name.as_str()).collect();
     tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": event.id, "routes": route_names })),
-    )
-        .into_response())
+    Ok(Accepted {
+        id: event.id.clone(),
+        duplicate: false,
+        routes: route_names,
+    })
+}
+
+/// A CloudEvents batch: each valid event is journaled (concurrently, so they
+/// share commits); the answer lists, in order, each event's id or error.
+/// 202 when all were accepted, 207 when some were, 400 when none was.
+async fn accept_batch(
+    state: AppState,
+    live: Arc<Live>,
+    source_name: &str,
+    items: Vec<Result<Event, String>>,
+) -> Result<Response, ApiError> {
+    let Some(source) = live.config.sources.get(source_name).cloned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown source",
+            format!("no source named `{source_name}`"),
+        ));
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut results: Vec<Option<Value>> = vec![None; items.len()];
+    for (i, item) in items.into_iter().enumerate() {
+        match item {
+            Err(e) => results[i] = Some(json!({ "error": "invalid CloudEvent", "detail": e })),
+            Ok(event) => {
+                let (state, live, dedup) = (state.clone(), live.clone(), ce_dedup(&source, &event));
+                tasks.spawn(async move { (i, accept(&state, &live, event, None, dedup).await) });
+            }
+        }
+    }
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = joined.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+                e.to_string(),
+            )
+        })?;
+        results[i] = Some(match result {
+            Ok(a) => a.to_json(),
+            Err(e) => json!({ "error": e.error, "detail": e.detail }),
+        });
+    }
+    let results: Vec<Value> = results.into_iter().map(Option::unwrap_or_default).collect();
+    let ok = results.iter().filter(|r| r.get("id").is_some()).count();
+    let status = if ok == results.len() {
+        StatusCode::ACCEPTED
+    } else if ok > 0 {
+        StatusCode::MULTI_STATUS
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    Ok((status, Json(json!({ "results": results }))).into_response())
 }
 
 /// The deliveries of an event to the routes it matched: one per (route,
