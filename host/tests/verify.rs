@@ -145,6 +145,11 @@ async fn standard_webhooks_signatures_are_checked_with_rotation() {
     };
     let (status, answer) = post(&t, "sw", &h("msg_1", ts, &good), body).await;
     assert_eq!(status, 202, "{answer}");
+    // The provider's delivery id is the event's id, and its dedup key: the
+    // provider retrying the same message gets the same answer.
+    assert_eq!(answer["id"], "msg_1");
+    let (status, again) = post(&t, "sw", &h("msg_1", ts, &good), body).await;
+    assert_eq!((status, again["duplicate"].as_bool()), (202, Some(true)));
     let id = answer["id"].as_str().unwrap().to_string();
     let tl = t.settled(&id).await;
     assert_eq!(tl["event"]["type"], "invoice.paid");
@@ -265,6 +270,7 @@ async fn github_stripe_and_bearer_verify_and_reject() {
     let stripe = |v: String| vec![("Stripe-Signature", v)];
     let (status, answer) = post(&t, "stripe", &stripe(format!("t={ts},v1={v1}")), body).await;
     assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["id"], "evt_1NG8Du2eZvKYlo2CUI79vXWy");
     let tl = t.settled(answer["id"].as_str().unwrap()).await;
     assert_eq!(tl["event"]["type"], "charge.succeeded");
     let before_stripe = events(&t);

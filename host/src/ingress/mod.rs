@@ -168,14 +168,20 @@ async fn webhook(
             // A request without the key is accepted as a new event: like
             // Stripe's optional `Idempotency-Key`, the sender chooses to
             // deduplicate.
-            let dedup = source.dedup_from.as_ref().and_then(|from| {
-                Some(DedupKey {
-                    source: source.name.clone(),
-                    key: attribute(from, &headers, &data)?,
-                    window_ms: source.dedup_window.as_millis() as u64,
-                })
+            let delivery_id = provider_delivery_id(source, &headers, &data);
+            let key = match &source.dedup_from {
+                Some(from) => attribute(from, &headers, &data),
+                None => delivery_id.clone(),
+            };
+            let dedup = key.map(|key| DedupKey {
+                source: source.name.clone(),
+                key,
+                window_ms: source.dedup_window.as_millis() as u64,
             });
-            let event = to_event(source, &headers, &data, body)?;
+            let mut event = to_event(source, &headers, &data, body)?;
+            if let Some(id) = delivery_id {
+                event.id = id;
+            }
             accept(&state, &live, event, Some(&data), dedup).await?
         }
         Mode::Binary | Mode::Structured => {
@@ -384,6 +390,25 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             format!("the body could not be read: {e}"),
         )),
     }
+}
+
+/// The delivery id a verified provider gives each event (Standard Webhooks'
+/// `webhook-id`, GitHub's `X-GitHub-Delivery`, the `id` of a Stripe event):
+/// it becomes the event's id and, unless the source says otherwise, its
+/// idempotency key, so a provider's retry is recognised as the same event.
+fn provider_delivery_id(
+    source: &SourceConfig,
+    headers: &HeaderMap,
+    data: &Value,
+) -> Option<String> {
+    use crate::config::VerifyScheme;
+    let from = match source.verify.as_ref()?.scheme {
+        VerifyScheme::StandardWebhooks => FieldFrom::Header("webhook-id".into()),
+        VerifyScheme::Github => FieldFrom::Header("x-github-delivery".into()),
+        VerifyScheme::Stripe => FieldFrom::Pointer("/id".into()),
+        VerifyScheme::Bearer => return None,
+    };
+    attribute(&from, headers, data).filter(|id| id.len() <= 256)
 }
 
 /// A plain JSON webhook as a CloudEvents envelope.
