@@ -48,6 +48,12 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Whether journal commits wait for the disk.
     pub fsync: bool,
+    /// Webhook requests handled at once (more: 503).
+    pub max_concurrency: usize,
+    /// Deadline for a client to send its headers.
+    pub header_timeout: Duration,
+    /// Deadline for a client to send its body (408).
+    pub body_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -78,6 +84,10 @@ pub struct SourceConfig {
     pub dedup_window: Duration,
     /// How requests are verified, if they are.
     pub verify: Option<VerifyConfig>,
+    /// Sustained requests per second and burst, if limited.
+    pub rate_limit: Option<(u32, u32)>,
+    /// Requests of this source at once, if limited.
+    pub max_concurrency: Option<usize>,
 }
 
 /// A source's `verify` table, validated (secrets are resolved at start).
@@ -452,6 +462,18 @@ impl Validator {
             None => Some(Duration::from_secs(10)),
             Some(d) => self.duration(d, "server.shutdown_grace"),
         };
+        let max_concurrency = match &raw.max_concurrency {
+            None => Some(1024),
+            Some(n) => self.count(n, "server.max_concurrency"),
+        };
+        let header_timeout = match &raw.header_timeout {
+            None => Some(Duration::from_secs(10)),
+            Some(d) => self.duration(d, "server.header_timeout"),
+        };
+        let body_timeout = match &raw.body_timeout {
+            None => Some(Duration::from_secs(30)),
+            Some(d) => self.duration(d, "server.body_timeout"),
+        };
         Some((
             ServerConfig {
                 listen: listen?,
@@ -461,6 +483,9 @@ impl Validator {
                 retention: retention?,
                 shutdown_grace: shutdown_grace?,
                 fsync: raw.fsync.as_ref().is_none_or(|f| *f.get_ref()),
+                max_concurrency: max_concurrency?,
+                header_timeout: header_timeout?,
+                body_timeout: body_timeout?,
             },
             max_body?,
         ))
@@ -593,6 +618,19 @@ impl Validator {
                 .verify
                 .as_ref()
                 .and_then(|v| self.verify(v, &format!("{key}.verify")));
+            let rate_limit = s.rate_limit.as_ref().and_then(|r| {
+                let per_second =
+                    self.count(&r.get_ref().per_second, &format!("{key}.rate_limit.per_second"))?;
+                let burst = match &r.get_ref().burst {
+                    Some(b) => self.count(b, &format!("{key}.rate_limit.burst"))?,
+                    None => per_second,
+                };
+                Some((per_second as u32, burst as u32))
+            });
+            let max_concurrency = s
+                .max_concurrency
+                .as_ref()
+                .and_then(|n| self.count(n, &format!("{key}.max_concurrency")));
             if named {
                 let name = s.name.into_inner();
                 out.insert(
@@ -605,6 +643,8 @@ impl Validator {
                         dedup_from,
                         dedup_window: dedup_window.unwrap_or(DEFAULT_DEDUP_WINDOW),
                         verify,
+                        rate_limit,
+                        max_concurrency,
                     },
                 );
             }
@@ -794,6 +834,20 @@ impl Validator {
             }
         }
         RouteTable::new(table)
+    }
+
+    /// A positive count (1 to 1,000,000).
+    fn count(&mut self, n: &Spanned<i64>, key: &str) -> Option<usize> {
+        if (1..=1_000_000).contains(n.get_ref()) {
+            Some(*n.get_ref() as usize)
+        } else {
+            self.error(
+                Some(n.span()),
+                key,
+                format!("`{}` must be between 1 and 1000000", key.rsplit('.').next().unwrap_or(key)),
+            );
+            None
+        }
     }
 
     fn verify(&mut self, raw: &Spanned<raw::RawVerify>, key: &str) -> Option<VerifyConfig> {

@@ -39,6 +39,18 @@ pub struct RawServer {
     /// is for benchmarks only: a crash may lose events already answered 202.
     #[schemars(with = "Option<bool>")]
     pub fsync: Option<Spanned<bool>>,
+    /// Webhook requests handled at once; more are answered 503 at once (load
+    /// shedding) rather than queued (default 1024).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000000))]
+    pub max_concurrency: Option<Spanned<i64>>,
+    /// How long a client may take to send its request headers, e.g. "10s"
+    /// (the default): slow senders are cut off.
+    #[schemars(with = "Option<String>")]
+    pub header_timeout: Option<Spanned<String>>,
+    /// How long a client may take to send its body, e.g. "30s" (the
+    /// default); answered 408.
+    #[schemars(with = "Option<String>")]
+    pub body_timeout: Option<Spanned<String>>,
 }
 
 /// `[[sources]]`: a webhook, `POST /webhooks/<name>`.
@@ -79,6 +91,25 @@ pub struct RawSource {
     /// it fails).
     #[schemars(with = "Option<RawVerify>")]
     pub verify: Option<Spanned<RawVerify>>,
+    /// Requests per second this source accepts (a token bucket); more are
+    /// answered 429 with `Retry-After`.
+    #[schemars(with = "Option<RawRateLimit>")]
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
+    /// Requests of this source handled at once; more are answered 503.
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000000))]
+    pub max_concurrency: Option<Spanned<i64>>,
+}
+
+/// A source's rate limit.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    /// Sustained requests per second.
+    #[schemars(with = "u32", range(min = 1))]
+    pub per_second: Spanned<i64>,
+    /// Requests accepted at once after a quiet period (default: `per_second`).
+    #[schemars(with = "Option<u32>", range(min = 1))]
+    pub burst: Option<Spanned<i64>>,
 }
 
 /// A source's request verification. Secrets are never written in the file:
