@@ -997,7 +997,11 @@ mod property {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+        // 2,000 cases unless PROPTEST_CASES asks for another number.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(2000),
+            ..ProptestConfig::default()
+        })]
         #[test]
         fn compiled_matcher_agrees_with_reference(
             sources in prop::collection::vec(fields(), 1..4),

@@ -69,7 +69,6 @@ struct P {
 
 #[derive(Debug, Clone)]
 struct ConjInfo {
-    route: u32,
     slots: Vec<SlotInfo>,
 }
 
@@ -101,9 +100,9 @@ const FEW_CHILDREN: usize = 8;
 
 #[derive(Debug, Clone, Default)]
 struct PathNode {
-    children: FxMap<Box<str>, u32>,
+    children: FxMap<Box<[u8]>, u32>,
     /// The children again when there are at most [`FEW_CHILDREN`].
-    few: Vec<(Box<str>, u32)>,
+    few: Vec<(Box<[u8]>, u32)>,
     index: Option<Box<Index>>,
     /// Some slot names this path: record its leaves.
     record: bool,
@@ -114,6 +113,9 @@ struct PathNode {
 pub struct Matcher {
     paths: Vec<PathNode>,
     conjs: Vec<ConjInfo>,
+    /// Per alternative: its route, and whether a hit on its key field is
+    /// a match (one field, required: nothing else to check).
+    conj_route: Vec<(u32, bool)>,
     /// Routes with an empty alternative (match everything).
     always: Vec<u32>,
     /// Alternatives with no required slot (only `exists = false`-able ones).
@@ -170,10 +172,7 @@ impl Matcher {
                     continue;
                 }
                 let conj = m.conjs.len() as u32;
-                let mut info = ConjInfo {
-                    route,
-                    slots: Vec::new(),
-                };
+                let mut info = ConjInfo { slots: Vec::new() };
                 for slot in &alt.slots {
                     let node = m.node_for(&slot.path);
                     m.paths[node as usize].record = true;
@@ -208,6 +207,8 @@ impl Matcher {
                     }
                     None => m.absent_only.push(conj),
                 }
+                let trivial = key.is_some() && info.slots.len() == 1;
+                m.conj_route.push((route, trivial));
                 m.conjs.push(info);
             }
         }
@@ -239,7 +240,7 @@ impl Matcher {
             let next = self.paths.len() as u32;
             let entry = *self.paths[cur as usize]
                 .children
-                .entry(key.as_str().into())
+                .entry(key.as_bytes().into())
                 .or_insert(next);
             if entry == next {
                 self.paths.push(PathNode::default());
@@ -295,6 +296,8 @@ struct Scratch {
     text: String,
     trails: Vec<(u32, u32)>,
     scratch: Vec<P>,
+    /// Candidate alternatives (in `finish`).
+    conjs: Vec<u32>,
 }
 
 /// Buffers larger than this are not kept for the next event.
@@ -316,6 +319,7 @@ impl Drop for Collect<'_> {
             || s.leaves.capacity() > KEEP_SCRATCH
             || s.hits.capacity() > KEEP_SCRATCH
             || s.trails.capacity() > KEEP_SCRATCH
+            || s.conjs.capacity() > KEEP_SCRATCH
         {
             return;
         }
@@ -325,6 +329,7 @@ impl Drop for Collect<'_> {
         s.text.clear();
         s.trails.clear();
         s.scratch.clear();
+        s.conjs.clear();
         let _ = SCRATCH.try_with(|c| {
             if let Ok(mut slot) = c.try_borrow_mut() {
                 *slot = s;
@@ -336,12 +341,16 @@ impl Drop for Collect<'_> {
 impl Visit for Collect<'_> {
     type Node = u32;
 
-    fn child(&mut self, parent: u32, key: &str) -> Option<u32> {
+    fn child(&mut self, parent: u32, key: &[u8]) -> Option<u32> {
         let pn = &self.m.paths[parent as usize];
         if pn.children.len() <= FEW_CHILDREN {
             return pn.few.iter().find(|(k, _)| **k == *key).map(|&(_, v)| v);
         }
         pn.children.get(key).copied()
+    }
+
+    fn wants(&self, node: u32) -> bool {
+        self.m.paths[node as usize].record
     }
 
     fn leaf(&mut self, node: u32, value: Value<'_>, trail: &[(u32, u32)]) {
@@ -417,28 +426,56 @@ impl<'m> Collect<'m> {
         }
     }
 
-    fn finish(self) -> Vec<usize> {
+    fn finish(mut self) -> Vec<usize> {
         let m = self.m;
-        let mut conjs: Vec<u32> = self.s.hits.iter().map(|h| h.0).collect();
+        let mut conjs = std::mem::take(&mut self.s.conjs);
+        conjs.clear();
+        conjs.extend(self.s.hits.iter().map(|h| h.0));
         conjs.extend_from_slice(&m.absent_only);
-        conjs.sort_unstable();
-        conjs.dedup();
-        let mut routes: Vec<u32> = Vec::new();
-        for c in conjs {
-            let info = &m.conjs[c as usize];
-            if routes.last() != Some(&info.route) && self.verify(info) {
-                routes.push(info.route);
+        if conjs.len() > 1 {
+            conjs.sort_unstable();
+            conjs.dedup();
+        }
+        // Alternatives are numbered route by route: ascending routes.
+        let mut routes: Vec<usize> = Vec::new();
+        for &c in &conjs {
+            let (route, trivial) = m.conj_route[c as usize];
+            let route = route as usize;
+            if routes.last() != Some(&route) && (trivial || self.verify(&m.conjs[c as usize])) {
+                routes.push(route);
             }
         }
-        routes.extend_from_slice(&m.always);
-        routes.sort_unstable();
-        routes.dedup();
-        routes.into_iter().map(|r| r as usize).collect()
+        self.s.conjs = conjs;
+        if !m.always.is_empty() {
+            routes.extend(m.always.iter().map(|&r| r as usize));
+            routes.sort_unstable();
+            routes.dedup();
+        }
+        routes
     }
 
     /// Every field of a candidate alternative, with array consistency and
     /// absence.
     fn verify(&self, info: &ConjInfo) -> bool {
+        // Without arrays of objects or optional fields, any passing leaf per
+        // field will do (no allocation).
+        let mut simple = true;
+        for slot in &info.slots {
+            let mut any = false;
+            for (l, &(node, a, b)) in self.s.leaves.iter().enumerate() {
+                if node == slot.node && slot.conds.iter().any(|cond| cond.test(&self.value(l))) {
+                    simple &= a == b;
+                    any = true;
+                }
+            }
+            if !any && !slot.absent_ok {
+                return false;
+            }
+            simple &= !slot.absent_ok;
+        }
+        if simple {
+            return true;
+        }
         let mut candidates: Vec<Vec<u32>> = Vec::with_capacity(info.slots.len());
         let mut simple = true;
         for slot in &info.slots {
@@ -597,6 +634,9 @@ impl Index {
 
     fn finish(&mut self) {
         self.numeric.finish();
+        for nfa in [&mut self.nfa, &mut self.nfa_ci].into_iter().flatten() {
+            nfa.finish();
+        }
         self.but_all.sort_unstable();
         self.but_all.dedup();
         if let Some(b) = self.but.as_mut() {
@@ -677,6 +717,13 @@ impl Index {
 #[derive(Debug, Clone)]
 struct Nfa {
     nodes: Vec<NfaNode>,
+    /// Every node's edges in one array (set by `finish`): node `n`'s are
+    /// `flat[spans[n].0..spans[n].1]`.
+    flat: Vec<(u8, u32)>,
+    spans: Vec<(u32, u32)>,
+    /// Every star state is a dead end that loops (prefixes only): one path
+    /// through the trie, no state sets.
+    det: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -693,15 +740,60 @@ impl Nfa {
     fn new() -> Nfa {
         Nfa {
             nodes: vec![NfaNode::default()],
+            flat: Vec::new(),
+            spans: Vec::new(),
+            det: false,
         }
     }
 
+    /// Freezes the edges into one array and looks for the prefix-only case.
+    fn finish(&mut self) {
+        self.flat.clear();
+        self.spans.clear();
+        for node in &self.nodes {
+            let a = self.flat.len() as u32;
+            self.flat.extend_from_slice(&node.edges);
+            self.spans.push((a, self.flat.len() as u32));
+        }
+        self.det = self
+            .nodes
+            .iter()
+            .all(|n| !n.is_star || (n.edges.is_empty() && n.star.is_none()));
+    }
+
     fn edge(&self, n: u32, b: u8) -> Option<u32> {
-        let edges = &self.nodes[n as usize].edges;
+        let edges = match self.spans.get(n as usize) {
+            Some(&(a, z)) => &self.flat[a as usize..z as usize],
+            None => &self.nodes[n as usize].edges[..],
+        };
         edges
             .binary_search_by_key(&b, |e| e.0)
             .ok()
             .map(|i| edges[i].1)
+    }
+
+    /// `run` when every star state is a dead end: walk the trie, reporting
+    /// each star state met (it stays active to the end).
+    fn run_det(&self, input: &[u8], out: &mut impl FnMut(P)) {
+        let star = |n: u32, out: &mut dyn FnMut(P)| {
+            if let Some(s) = self.nodes[n as usize].star {
+                self.nodes[s as usize].accept.iter().copied().for_each(out);
+            }
+        };
+        let mut n = 0u32;
+        for &b in input {
+            star(n, out);
+            match self.edge(n, b) {
+                Some(t) => n = t,
+                None => return,
+            }
+        }
+        star(n, out);
+        self.nodes[n as usize]
+            .accept
+            .iter()
+            .copied()
+            .for_each(&mut *out);
     }
 
     fn insert(&mut self, pieces: &[&str], p: P) {
@@ -746,6 +838,9 @@ impl Nfa {
     }
 
     fn run(&self, input: &[u8], out: &mut impl FnMut(P)) {
+        if self.det {
+            return self.run_det(input, out);
+        }
         let mut cur = Vec::with_capacity(8);
         let mut next = Vec::with_capacity(8);
         self.push_closure(0, &mut cur);
@@ -798,14 +893,24 @@ impl Nfa {
     }
 }
 
+/// Bounds per block of the numeric index's first search level.
+const BLOCK: usize = 32;
+
 /// Numeric intervals as a segment tree over the regions their end points
 /// cut the line into: a point query visits one root-to-leaf path.
 #[derive(Debug, Clone, Default)]
 struct NumIndex {
     pending: Vec<(NumRange, P)>,
     bounds: Vec<f64>,
+    /// The last bound of every block of [`BLOCK`] bounds (a small first
+    /// level for the search, so that big tables touch few cache lines).
+    tops: Vec<f64>,
     tree: Vec<Vec<P>>,
     regions: usize,
+    /// The tests passed in each region, when that is not much bigger than
+    /// the tree: region `r`'s are `flat[starts[r]..starts[r + 1]]`.
+    starts: Vec<u32>,
+    flat: Vec<P>,
 }
 
 impl NumIndex {
@@ -825,6 +930,11 @@ impl NumIndex {
             .collect();
         bounds.sort_by(f64::total_cmp);
         bounds.dedup();
+        self.tops = bounds
+            .chunks(BLOCK)
+            .filter_map(<[f64]>::last)
+            .copied()
+            .collect();
         self.bounds = bounds;
         self.regions = 2 * self.bounds.len() + 1;
         self.tree = vec![Vec::new(); 4 * self.regions];
@@ -848,10 +958,28 @@ impl NumIndex {
                 self.add(1, 0, self.regions - 1, start, end, p);
             }
         }
+        let cap = 8 * self.tree.iter().map(Vec::len).sum::<usize>() + 1024;
+        let (mut starts, mut flat) = (Vec::with_capacity(self.regions + 1), Vec::new());
+        for r in 0..self.regions {
+            starts.push(flat.len() as u32);
+            self.walk(r, &mut |p| flat.push(p));
+            if flat.len() > cap {
+                return;
+            }
+        }
+        starts.push(flat.len() as u32);
+        self.starts = starts;
+        self.flat = flat;
     }
 
+    /// How many bounds are below `b`.
     fn bound_index(&self, b: f64) -> usize {
-        self.bounds.partition_point(|x| *x < b)
+        let block = self.tops.partition_point(|x| *x < b);
+        let start = block * BLOCK;
+        match self.bounds.get(start..) {
+            Some(rest) => start + rest[..rest.len().min(BLOCK)].partition_point(|x| *x < b),
+            None => self.bounds.len(),
+        }
     }
 
     fn add(&mut self, node: usize, lo: usize, hi: usize, a: usize, b: usize, p: P) {
@@ -875,6 +1003,18 @@ impl NumIndex {
         } else {
             2 * i
         };
+        if let (Some(&a), Some(&z)) = (self.starts.get(region), self.starts.get(region + 1)) {
+            self.flat[a as usize..z as usize]
+                .iter()
+                .copied()
+                .for_each(out);
+            return;
+        }
+        self.walk(region, out);
+    }
+
+    /// Every test on the root-to-leaf path of `region` in the tree.
+    fn walk(&self, region: usize, out: &mut impl FnMut(P)) {
         let (mut node, mut lo, mut hi) = (1, 0, self.regions - 1);
         loop {
             self.tree[node].iter().copied().for_each(&mut *out);
