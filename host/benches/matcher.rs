@@ -137,7 +137,9 @@ fn bench(c: &mut Criterion) {
             std::hint::black_box(q.matches_for_event(events[i % EVENTS].as_bytes())).ok();
         });
         if let (Some(ours), Some(theirs)) = (ours, theirs) {
-            println!("{n} routes, CPU time per event: switchyard {ours:.0} ns, quamina {theirs:.0} ns");
+            println!(
+                "{n} routes, CPU time per event: switchyard {ours:.0} ns, quamina {theirs:.0} ns"
+            );
         }
         let mut i = 0;
         group.bench_with_input(BenchmarkId::new("switchyard", n), &n, |b, _| {
