@@ -24,6 +24,34 @@ pub struct Live {
     pub plugins: HashMap<String, Arc<Plugin>>,
     /// Per source that verifies requests, its verifier with secrets resolved.
     pub verifiers: HashMap<String, Arc<Verifier>>,
+    /// Per source with a rate or concurrency limit, its limiter state (reset
+    /// by a reload).
+    pub limits: HashMap<String, Arc<SourceLimits>>,
+}
+
+/// The limiter state of one source.
+pub struct SourceLimits {
+    pub rate: Option<governor::DefaultDirectRateLimiter>,
+    pub concurrency: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+fn source_limits(config: &Config) -> HashMap<String, Arc<SourceLimits>> {
+    use std::num::NonZeroU32;
+    let mut out = HashMap::new();
+    for (name, s) in &config.sources {
+        let rate = s.rate_limit.and_then(|(per_second, burst)| {
+            let quota = governor::Quota::per_second(NonZeroU32::new(per_second)?)
+                .allow_burst(NonZeroU32::new(burst)?);
+            Some(governor::RateLimiter::direct(quota))
+        });
+        let concurrency = s
+            .max_concurrency
+            .map(|n| Arc::new(tokio::sync::Semaphore::new(n)));
+        if rate.is_some() || concurrency.is_some() {
+            out.insert(name.clone(), Arc::new(SourceLimits { rate, concurrency }));
+        }
+    }
+    out
 }
 
 impl Live {
@@ -32,6 +60,7 @@ impl Live {
         let verifiers = verifiers(&config)?;
         let plugins = load_plugins(runtime, &config).await?;
         Ok(Live {
+            limits: source_limits(&config),
             config,
             plugins,
             verifiers,
@@ -233,17 +262,19 @@ impl Server {
             admin_open: ingress::is_loopback(&addr),
             admin_token,
             draining: draining.clone(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(
+                live.load().config.server.max_concurrency,
+            )),
         };
+        let header_timeout = live.load().config.server.header_timeout;
         let app = ingress::router(state);
-        let shutdown = stop.clone();
-        let http = tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let http = tokio::spawn(ingress::serve::serve(
+            listener,
+            app,
+            header_timeout,
+            stop.clone(),
+            std::time::Duration::from_secs(5),
+        ));
         tokio::spawn(compact_periodically(
             journal.clone(),
             live.clone(),

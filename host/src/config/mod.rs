@@ -619,8 +619,10 @@ impl Validator {
                 .as_ref()
                 .and_then(|v| self.verify(v, &format!("{key}.verify")));
             let rate_limit = s.rate_limit.as_ref().and_then(|r| {
-                let per_second =
-                    self.count(&r.get_ref().per_second, &format!("{key}.rate_limit.per_second"))?;
+                let per_second = self.count(
+                    &r.get_ref().per_second,
+                    &format!("{key}.rate_limit.per_second"),
+                )?;
                 let burst = match &r.get_ref().burst {
                     Some(b) => self.count(b, &format!("{key}.rate_limit.burst"))?,
                     None => per_second,
@@ -844,7 +846,10 @@ impl Validator {
             self.error(
                 Some(n.span()),
                 key,
-                format!("`{}` must be between 1 and 1000000", key.rsplit('.').next().unwrap_or(key)),
+                format!(
+                    "`{}` must be between 1 and 1000000",
+                    key.rsplit('.').next().unwrap_or(key)
+                ),
             );
             None
         }

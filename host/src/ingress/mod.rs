@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod cloudevents;
+pub mod serve;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -39,6 +40,9 @@ pub struct AppState {
     pub admin_open: bool,
     /// Cancelled when the server begins to shut down: webhooks answer 503.
     pub draining: tokio_util::sync::CancellationToken,
+    /// Webhook requests in progress (`[server] max_concurrency`): when none
+    /// is left, requests are shed with 503 instead of queueing.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// An error answer: `{"error": "...", "detail": "..."}` with a status.
@@ -121,6 +125,46 @@ async fn webhook(
             format!("no source named `{source_name}` is declared in rules.toml"),
         ));
     };
+    let _in_flight = state.in_flight.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "the server is handling as many requests as it may; retry shortly",
+        )
+    })?;
+    let _source_slot = match live.limits.get(&source.name) {
+        None => None,
+        Some(limits) => {
+            if let Some(rate) = &limits.rate
+                && let Err(not_until) = rate.check()
+            {
+                use governor::clock::Clock as _;
+                let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                let mut resp = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate limited",
+                    format!("this source accepts a limited rate of requests; retry in {secs} s"),
+                )
+                .into_response();
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(secs.max(1)),
+                );
+                return Ok(resp);
+            }
+            match &limits.concurrency {
+                None => None,
+                Some(sem) => Some(sem.clone().try_acquire_owned().map_err(|_| {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "this source is handling as many requests as it may; retry shortly",
+                    )
+                })?),
+            }
+        }
+    };
     let mode = cloudevents::mode(&headers);
     if mode == Mode::Plain {
         let content_type = headers
@@ -140,7 +184,13 @@ async fn webhook(
             ));
         }
     }
-    let body = read_body(body, &headers, source.max_body).await?;
+    let body = read_body(
+        body,
+        &headers,
+        source.max_body,
+        live.config.server.body_timeout,
+    )
+    .await?;
     // Before anything is parsed: a forged request must cost as little as
     // possible and leave no trace.
     if let Some(verifier) = live.verifiers.get(&source.name) {
@@ -365,8 +415,14 @@ fn shutting_down() -> ApiError {
     )
 }
 
-/// Reads the body, refusing (413) anything over `limit` without buffering it.
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the body, refusing (413) anything over `limit` without buffering it,
+/// and (408) a body that takes longer than `timeout` to arrive.
+async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -381,7 +437,20 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match http_body_util::Limited::new(body, limit).collect().await {
+    let collected =
+        tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect())
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request timeout",
+                    format!(
+                        "the body did not arrive within {}",
+                        humantime::format_duration(timeout)
+                    ),
+                )
+            })?;
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::new(
@@ -480,6 +549,8 @@ mod tests {
             dedup_from: None,
             dedup_window: crate::config::DEFAULT_DEDUP_WINDOW,
             verify: None,
+            rate_limit: None,
+            max_concurrency: None,
         }
     }
 
