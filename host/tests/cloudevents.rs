@@ -17,6 +17,11 @@ build_dir = "BUILD"
 [[sources]]
 name = "ce"
 
+[[sources]]
+name = "forms"
+type_header = "X-Kind"
+content_types = ["application/x-www-form-urlencoded"]
+
 [[plugins]]
 name = "audit"
 wasm = "{audit}"
@@ -146,5 +151,41 @@ async fn binary_structured_and_batch_modes_are_accepted_and_routed() {
         assert_eq!(answer["error"], "invalid CloudEvent", "{answer}");
     }
     assert_eq!(t.journal().stats().unwrap().events, before);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_json_bodies_only_where_the_source_allows_them() {
+    let t = TestServer::start(&config()).await;
+    let post = |source: &'static str, ct: &'static str| {
+        t.client
+            .post(format!("{}/webhooks/{source}", t.base))
+            .header("content-type", ct)
+            .header("X-Kind", "form.posted")
+            .body("name=ada&total=12")
+            .send()
+    };
+    let resp = post("forms", "application/x-www-form-urlencoded; charset=utf-8")
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let tl = t.settled(&id).await;
+    assert_eq!(tl["event"]["type"], "form.posted");
+    assert_eq!(
+        tl["event"]["datacontenttype"],
+        "application/x-www-form-urlencoded; charset=utf-8"
+    );
+    // Not JSON, so the envelope carries it as data_base64, byte for byte.
+    assert_eq!(tl["event"]["data_base64"], "bmFtZT1hZGEmdG90YWw9MTI=");
+    let resp = post("forms", "text/plain").await.unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
+    let resp = post("ce", "application/x-www-form-urlencoded")
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 415);
     t.stop().await;
 }

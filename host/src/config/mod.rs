@@ -88,6 +88,8 @@ pub struct SourceConfig {
     pub rate_limit: Option<(u32, u32)>,
     /// Requests of this source at once, if limited.
     pub max_concurrency: Option<usize>,
+    /// Non-JSON media types accepted as raw bytes (lower case, no parameters).
+    pub content_types: Vec<String>,
 }
 
 /// A source's `verify` table, validated (secrets are resolved at start).
@@ -633,6 +635,22 @@ impl Validator {
                 .max_concurrency
                 .as_ref()
                 .and_then(|n| self.count(n, &format!("{key}.max_concurrency")));
+            let mut content_types = Vec::new();
+            for ct in s.content_types.iter().flat_map(|l| l.get_ref()) {
+                let t = ct.get_ref().trim().to_ascii_lowercase();
+                let valid = t.split_once('/').is_some_and(|(a, b)| {
+                    !a.is_empty() && !b.is_empty() && !t.contains([';', ' ', ','])
+                });
+                if valid {
+                    content_types.push(t);
+                } else {
+                    self.error(
+                        Some(ct.span()),
+                        format!("{key}.content_types"),
+                        format!("`{}` is not a media type like \"text/plain\"", ct.get_ref()),
+                    );
+                }
+            }
             if named {
                 let name = s.name.into_inner();
                 out.insert(
@@ -647,6 +665,7 @@ impl Validator {
                         verify,
                         rate_limit,
                         max_concurrency,
+                        content_types,
                     },
                 );
             }

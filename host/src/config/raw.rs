@@ -98,6 +98,11 @@ pub struct RawSource {
     /// Requests of this source handled at once; more are answered 503.
     #[schemars(with = "Option<u32>", range(min = 1, max = 1000000))]
     pub max_concurrency: Option<Spanned<i64>>,
+    /// Non-JSON media types this source also accepts, e.g. ["text/plain",
+    /// "application/x-www-form-urlencoded"]: the body is passed on as bytes
+    /// with its content type (JSON is always accepted).
+    #[schemars(with = "Option<Vec<String>>")]
+    pub content_types: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// A source's rate limit.

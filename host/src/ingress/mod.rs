@@ -166,22 +166,31 @@ async fn webhook(
         }
     };
     let mode = cloudevents::mode(&headers);
-    if mode == Mode::Plain {
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap_or("(not text)").to_string());
-        if let Some(ct) = &content_type
-            && !is_json_media_type(ct)
-        {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported content type",
-                format!(
-                    "`{ct}` is not accepted here; send application/json, or a CloudEvent \
-                     (binary mode with ce-* headers, application/cloudevents+json, \
-                     application/cloudevents-batch+json)"
-                ),
-            ));
+    // A plain body that is not JSON: only the media types the source allows.
+    let mut raw_type = None;
+    if mode == Mode::Plain
+        && let Some(ct) = headers.get(header::CONTENT_TYPE)
+    {
+        let ct = ct.to_str().unwrap_or("(not text)");
+        if !is_json_media_type(ct) {
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            if !source.content_types.contains(&essence) {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported content type",
+                    format!(
+                        "`{ct}` is not accepted here; send application/json, or a CloudEvent \
+                         (binary mode with ce-* headers, application/cloudevents+json, \
+                         application/cloudevents-batch+json)"
+                    ),
+                ));
+            }
+            raw_type = Some(ct.to_string());
         }
     }
     let body = read_body(
@@ -207,6 +216,17 @@ async fn webhook(
     let invalid =
         |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid CloudEvent", detail);
     let accepted = match mode {
+        Mode::Plain if raw_type.is_some() => {
+            let event = to_raw_event(source, &headers, body, raw_type.unwrap_or_default())?;
+            let dedup = source.dedup_from.as_ref().and_then(|from| {
+                Some(DedupKey {
+                    source: source.name.clone(),
+                    key: attribute(from, &headers, &Value::Null)?,
+                    window_ms: source.dedup_window.as_millis() as u64,
+                })
+            });
+            accept(&state, &live, event, None, dedup).await?
+        }
         Mode::Plain => {
             let data: Value = serde_json::from_slice(&body).map_err(|e| {
                 ApiError::new(
@@ -480,6 +500,19 @@ fn provider_delivery_id(
     attribute(&from, headers, data).filter(|id| id.len() <= 256)
 }
 
+/// A non-JSON webhook body (an allowed `content_types` entry) as an event:
+/// the bytes as they came, the type and subject from headers only.
+fn to_raw_event(
+    source: &SourceConfig,
+    headers: &HeaderMap,
+    body: Bytes,
+    content_type: String,
+) -> Result<Event, ApiError> {
+    let mut event = to_event(source, headers, &Value::Null, body)?;
+    event.datacontenttype = content_type;
+    Ok(event)
+}
+
 /// A plain JSON webhook as a CloudEvents envelope.
 fn to_event(
     source: &SourceConfig,
@@ -551,6 +584,7 @@ mod tests {
             verify: None,
             rate_limit: None,
             max_concurrency: None,
+            content_types: Vec::new(),
         }
     }
 
