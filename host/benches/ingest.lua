@@ -5,6 +5,14 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '{"kind":"order.created","customer":"c-1042","order":"o-77812","total":129.5,' ..
   '"currency":"EUR","items":[{"sku":"A-1","qty":2},{"sku":"B-7","qty":1}]}'
 
+-- The `verified` variant: Standard Webhooks headers signed once by the script
+-- (ingest.sh exports them).
+if os.getenv("SW_SIG") then
+  wrk.headers["webhook-id"] = os.getenv("SW_ID")
+  wrk.headers["webhook-timestamp"] = os.getenv("SW_TS")
+  wrk.headers["webhook-signature"] = os.getenv("SW_SIG")
+end
+
 local threads = {}
 
 function setup(thread)

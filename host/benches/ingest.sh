@@ -8,6 +8,8 @@
 #   no-routes    the real server with no routes: journal only, no deliveries
 #   nofsync      as `switchyard`, with `[server] fsync = false`: the same work
 #                without waiting for the disk (what durability costs)
+#   verified     as `no-routes`, with Standard Webhooks verification (v1 HMAC)
+#                of every request (what verification costs)
 #
 # Then, for each server but `nofsync`, the latency of the 202 at half the
 # throughput it just reached (a fixed rate, with `hey -q`, Debian package
@@ -29,7 +31,7 @@ CONNS="${CONNS:-16 64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 WRK_THREADS="${WRK_THREADS:-2}"
-VARIANTS="${VARIANTS:-bare switchyard nofsync no-routes}"
+VARIANTS="${VARIANTS:-bare switchyard nofsync no-routes verified}"
 
 command -v wrk >/dev/null || {
 	echo "wrk is not installed: apt-get install -y wrk" >&2
@@ -90,8 +92,12 @@ wait_ready() {
 			exit 1
 		fi
 		local code
+		local signed=()
+		if [[ -n "${SW_SIG:-}" ]]; then
+			signed=(-H "webhook-id: $SW_ID" -H "webhook-timestamp: $SW_TS" -H "webhook-signature: $SW_SIG")
+		fi
 		code="$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' \
-			--data "$BODY" "$url" || true)"
+			"${signed[@]}" --data "$BODY" "$url" || true)"
 		[[ "$code" == 202 ]] && return 0
 		sleep 0.1
 	done
@@ -101,7 +107,7 @@ wait_ready() {
 
 # Writes a config for the real server and prints its path.
 write_config() {
-	local dir="$1" port="$2" routes="$3" fsync="$4"
+	local dir="$1" port="$2" routes="$3" fsync="$4" verify="${5:-no}"
 	mkdir -p "$dir"
 	cat >"$dir/rules.toml" <<EOF
 [server]
@@ -114,6 +120,7 @@ fsync = $fsync
 name = "shop"
 type_pointer = "/kind"
 subject_pointer = "/customer"
+$([[ "$verify" == yes ]] && printf '%s\n' 'verify = { scheme = "standard-webhooks", secret_env = "SY_BENCH_SECRET", tolerance = "2h" }' 'dedup_pointer = "/no-such-field"')
 
 [[plugins]]
 name = "audit"
@@ -143,12 +150,13 @@ start_server() {
 	bare)
 		"$BARE" "127.0.0.1:$port" 2>"$LOG" &
 		;;
-	switchyard | no-routes | nofsync)
-		local routes=yes fsync=true
-		[[ "$variant" == no-routes ]] && routes=no
+	switchyard | no-routes | nofsync | verified)
+		local routes=yes fsync=true verify=no
+		[[ "$variant" == no-routes || "$variant" == verified ]] && routes=no
 		[[ "$variant" == nofsync ]] && fsync=false
+		[[ "$variant" == verified ]] && verify=yes
 		local cfg
-		cfg="$(write_config "$TMP/$run" "$port" "$routes" "$fsync")"
+		cfg="$(write_config "$TMP/$run" "$port" "$routes" "$fsync" "$verify")"
 		# Default logging (info, plugin lines included), as a user would run it.
 		"$SWITCHYARD" serve --config "$cfg" >"$LOG" 2>&1 &
 		;;
@@ -183,11 +191,31 @@ wait_drained() {
 echo "== $(date -u +%Y-%m-%dT%H:%MZ) on $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
 echo "== wrk -t$WRK_THREADS, ${DURATION}s per run after ${WARMUP}s warm-up; body: ${#BODY} bytes"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+# One signature for every request of the `verified` runs (the dedup key is a
+# field the body lacks, so each request is stored as a new event).
+export SY_BENCH_SECRET="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SIGNED_ID="msg_bench"
+SIGNED_TS="$(date +%s)"
+SIGNED_SIG="$(python3 -c '
+import base64, hashlib, hmac, sys
+key = base64.b64decode(sys.argv[1].split("_", 1)[1])
+msg = (sys.argv[2] + "." + sys.argv[3] + ".").encode() + sys.argv[4].encode()
+print("v1," + base64.b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode())
+' "$SY_BENCH_SECRET" "$SIGNED_ID" "$SIGNED_TS" "$BODY")"
+sign_env() {
+	if [[ "$1" == verified ]]; then
+		export SW_ID="$SIGNED_ID" SW_TS="$SIGNED_TS" SW_SIG="$SIGNED_SIG"
+	else
+		unset SW_ID SW_TS SW_SIG
+	fi
+}
+
 RESULTS="$TMP/results"
 : >"$RESULTS"
 for c in $CONNS; do
 	for variant in $VARIANTS; do
 		run="$variant-c$c"
+		sign_env "$variant"
 		start_server "$variant" "$run"
 		wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -s "$HERE/ingest.lua" "$URL" >/dev/null
 		[[ "$variant" == switchyard || "$variant" == nofsync ]] && wait_drained >/dev/null
@@ -205,7 +233,11 @@ for c in $CONNS; do
 			# Half the rate just reached, spread over the same connections.
 			rps="$(sed 's/.*rps=\([0-9]*\).*/\1/' <<<"$line")"
 			per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
-			lat="$(hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json -d "$BODY" "$URL")"
+			hey_headers=()
+			if [[ "$variant" == verified ]]; then
+				hey_headers=(-H "webhook-id: $SIGNED_ID" -H "webhook-timestamp: $SIGNED_TS" -H "webhook-signature: $SIGNED_SIG")
+			fi
+			lat="$(hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json "${hey_headers[@]}" -d "$BODY" "$URL")"
 			half_rps="$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$lat")"
 			half_p50="$(awk '/ 50% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
 			half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
