@@ -64,14 +64,7 @@ impl ServerConfig {
     }
 }
 
-/// Where an envelope attribute of a plain JSON webhook comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FieldFrom {
-    /// A request header (name in lower case).
-    Header(String),
-    /// A JSON pointer into the body.
-    Pointer(String),
-}
+pub use crate::ingress::decode::FieldFrom;
 
 #[derive(Debug, Clone)]
 pub struct SourceConfig {

@@ -7,9 +7,9 @@
 //! A CloudEvent keeps its own `id`, `source` and `type`; the name of the
 //! webhook it arrived on is added as the `webhook` extension attribute.
 
-use axum::http::{HeaderMap, header};
 use cloudevents::event::{Data, ExtensionValue};
 use cloudevents::{AttributesReader, Event as CloudEvent};
+use http::{HeaderMap, header};
 
 use crate::event::{Event, now_ms, rfc3339_ms};
 
@@ -128,7 +128,7 @@ fn convert(ce: CloudEvent, webhook: &str) -> Result<Event, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod cloudevents;
+pub mod decode;
 pub mod serve;
 pub mod verify;
 
@@ -23,10 +24,10 @@ use serde_json::{Value, json};
 
 use crate::config::{FieldFrom, SourceConfig};
 use crate::dispatch::{Dispatcher, Work};
-use crate::event::{Event, is_json_media_type, new_event_id, now_ms, rfc3339_ms};
+use crate::event::{Event, now_ms};
 use crate::journal::{Appended, DedupKey, Journal, JournalError, PlannedDelivery};
 use crate::server::Live;
-use cloudevents::Mode;
+use decode::DecodeError;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -165,34 +166,10 @@ async fn webhook(
             }
         }
     };
-    let mode = cloudevents::mode(&headers);
-    // A plain body that is not JSON: only the media types the source allows.
-    let mut raw_type = None;
-    if mode == Mode::Plain
-        && let Some(ct) = headers.get(header::CONTENT_TYPE)
-    {
-        let ct = ct.to_str().unwrap_or("(not text)");
-        if !is_json_media_type(ct) {
-            let essence = ct
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            if !source.content_types.contains(&essence) {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported content type",
-                    format!(
-                        "`{ct}` is not accepted here; send application/json, or a CloudEvent \
-                         (binary mode with ce-* headers, application/cloudevents+json, \
-                         application/cloudevents-batch+json)"
-                    ),
-                ));
-            }
-            raw_type = Some(ct.to_string());
-        }
-    }
+    let provider_id = provider_id_from(source);
+    let rules = source_rules(source, provider_id.as_ref());
+    // Before the body is read: refuse what this source does not take.
+    decode::check_content_type(&rules, &headers).map_err(decode_error)?;
     let body = read_body(
         body,
         &headers,
@@ -213,55 +190,23 @@ async fn webhook(
             )
         })?;
     }
-    let invalid =
-        |detail: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid CloudEvent", detail);
-    let accepted = match mode {
-        Mode::Plain if raw_type.is_some() => {
-            let event = to_raw_event(source, &headers, body, raw_type.unwrap_or_default())?;
-            let dedup = source.dedup_from.as_ref().and_then(|from| {
-                Some(DedupKey {
-                    source: source.name.clone(),
-                    key: attribute(from, &headers, &Value::Null)?,
-                    window_ms: source.dedup_window.as_millis() as u64,
-                })
-            });
-            accept(&state, &live, event, None, dedup).await?
+    let dedup = |key: Option<String>| {
+        key.map(|key| DedupKey {
+            source: source.name.clone(),
+            key,
+            window_ms: source.dedup_window.as_millis() as u64,
+        })
+    };
+    let accepted = match decode::decode(&rules, &headers, &body).map_err(decode_error)? {
+        decode::Request::One(d) => {
+            accept(&state, &live, d.event, d.data.as_ref(), dedup(d.dedup_key)).await?
         }
-        Mode::Plain => {
-            let data: Value = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed JSON",
-                    format!("the body is not valid JSON: {e}"),
-                )
-            })?;
-            // A request without the key is accepted as a new event: like
-            // Stripe's optional `Idempotency-Key`, the sender chooses to
-            // deduplicate.
-            let delivery_id = provider_delivery_id(source, &headers, &data);
-            let key = match &source.dedup_from {
-                Some(from) => attribute(from, &headers, &data),
-                None => delivery_id.clone(),
-            };
-            let dedup = key.map(|key| DedupKey {
-                source: source.name.clone(),
-                key,
-                window_ms: source.dedup_window.as_millis() as u64,
-            });
-            let mut event = to_event(source, &headers, &data, body)?;
-            if let Some(id) = delivery_id {
-                event.id = id;
-            }
-            accept(&state, &live, event, Some(&data), dedup).await?
-        }
-        Mode::Binary | Mode::Structured => {
-            let event = cloudevents::decode(&headers, &body, &source.name).map_err(invalid)?;
-            let dedup = ce_dedup(source, &event);
-            accept(&state, &live, event, None, dedup).await?
-        }
-        Mode::Batch => {
-            let items = cloudevents::decode_batch(&body, &source.name).map_err(invalid)?;
-            return accept_batch(state, live, &source_name, items).await;
+        decode::Request::Batch(items) => {
+            let items = items
+                .into_iter()
+                .map(|r| r.map(|d| (d.event, dedup(d.dedup_key))))
+                .collect();
+            return accept_batch(state, live, items).await;
         }
     };
     Ok((StatusCode::ACCEPTED, Json(accepted.to_json())).into_response())
@@ -283,16 +228,6 @@ impl Accepted {
             json!({ "id": self.id, "routes": self.routes })
         }
     }
-}
-
-/// A CloudEvent's own (source, id) is its idempotency key: the spec makes
-/// that pair unique per distinct event.
-fn ce_dedup(source: &SourceConfig, event: &Event) -> Option<DedupKey> {
-    Some(DedupKey {
-        source: source.name.clone(),
-        key: format!("{}\u{1f}{}", event.source, event.id),
-        window_ms: source.dedup_window.as_millis() as u64,
-    })
 }
 
 /// Matches, plans, journals (answering only once durable) and queues one event.
@@ -358,23 +293,15 @@ async fn accept(
 async fn accept_batch(
     state: AppState,
     live: Arc<Live>,
-    source_name: &str,
-    items: Vec<Result<Event, String>>,
+    items: Vec<Result<(Event, Option<DedupKey>), String>>,
 ) -> Result<Response, ApiError> {
-    let Some(source) = live.config.sources.get(source_name).cloned() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown source",
-            format!("no source named `{source_name}`"),
-        ));
-    };
     let mut tasks = tokio::task::JoinSet::new();
     let mut results: Vec<Option<Value>> = vec![None; items.len()];
     for (i, item) in items.into_iter().enumerate() {
         match item {
             Err(e) => results[i] = Some(json!({ "error": "invalid CloudEvent", "detail": e })),
-            Ok(event) => {
-                let (state, live, dedup) = (state.clone(), live.clone(), ce_dedup(&source, &event));
+            Ok((event, dedup)) => {
+                let (state, live) = (state.clone(), live.clone());
                 tasks.spawn(async move { (i, accept(&state, &live, event, None, dedup).await) });
             }
         }
@@ -481,147 +408,43 @@ async fn read_body(
     }
 }
 
-/// The delivery id a verified provider gives each event (Standard Webhooks'
+/// Where a verified provider puts its delivery id (Standard Webhooks'
 /// `webhook-id`, GitHub's `X-GitHub-Delivery`, the `id` of a Stripe event):
 /// it becomes the event's id and, unless the source says otherwise, its
 /// idempotency key, so a provider's retry is recognised as the same event.
-fn provider_delivery_id(
-    source: &SourceConfig,
-    headers: &HeaderMap,
-    data: &Value,
-) -> Option<String> {
+fn provider_id_from(source: &SourceConfig) -> Option<FieldFrom> {
     use crate::config::VerifyScheme;
-    let from = match source.verify.as_ref()?.scheme {
-        VerifyScheme::StandardWebhooks => FieldFrom::Header("webhook-id".into()),
-        VerifyScheme::Github => FieldFrom::Header("x-github-delivery".into()),
-        VerifyScheme::Stripe => FieldFrom::Pointer("/id".into()),
-        VerifyScheme::Bearer => return None,
-    };
-    attribute(&from, headers, data).filter(|id| id.len() <= 256)
-}
-
-/// A non-JSON webhook body (an allowed `content_types` entry) as an event:
-/// the bytes as they came, the type and subject from headers only.
-fn to_raw_event(
-    source: &SourceConfig,
-    headers: &HeaderMap,
-    body: Bytes,
-    content_type: String,
-) -> Result<Event, ApiError> {
-    let mut event = to_event(source, headers, &Value::Null, body)?;
-    event.datacontenttype = content_type;
-    Ok(event)
-}
-
-/// A plain JSON webhook as a CloudEvents envelope.
-fn to_event(
-    source: &SourceConfig,
-    headers: &HeaderMap,
-    data: &Value,
-    body: Bytes,
-) -> Result<Event, ApiError> {
-    let ty = match &source.type_from {
-        None => "webhook".to_string(),
-        Some(from) => attribute(from, headers, data).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "missing event type",
-                format!(
-                    "this source takes the event type from {}, which the request lacks",
-                    describe(from)
-                ),
-            )
-        })?,
-    };
-    let subject = source
-        .subject_from
-        .as_ref()
-        .and_then(|from| attribute(from, headers, data));
-    Ok(Event {
-        id: new_event_id(),
-        source: source.name.clone(),
-        ty,
-        subject,
-        time: rfc3339_ms(now_ms()),
-        datacontenttype: "application/json".into(),
-        data: body.to_vec(),
-        extensions: Default::default(),
-    })
-}
-
-/// A header's value, or the string (or number/boolean, as text) at a pointer.
-fn attribute(from: &FieldFrom, headers: &HeaderMap, data: &Value) -> Option<String> {
-    let text = match from {
-        FieldFrom::Header(name) => headers.get(name)?.to_str().ok()?.trim().to_string(),
-        FieldFrom::Pointer(ptr) => match data.pointer(ptr)? {
-            Value::String(s) => s.clone(),
-            v @ (Value::Number(_) | Value::Bool(_)) => v.to_string(),
-            _ => return None,
-        },
-    };
-    (!text.is_empty()).then_some(text)
-}
-
-fn describe(from: &FieldFrom) -> String {
-    match from {
-        FieldFrom::Header(h) => format!("the `{h}` header"),
-        FieldFrom::Pointer(p) => format!("the JSON pointer `{p}` (a string in the body)"),
+    match source.verify.as_ref()?.scheme {
+        VerifyScheme::StandardWebhooks => Some(FieldFrom::Header("webhook-id".into())),
+        VerifyScheme::Github => Some(FieldFrom::Header("x-github-delivery".into())),
+        VerifyScheme::Stripe => Some(FieldFrom::Pointer("/id".into())),
+        VerifyScheme::Bearer => None,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn source(type_from: Option<FieldFrom>) -> SourceConfig {
-        SourceConfig {
-            name: "shop".into(),
-            type_from,
-            subject_from: Some(FieldFrom::Pointer("/customer".into())),
-            max_body: 1024,
-            dedup_from: None,
-            dedup_window: crate::config::DEFAULT_DEDUP_WINDOW,
-            verify: None,
-            rate_limit: None,
-            max_concurrency: None,
-            content_types: Vec::new(),
-        }
+fn source_rules<'a>(
+    source: &'a SourceConfig,
+    provider_id: Option<&'a FieldFrom>,
+) -> decode::SourceRules<'a> {
+    decode::SourceRules {
+        name: &source.name,
+        type_from: source.type_from.as_ref(),
+        subject_from: source.subject_from.as_ref(),
+        dedup_from: source.dedup_from.as_ref(),
+        provider_id,
+        content_types: &source.content_types,
     }
+}
 
-    #[test]
-    fn plain_json_becomes_an_envelope() {
-        let data = json!({"kind": "order.created", "customer": "c1"});
-        let body = Bytes::from(data.to_string());
-        let e = to_event(
-            &source(Some(FieldFrom::Pointer("/kind".into()))),
-            &HeaderMap::new(),
-            &data,
-            body.clone(),
-        )
-        .unwrap();
-        assert_eq!(e.ty, "order.created");
-        assert_eq!(e.subject.as_deref(), Some("c1"));
-        assert_eq!(e.source, "shop");
-        assert_eq!(e.data, body.to_vec());
-        let e = to_event(&source(None), &HeaderMap::new(), &data, body.clone()).unwrap();
-        assert_eq!(e.ty, "webhook");
-        let mut headers = HeaderMap::new();
-        headers.insert("x-github-event", "push".parse().unwrap());
-        let e = to_event(
-            &source(Some(FieldFrom::Header("x-github-event".into()))),
-            &headers,
-            &data,
-            body.clone(),
-        )
-        .unwrap();
-        assert_eq!(e.ty, "push");
-        let err = to_event(
-            &source(Some(FieldFrom::Pointer("/nope".into()))),
-            &headers,
-            &data,
-            body,
-        )
-        .unwrap_err();
-        assert_eq!(err.status, StatusCode::BAD_REQUEST);
-    }
+fn decode_error(e: DecodeError) -> ApiError {
+    let (status, error) = match &e {
+        DecodeError::UnsupportedMediaType(_) => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported content type",
+        ),
+        DecodeError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed JSON"),
+        DecodeError::MissingType(_) => (StatusCode::BAD_REQUEST, "missing event type"),
+        DecodeError::InvalidCloudEvent(_) => (StatusCode::BAD_REQUEST, "invalid CloudEvent"),
+    };
+    ApiError::new(status, error, e.to_string())
 }
