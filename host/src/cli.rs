@@ -437,6 +437,9 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>)
         }
         // Scripts and tests read the address from here (`--listen` may say port 0).
         println!("switchyard listening on http://{}", server.addr());
+        if let Some(admin) = server.admin_addr() {
+            println!("admin API on http://{admin}");
+        }
         server.run_until(shutdown_signal()).await;
         ExitCode::SUCCESS
     })

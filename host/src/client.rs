@@ -37,7 +37,8 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    /// The server at `url`, or else at the `listen` address of `config`
+    /// The server at `url`, or else at the `admin_listen` (or `listen`)
+    /// address of `config`
     /// (`0.0.0.0` and `[::]` mean this host's loopback). The bearer token
     /// comes from `SWITCHYARD_ADMIN_TOKEN` when set.
     pub fn new(url: Option<&str>, config: &Path) -> Result<AdminClient, ClientError> {
@@ -49,7 +50,7 @@ impl AdminClient {
                         "give --server URL, or a valid --config to read `listen` from:\n{e}"
                     ))
                 })?;
-                let mut addr = cfg.server.listen;
+                let mut addr = cfg.server.admin_listen.unwrap_or(cfg.server.listen);
                 if addr.ip().is_unspecified() {
                     addr.set_ip(if addr.is_ipv4() {
                         std::net::Ipv4Addr::LOCALHOST.into()

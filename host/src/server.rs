@@ -134,6 +134,9 @@ const COMPACTION_STEP: usize = 512;
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    /// The admin API's own address, with `[server] admin_listen`.
+    admin_addr: Option<SocketAddr>,
+    admin_http: Option<JoinHandle<()>>,
     journal: Journal,
     live: Arc<ArcSwap<Live>>,
     reloader: Arc<Reloader>,
@@ -250,6 +253,21 @@ impl Server {
         }
         dispatcher.enqueue_all(due.into_iter().map(|d| Work::from_due(d, None)).collect());
 
+        let admin_listener = match live.load().config.server.admin_listen {
+            None => None,
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .map_err(|source| ServeError::Bind { addr: a, source })?,
+            ),
+        };
+        let admin_addr = match &admin_listener {
+            Some(l) => Some(
+                l.local_addr()
+                    .map_err(|source| ServeError::Bind { addr: addr, source })?,
+            ),
+            None => None,
+        };
         let admin_token = std::env::var("SWITCHYARD_ADMIN_TOKEN")
             .ok()
             .filter(|t| !t.is_empty())
@@ -259,7 +277,7 @@ impl Server {
             reloader: reloader.clone(),
             journal: journal.clone(),
             dispatcher: dispatcher.clone(),
-            admin_open: ingress::is_loopback(&addr),
+            admin_open: ingress::is_loopback(&admin_addr.unwrap_or(addr)),
             admin_token,
             draining: draining.clone(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(
@@ -267,13 +285,27 @@ impl Server {
             )),
         };
         let header_timeout = live.load().config.server.header_timeout;
-        let app = ingress::router(state);
+        let drain = std::time::Duration::from_secs(5);
+        let admin_http = admin_listener.map(|l| {
+            let app = ingress::admin_router(state.clone());
+            tokio::spawn(ingress::serve::serve(
+                l,
+                app,
+                header_timeout,
+                stop.clone(),
+                drain,
+            ))
+        });
+        let app = match admin_addr {
+            Some(_) => ingress::public_router(state),
+            None => ingress::router(state),
+        };
         let http = tokio::spawn(ingress::serve::serve(
             listener,
             app,
             header_timeout,
             stop.clone(),
-            std::time::Duration::from_secs(5),
+            drain,
         ));
         tokio::spawn(compact_periodically(
             journal.clone(),
@@ -288,8 +320,13 @@ impl Server {
             }
         };
         tracing::info!(%addr, "switchyard listening");
+        if let Some(a) = admin_addr {
+            tracing::info!(addr = %a, "admin API listening");
+        }
         Ok(Server {
             addr,
+            admin_addr,
+            admin_http,
             journal,
             live,
             reloader,
@@ -312,6 +349,11 @@ impl Server {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where the admin API listens, if not on [`Server::addr`].
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
     }
 
     pub fn journal(&self) -> &Journal {
@@ -337,6 +379,9 @@ impl Server {
         }
         self.stop.cancel();
         let _ = self.http.await;
+        if let Some(admin) = self.admin_http {
+            let _ = admin.await;
+        }
     }
 
     /// Runs until `signal` resolves, then shuts down.

@@ -119,3 +119,65 @@ async fn slow_senders_are_cut_off() {
     t.accept("free", &json!({})).await;
     t.stop().await;
 }
+
+/// `[server] admin_listen`: the admin API moves to its own listener; the
+/// public one keeps webhooks and health checks only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_can_have_its_own_listener() {
+    let cfg = config().replace(
+        "header_timeout = \"300ms\"",
+        "header_timeout = \"300ms\"\nadmin_listen = \"127.0.0.1:0\"",
+    );
+    let t = TestServer::start(&cfg).await;
+    let admin = format!(
+        "http://{}",
+        t.server
+            .as_ref()
+            .unwrap()
+            .admin_addr()
+            .expect("admin address")
+    );
+    let id = t.accept("free", &json!({})).await;
+    let (status, _) = t.get("/api/routes").await;
+    assert_eq!(status, 404, "the admin API is not on the public listener");
+    let (status, _) = t.get("/healthz").await;
+    assert_eq!(status, 200);
+    let get = |path: String| t.client.get(path).send();
+    assert_eq!(
+        get(format!("{admin}/api/routes"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        get(format!("{admin}/api/events/{id}"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    assert_eq!(
+        get(format!("{admin}/readyz"))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let resp = t
+        .client
+        .post(format!("{admin}/webhooks/free"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        404,
+        "no webhooks on the admin listener"
+    );
+    t.stop().await;
+}

@@ -37,6 +37,8 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// Where the admin API listens, when not on `listen`.
+    pub admin_listen: Option<SocketAddr>,
     pub data_dir: PathBuf,
     /// Cargo target dir for plugin crates; `None`: `<data_dir>/build`.
     pub build_dir: Option<PathBuf>,
@@ -428,6 +430,23 @@ impl Validator {
                 }
             },
         };
+        let admin_listen = match &raw.admin_listen {
+            None => Some(None),
+            Some(l) => match l.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(Some(a)),
+                Err(_) => {
+                    self.error(
+                        Some(l.span()),
+                        "server.admin_listen",
+                        format!(
+                            "`{}` is not an address:port, e.g. \"127.0.0.1:9090\"",
+                            l.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
         let data_dir = raw
             .data_dir
             .as_ref()
@@ -472,6 +491,7 @@ impl Validator {
         Some((
             ServerConfig {
                 listen: listen?,
+                admin_listen: admin_listen?,
                 data_dir,
                 build_dir,
                 workers: workers?,

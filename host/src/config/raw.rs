@@ -13,6 +13,11 @@ pub struct RawServer {
     /// Address and port to listen on, e.g. "127.0.0.1:8080" (the default).
     #[schemars(with = "Option<String>")]
     pub listen: Option<Spanned<String>>,
+    /// A separate address for the admin API (`/api/...`), e.g.
+    /// "127.0.0.1:9090": the main listener then serves only webhooks and
+    /// health checks.
+    #[schemars(with = "Option<String>")]
+    pub admin_listen: Option<Spanned<String>>,
     /// Folder of the journal and the compiled-plugin cache, relative to this
     /// file (default "data").
     #[schemars(with = "Option<String>")]

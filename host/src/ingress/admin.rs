@@ -21,7 +21,15 @@ use crate::journal::{
     DeadLetter, DeliveryKey, DeliveryRecord, DeliveryStatus, RedriveSelect, ReplayJob, ReplaySpec,
 };
 
-pub(super) fn router(state: AppState) -> Router<AppState> {
+/// `/healthz` and `/readyz`, served on every listener.
+pub(super) fn health() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+}
+
+/// The `/api` routes, behind the admin check.
+pub(super) fn api(state: AppState) -> Router<AppState> {
     let api = Router::new()
         .route("/api/routes", get(routes))
         .route("/api/plugins", get(plugins))
@@ -34,10 +42,7 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .route("/api/replay", post(replay_start))
         .route("/api/replay/{id}", get(replay_status))
         .route_layer(middleware::from_fn_with_state(state, require_admin));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .merge(api)
+    api
 }
 
 async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {

@@ -96,12 +96,30 @@ impl From<JournalError> for ApiError {
 
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
+    webhooks(state.clone())
+        .merge(admin::api(state.clone()))
+        .with_state(state)
+}
+
+/// Webhooks and health only: the public listener when the admin API has its
+/// own (`[server] admin_listen`).
+pub fn public_router(state: AppState) -> Router {
+    webhooks(state.clone()).with_state(state)
+}
+
+/// The admin API and health: the `admin_listen` listener.
+pub fn admin_router(state: AppState) -> Router {
+    admin::health()
+        .merge(admin::api(state.clone()))
+        .with_state(state)
+}
+
+fn webhooks(_state: AppState) -> Router<AppState> {
     Router::new()
         .route("/webhooks/{source}", post(webhook))
-        .merge(admin::router(state.clone()))
+        .merge(admin::health())
         // Body limits are per source and enforced in the handler.
         .layer(DefaultBodyLimit::disable())
-        .with_state(state)
 }
 
 /// Whether an address is loopback only (admin API open without a token).
