@@ -264,7 +264,7 @@ impl Server {
         let admin_addr = match &admin_listener {
             Some(l) => Some(
                 l.local_addr()
-                    .map_err(|source| ServeError::Bind { addr: addr, source })?,
+                    .map_err(|source| ServeError::Bind { addr, source })?,
             ),
             None => None,
         };

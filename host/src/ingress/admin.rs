@@ -30,7 +30,7 @@ pub(super) fn health() -> Router<AppState> {
 
 /// The `/api` routes, behind the admin check.
 pub(super) fn api(state: AppState) -> Router<AppState> {
-    let api = Router::new()
+    Router::new()
         .route("/api/routes", get(routes))
         .route("/api/plugins", get(plugins))
         .route("/api/events/{id}", get(event))
@@ -41,8 +41,7 @@ pub(super) fn api(state: AppState) -> Router<AppState> {
         .route("/api/dlq/{id}/redrive", post(dlq_redrive_one))
         .route("/api/replay", post(replay_start))
         .route("/api/replay/{id}", get(replay_status))
-        .route_layer(middleware::from_fn_with_state(state, require_admin));
-    api
+        .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
 async fn require_admin(State(state): State<AppState>, req: Request, next: Next) -> Response {
