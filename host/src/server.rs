@@ -226,6 +226,8 @@ impl Server {
             addr: config.server.listen,
             source,
         })?;
+        // Installed before anything records a metric.
+        let _ = crate::telemetry::metrics();
         let data_dir = config.server.data_dir.clone();
         let journal = Journal::open_with(&data_dir, config.server.fsync)?;
         if !config.server.fsync {

@@ -181,3 +181,40 @@ async fn the_admin_api_can_have_its_own_listener() {
     );
     t.stop().await;
 }
+
+/// `GET /metrics`: Prometheus text with the ingest, delivery and journal
+/// series (process-wide, so only their presence is checked here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_format() {
+    let t = TestServer::start(&config()).await;
+    let id = t.accept("free", &json!({})).await;
+    t.settled(&id).await;
+    let (status, _) = t.post("nowhere", &json!({})).await;
+    assert_eq!(status, 404);
+    let resp = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = resp.text().await.unwrap();
+    for needle in [
+        r#"switchyard_events_accepted_total{source="free"}"#,
+        r#"switchyard_requests_rejected_total{source="(unknown)",reason="unknown source"}"#,
+        r#"switchyard_deliveries_total{route="all",outcome="delivered"}"#,
+        r#"switchyard_delivery_seconds_bucket{plugin="audit",le="0.005"}"#,
+        "switchyard_journal_commit_ops_bucket",
+        "switchyard_match_seconds_bucket",
+        "switchyard_scheduled_deliveries",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+    t.stop().await;
+}

@@ -215,6 +215,7 @@ impl Scheduler {
                     r = self.ready.send(work) => if r.is_err() { return },
                 }
             }
+            metrics::gauge!("switchyard_scheduled_deliveries").set(self.waiting.len() as f64);
             let next = self
                 .heap
                 .peek()
@@ -435,6 +436,8 @@ impl Context {
                 elapsed = ?run.elapsed, "delivered"
             );
         }
+        metrics::histogram!("switchyard_delivery_seconds", "plugin" => work.plugin.clone())
+            .record(run.elapsed.as_secs_f64());
         let attempt = Attempt {
             at_ms,
             duration_us: run.elapsed.as_micros() as u64,
@@ -467,6 +470,19 @@ impl Context {
             // Only now, with the result committed, may the next delivery of
             // the same order key start.
             ctx.done(&work);
+            if let Ok(Settled::Committed) = result {
+                let word = match outcome {
+                    Outcome::Delivered => "delivered",
+                    Outcome::Retry { .. } => "retry",
+                    Outcome::Dead => "dead",
+                };
+                metrics::counter!("switchyard_deliveries_total", "route" => work.route.clone(), "outcome" => word)
+                    .increment(1);
+                if word == "dead" {
+                    metrics::counter!("switchyard_dead_letters_total", "route" => work.route.clone())
+                        .increment(1);
+                }
+            }
             match result {
                 Ok(Settled::Committed) => {
                     if let Outcome::Retry { due_ms } = outcome {

@@ -41,6 +41,7 @@ pub(super) fn api(state: AppState) -> Router<AppState> {
         .route("/api/dlq/{id}/redrive", post(dlq_redrive_one))
         .route("/api/replay", post(replay_start))
         .route("/api/replay/{id}", get(replay_status))
+        .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -71,6 +72,26 @@ async fn require_admin(State(state): State<AppState>, req: Request, next: Next) 
             "the admin API needs `Authorization: Bearer <token>`",
         )
         .into_response()
+    }
+}
+
+/// `GET /metrics`: Prometheus text format (see `telemetry` for the names).
+async fn metrics_text() -> Response {
+    match crate::telemetry::metrics() {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "metrics unavailable",
+            "another metrics recorder is installed in this process",
+        )
+        .into_response(),
     }
 }
 

@@ -128,8 +128,33 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 }
 
 async fn webhook(
-    State(state): State<AppState>,
+    state: State<AppState>,
     Path(source_name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let known = state.live.load().config.sources.contains_key(&source_name);
+    let result = handle_webhook(state, &source_name, headers, body).await;
+    let rejected = match &result {
+        Err(e) => Some(e.error),
+        Ok(r) if !r.status().is_success() => Some("partly rejected batch"),
+        Ok(_) => None,
+    };
+    if let Some(reason) = rejected {
+        let source = if known {
+            source_name
+        } else {
+            "(unknown)".into()
+        };
+        metrics::counter!("switchyard_requests_rejected_total", "source" => source, "reason" => reason)
+            .increment(1);
+    }
+    result
+}
+
+async fn handle_webhook(
+    State(state): State<AppState>,
+    source_name: &str,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -137,7 +162,7 @@ async fn webhook(
         return Err(shutting_down());
     }
     let live = state.live.load_full();
-    let Some(source) = live.config.sources.get(&source_name) else {
+    let Some(source) = live.config.sources.get(source_name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown source",
@@ -217,14 +242,23 @@ async fn webhook(
     };
     let accepted = match decode::decode(&rules, &headers, &body).map_err(decode_error)? {
         decode::Request::One(d) => {
-            accept(&state, &live, d.event, d.data.as_ref(), dedup(d.dedup_key)).await?
+            accept(
+                &state,
+                &live,
+                &source.name,
+                d.event,
+                d.data.as_ref(),
+                dedup(d.dedup_key),
+            )
+            .await?
         }
         decode::Request::Batch(items) => {
             let items = items
                 .into_iter()
                 .map(|r| r.map(|d| (d.event, dedup(d.dedup_key))))
                 .collect();
-            return accept_batch(state, live, items).await;
+            let webhook = source.name.clone();
+            return accept_batch(state, live.clone(), webhook, items).await;
         }
     };
     Ok((StatusCode::ACCEPTED, Json(accepted.to_json())).into_response())
@@ -252,12 +286,15 @@ impl Accepted {
 async fn accept(
     state: &AppState,
     live: &Live,
+    webhook: &str,
     event: Event,
     data: Option<&Value>,
     dedup: Option<DedupKey>,
 ) -> Result<Accepted, ApiError> {
     let event = Arc::new(event);
+    let matching = std::time::Instant::now();
     let routes = live.config.routes.matching(&event);
+    metrics::histogram!("switchyard_match_seconds").record(matching.elapsed().as_secs_f64());
     let planned: Vec<PlannedDelivery> = plan(&routes, &event, data);
     let route_names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     let accepted_ms = now_ms();
@@ -268,6 +305,8 @@ async fn accept(
     let seq = match appended {
         Appended::New(seq) => seq,
         Appended::Duplicate { id } => {
+            metrics::counter!("switchyard_events_duplicate_total", "source" => webhook.to_string())
+                .increment(1);
             tracing::debug!(%id, source = %event.source, "duplicate delivery; answered with the first event's id");
             return Ok(Accepted {
                 id,
@@ -297,6 +336,8 @@ async fn accept(
         })
         .collect();
     state.dispatcher.enqueue_all(work);
+    metrics::counter!("switchyard_events_accepted_total", "source" => webhook.to_string())
+        .increment(1);
     tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");
     Ok(Accepted {
         id: event.id.clone(),
@@ -311,6 +352,7 @@ async fn accept(
 async fn accept_batch(
     state: AppState,
     live: Arc<Live>,
+    webhook: String,
     items: Vec<Result<(Event, Option<DedupKey>), String>>,
 ) -> Result<Response, ApiError> {
     let mut tasks = tokio::task::JoinSet::new();
@@ -319,8 +361,11 @@ async fn accept_batch(
         match item {
             Err(e) => results[i] = Some(json!({ "error": "invalid CloudEvent", "detail": e })),
             Ok((event, dedup)) => {
-                let (state, live) = (state.clone(), live.clone());
-                tasks.spawn(async move { (i, accept(&state, &live, event, None, dedup).await) });
+                let (state, live, webhook) = (state.clone(), live.clone(), webhook.clone());
+                tasks.spawn(async move {
+                    let accepted = accept(&state, &live, &webhook, event, None, dedup).await;
+                    (i, accepted)
+                });
             }
         }
     }

@@ -634,6 +634,9 @@ impl Writer {
             let started = Instant::now();
             let size = batch.len();
             self.commit_batch(&mut batch);
+            metrics::histogram!("switchyard_journal_commit_ops").record(size as f64);
+            metrics::histogram!("switchyard_journal_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
             tracing::trace!(size, elapsed = ?started.elapsed(), "journal batch committed");
         }
         tracing::debug!("journal writer stopped");
