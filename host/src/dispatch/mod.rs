@@ -34,6 +34,12 @@ const MAX_REQUESTED_DELAY: Duration = Duration::from_secs(24 * 3600);
 const MAX_CONFLICT_RERUNS: u32 = 64;
 /// How long to wait before trying again when the journal itself failed.
 const JOURNAL_RETRY: Duration = Duration::from_secs(1);
+/// Waiting deliveries that keep their event in memory; beyond this backlog
+/// (and for deliveries due later than `KEEP_EVENT_AHEAD`), the event is read
+/// back from the journal when the delivery is due, so a large backlog costs
+/// a small record per delivery rather than its event.
+const KEEP_EVENTS: usize = 10_000;
+const KEEP_EVENT_AHEAD: Duration = Duration::from_secs(5);
 
 /// The extension attribute that tells a plugin which attempt this is (1-based,
 /// counted since the delivery was planned or last redriven).
@@ -263,6 +269,7 @@ impl Scheduler {
     }
 
     fn push(&mut self, w: Work) {
+        let w = shed_event(w, now_ms(), self.waiting.len());
         self.heap.push(Reverse((w.due_ms, w.key)));
         self.waiting.insert(w.key, w);
     }
@@ -308,6 +315,16 @@ impl Scheduler {
         *self.in_flight.entry(work.route.clone()).or_default() += 1;
         Some(work)
     }
+}
+
+/// Drops the in-memory copy of a waiting delivery's event when the backlog
+/// is large or the delivery is not due soon (see `KEEP_EVENTS`).
+fn shed_event(mut w: Work, now_ms: u64, waiting: usize) -> Work {
+    let later = w.due_ms > now_ms + KEEP_EVENT_AHEAD.as_millis() as u64;
+    if later || waiting >= KEEP_EVENTS {
+        w.event = None;
+    }
+    w
 }
 
 struct Context {
@@ -554,6 +571,28 @@ mod tests {
             conflicts: 0,
             event: None,
         }
+    }
+
+    #[test]
+    fn waiting_deliveries_keep_their_event_only_when_due_soon_and_few() {
+        let event = Arc::new(Event {
+            id: "e".into(),
+            source: "s".into(),
+            ty: "t".into(),
+            subject: None,
+            time: "now".into(),
+            datacontenttype: "application/json".into(),
+            data: b"{}".to_vec(),
+            extensions: Default::default(),
+        });
+        let with = |due_ms| Work {
+            due_ms,
+            event: Some(event.clone()),
+            ..work(0, 0)
+        };
+        assert!(shed_event(with(1_000), 1_000, 0).event.is_some());
+        assert!(shed_event(with(60_000), 1_000, 0).event.is_none());
+        assert!(shed_event(with(1_000), 1_000, KEEP_EVENTS).event.is_none());
     }
 
     fn policy(attempts: u32, max_age: Duration) -> RetryPolicy {
