@@ -142,31 +142,10 @@ async fn the_admin_api_can_have_its_own_listener() {
     assert_eq!(status, 404, "the admin API is not on the public listener");
     let (status, _) = t.get("/healthz").await;
     assert_eq!(status, 200);
-    let get = |path: String| t.client.get(path).send();
-    assert_eq!(
-        get(format!("{admin}/api/routes"))
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        get(format!("{admin}/api/events/{id}"))
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
-    assert_eq!(
-        get(format!("{admin}/readyz"))
-            .await
-            .unwrap()
-            .status()
-            .as_u16(),
-        200
-    );
+    for path in ["/api/routes", &format!("/api/events/{id}"), "/readyz"] {
+        let resp = t.client.get(format!("{admin}{path}")).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{path}");
+    }
     let resp = t
         .client
         .post(format!("{admin}/webhooks/free"))

@@ -194,25 +194,43 @@ async fn post(client: &reqwest::Client, base: &str, body: serde_json::Value) -> 
     )
 }
 
-/// SIGTERM: new webhooks get 503 at once, the delivery in flight finishes
-/// within the grace period and is committed, and the process exits 0.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
+/// A server of `shutdown_config(grace)` with one delivery of a plugin that
+/// sleeps `ms`, started 400 ms ago: returns the temp dir, the config and log
+/// paths, the running server and the event id.
+async fn with_delivery_in_flight(
+    grace: &str,
+    ms: u64,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Running,
+    String,
+) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let cfg = dir.path().join("rules.toml");
     let log = dir.path().join("serve.log");
+    std::fs::write(&cfg, shutdown_config(&data, grace)).unwrap();
+    let server = serve(&cfg, &log);
     let client = reqwest::Client::new();
-    std::fs::write(&cfg, shutdown_config(&data, "20s")).unwrap();
-    let mut first = serve(&cfg, &log);
-    let (status, body) = post(&client, &first.base, json!({"mode": "sleep", "ms": 1500})).await;
+    let (status, body) = post(&client, &server.base, json!({"mode": "sleep", "ms": ms})).await;
     assert_eq!(status, 202, "{body}");
     let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
         .as_str()
         .unwrap()
         .to_string();
-    // Let the delivery start, then ask the server to stop.
+    // Let the delivery start.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    (dir, cfg, log, server, id)
+}
+
+/// SIGTERM: new webhooks get 503 at once, the delivery in flight finishes
+/// within the grace period and is committed, and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
+    let (_dir, cfg, log, mut first, id) = with_delivery_in_flight("20s", 1500).await;
+    let client = reqwest::Client::new();
     sigterm(&first.child);
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let (status, body) = post(&client, &first.base, json!({})).await;
@@ -240,20 +258,8 @@ async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
 /// process still exits 0, and the delivery runs again after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_delivery_cut_off_at_shutdown_runs_again_after_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let cfg = dir.path().join("rules.toml");
-    let log = dir.path().join("serve.log");
+    let (_dir, cfg, log, mut first, id) = with_delivery_in_flight("200ms", 3000).await;
     let client = reqwest::Client::new();
-    std::fs::write(&cfg, shutdown_config(&data, "200ms")).unwrap();
-    let mut first = serve(&cfg, &log);
-    let (status, body) = post(&client, &first.base, json!({"mode": "sleep", "ms": 3000})).await;
-    assert_eq!(status, 202, "{body}");
-    let id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     sigterm(&first.child);
     let exit = wait_exit(&mut first.child, std::time::Duration::from_secs(10));
     assert!(exit.success(), "exit status {exit:?}");

@@ -101,7 +101,7 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("reload: {e}"));
     }
 
-    /// Posts JSON to an admin path; returns status and body.
+    /// Posts JSON to a path; returns status and body.
     pub async fn post_api(&self, path: &str, body: &Value) -> (u16, Value) {
         let resp = self
             .client
@@ -127,15 +127,7 @@ impl TestServer {
 
     /// Posts a JSON body to `/webhooks/{source}`; returns status and body.
     pub async fn post(&self, source: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .post(format!("{}/webhooks/{source}", self.base))
-            .json(body)
-            .send()
-            .await
-            .expect("post");
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        self.post_api(&format!("/webhooks/{source}"), body).await
     }
 
     /// Posts and expects 202; returns the event id.
