@@ -12,8 +12,10 @@
 #                of every request (what verification costs)
 #
 # Then, for each server but `nofsync`, the latency of the 202 at half the
-# throughput it just reached (a fixed rate, with `hey -q`, Debian package
-# `hey`): p50 and p99. `bare` shows what hey itself adds.
+# throughput it just reached, at a fixed rate: with `oha -q --latency-correction`
+# (`cargo install oha --locked`) if installed, else `hey -q` (Debian package
+# `hey`, heavier: it adds milliseconds of its own at 64 connections). `bare`
+# shows what the tool itself adds.
 #
 # for each connection count, with wrk (Debian package `wrk`) and the same body
 # (host/benches/ingest.lua). Loopback only; each load runs DURATION seconds.
@@ -37,8 +39,8 @@ command -v wrk >/dev/null || {
 	echo "wrk is not installed: apt-get install -y wrk" >&2
 	exit 1
 }
-command -v hey >/dev/null || {
-	echo "hey is not installed: apt-get install -y hey" >&2
+command -v oha >/dev/null || command -v hey >/dev/null || {
+	echo "neither oha (cargo install oha --locked) nor hey (apt-get install -y hey) is installed" >&2
 	exit 1
 }
 
@@ -230,17 +232,26 @@ for c in $CONNS; do
 			extra=" delivered_during=$during delivered_total=$after drain_s=$drain"
 		fi
 		if [[ "$variant" != nofsync ]]; then
-			# Half the rate just reached, spread over the same connections.
+			# Half the rate just reached, at a fixed rate over the same
+			# connections. oha (with coordinated-omission correction) is the
+			# lighter tool; hey (its -q is per connection) is the fallback.
 			rps="$(sed 's/.*rps=\([0-9]*\).*/\1/' <<<"$line")"
-			per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
-			hey_headers=()
+			signed=()
 			if [[ "$variant" == verified ]]; then
-				hey_headers=(-H "webhook-id: $SIGNED_ID" -H "webhook-timestamp: $SIGNED_TS" -H "webhook-signature: $SIGNED_SIG")
+				signed=(-H "webhook-id: $SIGNED_ID" -H "webhook-timestamp: $SIGNED_TS" -H "webhook-signature: $SIGNED_SIG")
 			fi
-			lat="$(hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json "${hey_headers[@]}" -d "$BODY" "$URL")"
+			if command -v oha >/dev/null; then
+				lat="$(oha -z "${DURATION}s" -c "$c" -q "$((rps / 2))" --latency-correction --no-tui \
+					-m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
+				half_p50="$(awk '/ 50(\.00)?% in/ { printf "%.3f", $3 }' <<<"$lat")"
+				half_p99="$(awk '/ 99(\.00)?% in/ { printf "%.3f", $3 }' <<<"$lat")"
+			else
+				per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
+				lat="$(hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
+				half_p50="$(awk '/ 50% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
+				half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
+			fi
 			half_rps="$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$lat")"
-			half_p50="$(awk '/ 50% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
-			half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
 			half_bad="$(awk '/^[ \t]+\[[0-9]+\]/ && $1 != "[202]" { n += $2 } END { print n + 0 }' <<<"$lat")"
 			extra="$extra half_rps=$half_rps half_p50_ms=$half_p50 half_p99_ms=$half_p99 half_non202=$half_bad"
 			[[ "$variant" == switchyard ]] && wait_drained >/dev/null
@@ -278,7 +289,7 @@ END {
 		}
 	}
 	print ""
-	print "== latency of the 202 at half of each server own rate (hey -q; hey itself adds ~1 ms, see bare)"
+	print "== latency of the 202 at half of each server own rate (oha or hey; the bare row shows the tool own share)"
 	for (i = 1; i <= n; i++) {
 		c = order[i]
 		for (j = 1; j <= m; j++) {
