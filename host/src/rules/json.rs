@@ -220,9 +220,10 @@ impl<'a> Scanner<'a, '_> {
         std::str::from_utf8(&self.b[start..self.i]).or_else(|_| self.err())
     }
 
-    /// Moves past a number, checking its syntax (as [`Scanner::number`]).
-    fn number_end(&mut self) -> Result<(), JsonError> {
-        match number_end(self.b, self.i) {
+    /// Moves to the end a skip function found (`Ok`), or to where it failed
+    /// (`Err`) and reports the error there.
+    fn advance(&mut self, end: Result<usize, usize>) -> Result<(), JsonError> {
+        match end {
             Ok(i) => {
                 self.i = i;
                 Ok(())
@@ -234,33 +235,23 @@ impl<'a> Scanner<'a, '_> {
         }
     }
 
+    /// Moves past a number, checking its syntax (as [`Scanner::number`]).
+    fn number_end(&mut self) -> Result<(), JsonError> {
+        let end = number_end(self.b, self.i);
+        self.advance(end)
+    }
+
     /// Skips a scalar other than a string, as strictly as [`Scanner::scalar`].
     fn skip_scalar(&mut self) -> Result<(), JsonError> {
-        match scalar_end(self.b, self.i) {
-            Ok(i) => {
-                self.i = i;
-                Ok(())
-            }
-            Err(i) => {
-                self.i = i;
-                self.err()
-            }
-        }
+        let end = scalar_end(self.b, self.i);
+        self.advance(end)
     }
 
     /// Skips a string at `"`, as strictly as [`Scanner::string`] but without
     /// decoding it (escaped strings take the decoding path).
     fn skip_string(&mut self) -> Result<(), JsonError> {
-        match string_end(self.b, self.i) {
-            Ok(i) => {
-                self.i = i;
-                Ok(())
-            }
-            Err(i) => {
-                self.i = i;
-                self.err()
-            }
-        }
+        let end = string_end(self.b, self.i);
+        self.advance(end)
     }
 
     /// An object key at `"`, decoded, as bytes (valid UTF-8).
