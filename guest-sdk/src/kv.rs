@@ -12,6 +12,13 @@
 //! assert_eq!(kv::get_string("greeting")?.as_deref(), Some("hello"));
 //! let seen: u64 = kv::get_json("seen")?.unwrap_or(0);
 //! kv::set_json("seen", &(seen + 1))?;
+//! let visits = kv::increment("visits", 1)?; // atomic counter
+//! kv::set_with_ttl("session/abc", b"1", std::time::Duration::from_secs(3600))?;
+//! for key in kv::keys("session/") {
+//!     let key = key?;
+//!     # let _ = key;
+//! }
+//! # let _ = visits;
 //! # Ok(()) }
 //! ```
 
@@ -20,6 +27,7 @@ use crate::Failure;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::fmt;
+use std::time::Duration;
 
 /// Why a [`kv`](self) call failed.
 ///
@@ -82,6 +90,94 @@ pub fn set(key: &str, value: &[u8]) -> Result<(), KvError> {
 pub fn delete(key: &str) -> Result<(), KvError> {
     crate::require_host("kv::delete");
     Ok(wit::delete(key)?)
+}
+
+/// Stores `value` under `key` until `ttl` has passed; after that the key reads
+/// as absent (and the host deletes it in the background). Setting the key again
+/// with [`set`] removes the expiry.
+pub fn set_with_ttl(key: &str, value: &[u8], ttl: Duration) -> Result<(), KvError> {
+    crate::require_host("kv::set_with_ttl");
+    let nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+    Ok(wit::set_with_ttl(key, value, nanos)?)
+}
+
+/// Adds `delta` to the integer under `key` (an absent key counts as 0) and
+/// returns the new value. The value is stored as decimal text, so
+/// [`get_json::<i64>`](get_json) reads it too.
+///
+/// Atomic across deliveries: if another delivery changed the key since this
+/// one read it, the router runs this delivery again on the new value instead
+/// of committing a lost update. The same holds for every read-then-write.
+pub fn increment(key: &str, delta: i64) -> Result<i64, KvError> {
+    crate::require_host("kv::increment");
+    Ok(wit::increment(key, delta)?)
+}
+
+/// Sets `key` to `new` (`None` deletes it) only if it currently holds
+/// `expected` (`None`: absent); returns whether it did.
+pub fn compare_and_swap(
+    key: &str,
+    expected: Option<&[u8]>,
+    new: Option<&[u8]>,
+) -> Result<bool, KvError> {
+    crate::require_host("kv::compare_and_swap");
+    Ok(wit::compare_and_swap(key, expected, new)?)
+}
+
+/// Up to `limit` keys (at most 1000) that start with `prefix`, in byte order,
+/// after `after` if given: pass the last key of a page to get the next one.
+/// See [`keys`] to walk them all.
+pub fn list_keys(prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>, KvError> {
+    crate::require_host("kv::list_keys");
+    Ok(wit::list_keys(prefix, after, limit)?)
+}
+
+/// Every key that starts with `prefix`, in byte order, fetched a page at a
+/// time.
+pub fn keys(prefix: &str) -> Keys {
+    Keys {
+        prefix: prefix.to_string(),
+        after: None,
+        page: Vec::new().into_iter(),
+        done: false,
+    }
+}
+
+/// The iterator [`keys`] returns.
+#[derive(Debug)]
+pub struct Keys {
+    prefix: String,
+    after: Option<String>,
+    page: std::vec::IntoIter<String>,
+    done: bool,
+}
+
+impl Iterator for Keys {
+    type Item = Result<String, KvError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        const PAGE: u32 = 256;
+        if let Some(k) = self.page.next() {
+            self.after = Some(k.clone());
+            return Some(Ok(k));
+        }
+        if self.done {
+            return None;
+        }
+        match list_keys(&self.prefix, self.after.as_deref(), PAGE) {
+            Ok(page) => {
+                self.done = page.len() < PAGE as usize;
+                self.page = page.into_iter();
+                let k = self.page.next()?;
+                self.after = Some(k.clone());
+                Some(Ok(k))
+            }
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+        }
+    }
 }
 
 /// The value under `key` deserialized from JSON, or `None` if there is none.

@@ -53,11 +53,14 @@
 extern crate self as switchyard_sdk;
 
 pub mod config;
+pub mod emit;
 mod event;
 mod failure;
 pub mod kv;
 pub mod log;
+pub mod query;
 
+pub use emit::EmitError;
 pub use event::{DataError, Event};
 pub use failure::Failure;
 pub use kv::KvError;
@@ -74,6 +77,14 @@ pub trait Plugin {
     /// later retry or rejects the event for good; see [`Failure`]. Each call runs in
     /// a fresh instance, so statics do not carry over from one event to the next.
     fn handle(event: Event) -> Result<(), Failure>;
+
+    /// Answer `GET /query/<plugin>/<path>` from the plugin's state (the read
+    /// side of CQRS); see [`query`]. Runs in a fresh instance whose kv is
+    /// read-only. By default a plugin answers no queries (404).
+    fn query(request: query::Request) -> query::Response {
+        let _ = request;
+        query::Response::not_found("this plugin answers no queries")
+    }
 }
 
 /// Exports a [`Plugin`] implementation as the component's `handle` function.
@@ -103,13 +114,15 @@ macro_rules! export {
     };
 }
 
-/// The wit-bindgen output for world `consumer` of `wit/switchyard.wit`. Not part of
+/// The wit-bindgen output for world `queryable` of `wit/switchyard.wit`. Not part of
 /// the API: plugins use the types and functions re-exported around it.
 #[doc(hidden)]
 pub mod __bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "consumer",
+        // `queryable` is `consumer` plus the `query` export, which `Plugin`
+        // gives a default for.
+        world: "queryable",
         // The export macro is used from plugin crates, which only know this crate.
         pub_export_macro: true,
         default_bindings_module: "switchyard_sdk::__bindings",
@@ -132,6 +145,13 @@ pub mod __private {
     impl<P: crate::Plugin> __bindings::Guest for Adapter<P> {
         fn handle(event: __bindings::Event) -> Result<(), __bindings::Failure> {
             P::handle(event.into()).map_err(Into::into)
+        }
+
+        fn query(
+            path: String,
+            params: Vec<(String, String)>,
+        ) -> __bindings::switchyard::plugin::types::Response {
+            P::query(crate::query::Request { path, params }).into()
         }
     }
 }

@@ -82,6 +82,7 @@ fn delivery(c: &mut Criterion) {
     let limits = Limits {
         timeout: Duration::from_millis(500),
         memory: 16 << 20,
+        ..Limits::default()
     };
     let plugin = runtime
         .load("audit", &wasm, limits, Default::default())

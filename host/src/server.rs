@@ -59,6 +59,9 @@ impl Live {
     async fn load(runtime: &Runtime, config: Config) -> Result<Live, LoadError> {
         let verifiers = verifiers(&config)?;
         let plugins = load_plugins(runtime, &config).await?;
+        // Only a load that succeeds changes the limit (a failed reload keeps
+        // everything as it was).
+        runtime.set_max_hops(config.server.max_hops);
         Ok(Live {
             limits: source_limits(&config),
             config,
@@ -279,6 +282,7 @@ impl Server {
             reloader: reloader.clone(),
             journal: journal.clone(),
             dispatcher: dispatcher.clone(),
+            runtime: runtime.clone(),
             admin_open: ingress::is_loopback(&admin_addr.unwrap_or(addr)),
             admin_token,
             draining: draining.clone(),
@@ -424,6 +428,20 @@ async fn compact_periodically(journal: Journal, live: Arc<ArcSwap<Live>>, stop: 
         }
         if events > 0 {
             tracing::info!(events, deliveries, "compacted events past retention");
+        }
+        // Plugin kv entries whose TTL ran out: unreadable already, now deleted.
+        loop {
+            if stop.is_cancelled() {
+                return;
+            }
+            match journal.expire_kv(now_ms(), COMPACTION_STEP).await {
+                Ok(n) if n == COMPACTION_STEP => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kv expiry step failed; trying again later");
+                    break;
+                }
+            }
         }
         let pause =
             (retention / 4).clamp(std::time::Duration::from_millis(250), COMPACTION_INTERVAL);

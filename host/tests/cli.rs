@@ -30,7 +30,7 @@ fn the_example_rules_toml_is_valid() {
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(
         stdout.trim(),
-        "rules.toml: ok (2 sources, 3 plugins, 3 routes)"
+        "rules.toml: ok (2 sources, 4 plugins, 4 routes)"
     );
 }
 
@@ -106,11 +106,12 @@ fn match_lists_matching_routes_and_why_the_others_do_not_match() {
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["matched"], serde_json::json!(["audit-all"]));
     let unmatched = v["unmatched"].as_array().unwrap();
-    assert_eq!(unmatched.len(), 2, "{v}");
+    assert_eq!(unmatched.len(), 3, "{v}");
     assert_eq!(unmatched[0]["route"], "orders");
     assert_eq!(unmatched[0]["reason"], "source: \"bank\" is not \"shop\"");
-    assert_eq!(unmatched[1]["route"], "ledger");
-    assert_eq!(unmatched[1]["reason"], "data.amount: 0 is not > 0");
+    assert_eq!(unmatched[1]["route"], "order-history");
+    assert_eq!(unmatched[2]["route"], "ledger");
+    assert_eq!(unmatched[2]["reason"], "data.amount: 0 is not > 0");
 
     // Data only, with --source and --type; plain text output.
     let (code, stdout, _) = match_cmd(
@@ -119,7 +120,7 @@ fn match_lists_matching_routes_and_why_the_others_do_not_match() {
     );
     assert_eq!(code, 0);
     assert!(
-        stdout.starts_with("matched: audit-all, orders\n"),
+        stdout.starts_with("matched: audit-all, orders, order-history\n"),
         "{stdout}"
     );
     assert!(stdout.contains("not ledger: "), "{stdout}");

@@ -30,6 +30,7 @@ wasm = "{audit}"
 [[plugins]]
 name = "order-totals"
 wasm = "{orders}"
+config = {{ vip_total = 150 }}
 
 [[plugins]]
 name = "account"
@@ -100,12 +101,31 @@ async fn order_totals_keeps_a_running_total_per_customer() {
         posts.push(async move { t.accept("shop", &body).await });
     }
     let ids = futures_util::future::join_all(posts).await;
+    let mut vips = Vec::new();
     for id in &ids {
         let timeline = t.settled(id).await;
         for d in timeline["deliveries"].as_array().unwrap() {
             assert_eq!(d["status"], "delivered", "{timeline}");
+            for a in d["attempts"].as_array().unwrap() {
+                for child in a["emitted"].as_array().into_iter().flatten() {
+                    vips.push(child.as_str().unwrap().to_string());
+                }
+            }
         }
     }
+    // Event chaining: each customer's total passed `vip_total` once, and the
+    // `customer.vip` event order-totals emitted was routed (to audit-all).
+    let mut who = Vec::new();
+    for vip in &vips {
+        let timeline = t.settled(vip).await;
+        assert_eq!(timeline["event"]["type"], "customer.vip", "{timeline}");
+        assert_eq!(timeline["event"]["source"], "plugin/order-totals");
+        assert_eq!(timeline["deliveries"][0]["route"], "audit-all");
+        assert_eq!(t.kv("audit", vip).await.as_deref(), Some("customer.vip"));
+        who.push(timeline["event"]["subject"].as_str().unwrap().to_string());
+    }
+    who.sort();
+    assert_eq!(who, ["ada", "bob"]);
     let ada: Value =
         serde_json::from_str(&t.kv("order-totals", "customer/ada").await.unwrap()).unwrap();
     let bob: Value =

@@ -97,6 +97,7 @@ async fn limits_fail_the_delivery_with_the_reason() {
     let limits = Limits {
         timeout: Duration::from_secs(5),
         memory: 1 << 20,
+        ..Limits::default()
     };
     let p = runtime
         .load("grow", grow.as_ref(), limits, Default::default())
@@ -111,6 +112,7 @@ async fn limits_fail_the_delivery_with_the_reason() {
     let limits = Limits {
         timeout: Duration::from_millis(50),
         memory: 1 << 20,
+        ..Limits::default()
     };
     let p = runtime
         .load("loop", looping.as_ref(), limits, Default::default())

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub fsync: bool,
     /// Webhook requests handled at once (more: 503).
     pub max_concurrency: usize,
+    /// Emits allowed between a webhook event and its last derived event.
+    pub max_hops: u32,
     /// Deadline for a client to send its headers.
     pub header_timeout: Duration,
     /// Deadline for a client to send its body (408).
@@ -480,6 +482,10 @@ impl Validator {
             None => Some(1024),
             Some(n) => self.count(n, "server.max_concurrency"),
         };
+        let max_hops = match &raw.max_hops {
+            None => Some(crate::runtime::DEFAULT_MAX_HOPS),
+            Some(n) => self.count(n, "server.max_hops").map(|n| n as u32),
+        };
         let header_timeout = match &raw.header_timeout {
             None => Some(Duration::from_secs(10)),
             Some(d) => self.duration(d, "server.header_timeout"),
@@ -499,6 +505,7 @@ impl Validator {
                 shutdown_grace: shutdown_grace?,
                 fsync: raw.fsync.as_ref().is_none_or(|f| *f.get_ref()),
                 max_concurrency: max_concurrency?,
+                max_hops: max_hops?,
                 header_timeout: header_timeout?,
                 body_timeout: body_timeout?,
             },
@@ -739,6 +746,11 @@ impl Validator {
                 } else {
                     limits.memory = bytes as u64;
                 }
+            }
+            if let Some(q) = &p.kv_quota
+                && let Some(bytes) = self.size(q, &format!("{key}.kv_quota"))
+            {
+                limits.kv_quota = bytes as u64;
             }
             let config = p
                 .config

@@ -48,6 +48,11 @@ pub struct RawServer {
     /// shedding) rather than queued (default 1024).
     #[schemars(with = "Option<u32>", range(min = 1, max = 1000000))]
     pub max_concurrency: Option<Spanned<i64>>,
+    /// How many times a chain of plugins may emit derived events from one
+    /// webhook event (default 8); an emit beyond that dead-letters the delivery
+    /// that tried it, which ends loops of plugins emitting each other's events.
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000000))]
+    pub max_hops: Option<Spanned<i64>>,
     /// How long a client may take to send its request headers, e.g. "10s"
     /// (the default): slow senders are cut off.
     #[schemars(with = "Option<String>")]
@@ -178,6 +183,10 @@ pub struct RawPlugin {
     /// Linear memory cap, e.g. "32MiB" (default "64MiB", at most "1GiB").
     #[schemars(with = "Option<String>")]
     pub memory: Option<Spanned<String>>,
+    /// The most the plugin's kv may hold, keys and values, e.g. "16MiB"
+    /// (default "64MiB"); a write beyond it fails with a clear error.
+    #[schemars(with = "Option<String>")]
+    pub kv_quota: Option<Spanned<String>>,
     /// Values handed to the plugin (`switchyard_sdk::config`).
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub config: Option<Spanned<toml::Table>>,

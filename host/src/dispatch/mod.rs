@@ -22,7 +22,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::event::{Event, now_ms};
 use crate::journal::{
-    Attempt, DeliveryKey, DueDelivery, Journal, KvChanges, Outcome, Settled, Settlement,
+    Attempt, DeliveryKey, DueDelivery, Emitted, Journal, KvChanges, Outcome, PlannedDelivery,
+    Settled, Settlement,
 };
 use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
@@ -407,8 +408,9 @@ impl Context {
                 duration_us: 0,
                 error: Some(error),
                 plugin_hash: None,
+                emitted: Vec::new(),
             };
-            return self.settle_later(work, event, attempt, outcome, KvChanges::default());
+            return self.settle_later(work, event, attempt, outcome, KvChanges::default(), vec![]);
         };
 
         if work.conflicts >= MAX_CONFLICT_RERUNS {
@@ -420,8 +422,9 @@ impl Context {
                 duration_us: 0,
                 error: Some(error),
                 plugin_hash: Some(plugin.hash.clone()),
+                emitted: Vec::new(),
             };
-            return self.settle_later(work, event, attempt, outcome, KvChanges::default());
+            return self.settle_later(work, event, attempt, outcome, KvChanges::default(), vec![]);
         }
 
         let mut extra = vec![(ATTEMPT_EXTENSION, attempt_no.to_string())];
@@ -460,8 +463,24 @@ impl Context {
             duration_us: run.elapsed.as_micros() as u64,
             error,
             plugin_hash: Some(plugin.hash.clone()),
+            emitted: run.emitted.iter().map(|e| e.id.clone()).collect(),
         };
-        self.settle_later(work, event, attempt, outcome, run.kv);
+        // Derived events are routed now, by the rules in force, and stored
+        // in the same commit as the acknowledgement.
+        let emitted: Vec<Emitted> = run
+            .emitted
+            .into_iter()
+            .map(|e| {
+                let e = Arc::new(e);
+                let routes = live.config.routes.matching(&e);
+                let deliveries = crate::ingress::plan(&routes, &e, None);
+                Emitted {
+                    event: e,
+                    deliveries,
+                }
+            })
+            .collect();
+        self.settle_later(work, event, attempt, outcome, run.kv, emitted);
     }
 
     /// Commits an attempt's result in the background, so the worker is free
@@ -473,15 +492,21 @@ impl Context {
         attempt: Attempt,
         outcome: Outcome,
         kv: KvChanges,
+        emitted: Vec<Emitted>,
     ) {
         let ctx = self.clone();
         self.tasks.spawn(async move {
+            let derived: Vec<(Arc<Event>, Vec<PlannedDelivery>)> = emitted
+                .iter()
+                .map(|e| (e.event.clone(), e.deliveries.clone()))
+                .collect();
             let settlement = Settlement {
                 key: work.key,
                 plugin: work.plugin.clone(),
                 attempt,
                 outcome: outcome.clone(),
                 kv,
+                emitted,
             };
             let result = ctx.journal.settle(settlement).await;
             // Only now, with the result committed, may the next delivery of
@@ -502,6 +527,11 @@ impl Context {
             }
             match result {
                 Ok(Settled::Committed) => {
+                    if let Outcome::Delivered = outcome
+                        && !derived.is_empty()
+                    {
+                        ctx.dispatch_emitted(&work.plugin, derived);
+                    }
                     if let Outcome::Retry { due_ms } = outcome {
                         ctx.requeue(Work {
                             due_ms,
@@ -533,6 +563,46 @@ impl Context {
                 }
             }
         });
+    }
+
+    /// Queues the deliveries of events a delivery emitted, now committed.
+    fn dispatch_emitted(&self, plugin: &str, derived: Vec<(Arc<Event>, Vec<PlannedDelivery>)>) {
+        metrics::counter!("switchyard_events_emitted_total", "plugin" => plugin.to_string())
+            .increment(derived.len() as u64);
+        let mut work = Vec::new();
+        for (event, planned) in derived {
+            let seq = match self.journal.event_seq(&event.id) {
+                Ok(Some(seq)) => seq,
+                Ok(None) => continue,
+                Err(e) => {
+                    // They are in the journal: the next start dispatches them.
+                    tracing::error!(error = %e, event_id = %event.id, "cannot look up an emitted event");
+                    continue;
+                }
+            };
+            tracing::debug!(id = %event.id, r#type = %event.ty, plugin, deliveries = planned.len(), "emitted");
+            let now = now_ms();
+            for (idx, p) in planned.into_iter().enumerate() {
+                work.push(Work {
+                    key: DeliveryKey {
+                        seq,
+                        idx: idx as u32,
+                    },
+                    due_ms: now,
+                    route: p.route,
+                    plugin: p.plugin,
+                    attempts: 0,
+                    since_ms: now,
+                    order_key: p.order_key,
+                    replayed: false,
+                    conflicts: 0,
+                    event: Some(event.clone()),
+                });
+            }
+        }
+        if !work.is_empty() {
+            let _ = self.requeue.send(Msg::Enqueue(work));
+        }
     }
 
     fn done(&self, work: &Work) {

@@ -238,12 +238,18 @@ fn delivery_json(key: DeliveryKey, d: &DeliveryRecord) -> Value {
         .attempts
         .iter()
         .map(|a| {
-            json!({
+            let mut v = json!({
                 "at": rfc3339_ms(a.at_ms),
                 "duration_ms": a.duration_us as f64 / 1000.0,
                 "error": a.error,
                 "plugin_hash": a.plugin_hash,
-            })
+            });
+            // Derived events, linked from the attempt that emitted them (they
+            // link back with their `causationid`).
+            if !a.emitted.is_empty() {
+                v["emitted"] = json!(a.emitted);
+            }
+            v
         })
         .collect();
     let mut v = json!({

@@ -5,6 +5,7 @@
 mod admin;
 pub mod cloudevents;
 pub mod decode;
+mod query;
 pub mod serve;
 pub mod verify;
 
@@ -18,7 +19,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub reloader: Arc<crate::server::Reloader>,
     pub journal: Journal,
     pub dispatcher: Dispatcher,
+    /// Runs plugins' queries (`GET /query/...`).
+    pub runtime: Arc<crate::runtime::Runtime>,
     /// Whether the admin API needs a bearer token (not bound to loopback).
     pub admin_token: Option<Arc<str>>,
     pub admin_open: bool,
@@ -117,6 +120,7 @@ pub fn admin_router(state: AppState) -> Router {
 fn webhooks(_state: AppState) -> Router<AppState> {
     Router::new()
         .route("/webhooks/{source}", post(webhook))
+        .route("/query/{plugin}/{*path}", get(query::query))
         .merge(admin::health())
         // Body limits are per source and enforced in the handler.
         .layer(DefaultBodyLimit::disable())

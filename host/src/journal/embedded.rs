@@ -7,6 +7,7 @@
 //! after that (fjall publishes the batch's sequence number last). After a crash,
 //! opening replays the journal: a batch is recovered whole or not at all.
 
+use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -47,6 +48,12 @@ use crate::event::Event;
 //             route names are `[A-Za-z0-9._-]` (config checks it), so they
 //             never hold 0x00 and the order is (name, key) order; the key may
 //             hold any byte.
+// kv_ttl:     kv key                           → expires ms (8 B), for keys
+//             set with a TTL
+// kv_exp:     expires ms (8 B) ‖ kv key        → empty: the same, in expiry
+//             order, for the sweep
+// kv_usage:   plugin                           → bytes (8 B): the sum of key
+//             and value lengths of the plugin's entries, for its quota
 const EVENTS: &str = "events";
 const EVENT_IDS: &str = "event_ids";
 const BY_TIME: &str = "by_time";
@@ -57,6 +64,9 @@ const ORDER: &str = "order";
 const DEDUP: &str = "dedup";
 const REPLAYS: &str = "replays";
 const KV: &str = "kv";
+const KV_TTL: &str = "kv_ttl";
+const KV_EXP: &str = "kv_exp";
+const KV_USAGE: &str = "kv_usage";
 
 /// fjall keys are 1 to 65535 bytes long; longer or empty ones would panic.
 const MAX_KEY_LEN: usize = u16::MAX as usize;
@@ -117,6 +127,12 @@ enum WriteOp {
         limit: usize,
         reply: oneshot::Sender<Result<Compacted, JournalError>>,
     },
+    /// Deletes up to `limit` kv entries whose TTL ran out by `now_ms`.
+    ExpireKv {
+        now_ms: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<usize, JournalError>>,
+    },
     /// Answers once everything queued before it is committed.
     Flush {
         reply: oneshot::Sender<Result<(), JournalError>>,
@@ -150,6 +166,7 @@ impl WriteOp {
             WriteOp::Redrive { reply: r, .. } => reply(r, Err(Closed)),
             WriteOp::Replay { reply: r, .. } => reply(r, Err(Closed)),
             WriteOp::Compact { reply: r, .. } => reply(r, Err(Closed)),
+            WriteOp::ExpireKv { reply: r, .. } => reply(r, Err(Closed)),
             WriteOp::Flush { reply: r } => reply(r, Err(Closed)),
         }
     }
@@ -168,6 +185,9 @@ struct Store {
     dedup: SingleWriterTxKeyspace,
     replays: SingleWriterTxKeyspace,
     kv: SingleWriterTxKeyspace,
+    kv_ttl: SingleWriterTxKeyspace,
+    kv_exp: SingleWriterTxKeyspace,
+    kv_usage: SingleWriterTxKeyspace,
     /// Whether commits fsync (off only for benchmarks: see `[server] fsync`).
     fsync: bool,
     /// Transactions the writer has committed (each one fsync), for tests and
@@ -203,6 +223,9 @@ impl Store {
             dedup: keyspace(DEDUP)?,
             replays: keyspace(REPLAYS)?,
             kv: keyspace(KV)?,
+            kv_ttl: keyspace(KV_TTL)?,
+            kv_exp: keyspace(KV_EXP)?,
+            kv_usage: keyspace(KV_USAGE)?,
             db: db.clone(),
             fsync,
             commits: Default::default(),
@@ -369,6 +392,17 @@ impl Journal {
         self.call(|reply| WriteOp::Compact {
             cutoff_ms,
             resume,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    /// Deletes up to `limit` kv entries whose TTL ran out by `now_ms`;
+    /// returns how many it deleted (fewer than `limit`: none are left).
+    pub async fn expire_kv(&self, now_ms: u64, limit: usize) -> Result<usize, JournalError> {
+        self.call(|reply| WriteOp::ExpireKv {
+            now_ms,
             limit,
             reply,
         })
@@ -590,12 +624,83 @@ impl Journal {
         }
     }
 
-    /// A plugin's value under `key`, as last committed.
+    /// The sequence number of the event with this id, if it is stored.
+    pub fn event_seq(&self, id: &str) -> Result<Option<Seq>, JournalError> {
+        if id.is_empty() || id.len() > MAX_KEY_LEN {
+            return Ok(None);
+        }
+        match self.store.ids.get(id.as_bytes())? {
+            Some(v) => Ok(Some(seq_from(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A plugin's value under `key`, as last committed (absent once its TTL
+    /// has run out).
     pub fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
         let Ok(k) = kv_key(plugin, key) else {
             return Ok(None); // could not have been stored
         };
-        Ok(self.store.kv.get(k)?.map(|v| v.to_vec()))
+        let s = &*self.store;
+        let snap = s.db.read_tx();
+        kv_live(&snap, s, &k, crate::event::now_ms())
+    }
+
+    /// Up to `limit` of a plugin's keys that start with `prefix`, after `after`
+    /// if given, in byte order; expired keys are left out.
+    pub fn kv_list(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, JournalError> {
+        let s = &*self.store;
+        let Ok(base) = kv_key(plugin, "x") else {
+            return Ok(Vec::new());
+        };
+        let name_len = base.len() - 1;
+        let mut start = base[..name_len].to_vec();
+        start.extend_from_slice(prefix.as_bytes());
+        // Page on from just past `after` when it lies inside the prefix.
+        let lower = match after {
+            Some(a) if a.as_bytes() >= prefix.as_bytes() => {
+                let mut l = base[..name_len].to_vec();
+                l.extend_from_slice(a.as_bytes());
+                Bound::Excluded(l)
+            }
+            _ => Bound::Included(start.clone()),
+        };
+        let snap = s.db.read_tx();
+        let now = crate::event::now_ms();
+        let mut out = Vec::new();
+        for entry in snap.range(&s.kv, (lower, Bound::Unbounded)) {
+            let k = entry.key()?;
+            if !k.starts_with(&start) {
+                break;
+            }
+            let key = std::str::from_utf8(&k[name_len..])
+                .map_err(|_| JournalError::Encoding("a kv key is not UTF-8".into()))?;
+            if let Some(exp) = snap.get(&s.kv_ttl, &k)?
+                && be_u64(&exp) <= now
+            {
+                continue;
+            }
+            out.push(key.to_string());
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bytes (keys and values) a plugin's kv entries take, for its quota.
+    pub fn kv_usage(&self, plugin: &str) -> Result<u64, JournalError> {
+        Ok(self
+            .store
+            .kv_usage
+            .get(plugin.as_bytes())?
+            .map_or(0, |v| be_u64(&v)))
     }
 
     /// How much the store holds, from one snapshot. fjall counts by scanning
@@ -726,7 +831,7 @@ impl Writer {
                     settlement,
                     reply: r,
                 } => {
-                    let res = settle(&mut tx, s, &settlement);
+                    let res = settle(&mut tx, s, &settlement, &mut self.next_seq);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -766,6 +871,18 @@ impl Writer {
                     reply: r,
                 } => {
                     let res = compact(&mut tx, s, cutoff_ms, resume, limit);
+                    let err = fatal(&res);
+                    replies.push(reply(r, res));
+                    if let Some(e) = err {
+                        return Err(e.into());
+                    }
+                }
+                WriteOp::ExpireKv {
+                    now_ms,
+                    limit,
+                    reply: r,
+                } => {
+                    let res = expire_kv(&mut tx, s, now_ms, limit);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -830,10 +947,35 @@ fn append(
         };
         dedup_write = Some((k, encode(&entry)?));
     }
+    let staged = stage_event(seq, event, accepted_ms, planned, dedup.map(|d| d.key))?;
+    if let Some((k, v)) = dedup_write {
+        tx.insert(&s.dedup, k, v);
+    }
+    staged.write(tx, s);
+    Ok(Appended::New(seq))
+}
+
+/// An event and its deliveries, encoded and checked, ready to write.
+struct StagedEvent {
+    seq: Seq,
+    id: String,
+    accepted_ms: u64,
+    stored: Vec<u8>,
+    records: Vec<(DeliveryKey, Vec<u8>, IndexEntries)>,
+}
+
+fn stage_event(
+    seq: Seq,
+    event: &Event,
+    accepted_ms: u64,
+    planned: Vec<PlannedDelivery>,
+    dedup_key: Option<String>,
+) -> Result<StagedEvent, JournalError> {
+    check_key(event.id.as_bytes())?;
     let stored = encode(&StoredEvent {
         accepted_ms,
         event: event.clone(),
-        dedup_key: dedup.map(|d| d.key),
+        dedup_key,
     })?;
     let mut records = Vec::with_capacity(planned.len());
     for (idx, p) in planned.into_iter().enumerate() {
@@ -854,17 +996,26 @@ fn append(
         };
         records.push((key, encode(&record)?, index_entries(key, &record)?));
     }
-    tx.insert(&s.events, seq.to_be_bytes(), stored);
-    tx.insert(&s.ids, event.id.as_str(), seq.to_be_bytes());
-    tx.insert(&s.by_time, time_key(accepted_ms, seq), b"");
-    if let Some((k, v)) = dedup_write {
-        tx.insert(&s.dedup, k, v);
+    Ok(StagedEvent {
+        seq,
+        id: event.id.clone(),
+        accepted_ms,
+        stored,
+        records,
+    })
+}
+
+impl StagedEvent {
+    fn write(self, tx: &mut WriteTransaction<'_>, s: &Store) {
+        let seq = self.seq;
+        tx.insert(&s.events, seq.to_be_bytes(), self.stored);
+        tx.insert(&s.ids, self.id.as_str(), seq.to_be_bytes());
+        tx.insert(&s.by_time, time_key(self.accepted_ms, seq), b"");
+        for (key, record, indexes) in self.records {
+            tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), record);
+            add_indexes(tx, s, indexes);
+        }
     }
-    for (key, record, indexes) in records {
-        tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), record);
-        add_indexes(tx, s, indexes);
-    }
-    Ok(Appended::New(seq))
 }
 
 /// The index entries a delivery has in its state: `due` and `order` while it
@@ -952,10 +1103,12 @@ fn read_delivery(
 /// Stages a settlement. Reads (and the kv check) go through `tx`, so they see
 /// earlier ops of the same batch. All checks and encoding come before the first
 /// write, so `Stale`, `Conflict` or an error leave the transaction as it was.
+/// Emitted events of a delivered attempt are appended under `next_seq` on.
 fn settle(
     tx: &mut WriteTransaction<'_>,
     s: &Store,
     st: &Settlement,
+    next_seq: &mut Seq,
 ) -> Result<Settled, JournalError> {
     let Some(old) = read_delivery(tx, s, st.key)? else {
         return Ok(Settled::Stale);
@@ -963,19 +1116,35 @@ fn settle(
     if old.status.is_final() {
         return Ok(Settled::Stale);
     }
+    let now_ms = crate::event::now_ms();
     let mut kv_writes = Vec::new();
-    if let Outcome::Delivered = st.outcome {
+    let delivered = matches!(st.outcome, Outcome::Delivered);
+    if delivered {
         for (k, seen) in &st.kv.reads {
             let now = match kv_key(&st.plugin, k) {
-                Ok(k) => tx.get(&s.kv, k)?,
+                Ok(k) => kv_live(tx, s, &k, now_ms)?,
                 Err(_) => None, // could not have been stored
             };
             if now.as_deref() != seen.as_deref() {
                 return Ok(Settled::Conflict);
             }
         }
-        for (k, v) in &st.kv.writes {
-            kv_writes.push((kv_key(&st.plugin, k)?, v));
+        for w in &st.kv.writes {
+            kv_writes.push((kv_key(&st.plugin, &w.key)?, w));
+        }
+    }
+    // Staged (checked and encoded) before the first write, like the rest.
+    let mut staged = Vec::new();
+    if delivered {
+        for (i, e) in st.emitted.iter().enumerate() {
+            let seq = *next_seq + i as Seq;
+            staged.push(stage_event(
+                seq,
+                &e.event,
+                now_ms,
+                e.deliveries.clone(),
+                None,
+            )?);
         }
     }
     let mut record = old.clone();
@@ -986,14 +1155,119 @@ fn settle(
         Outcome::Retry { due_ms } => (DeliveryStatus::Retrying, Some(due_ms)),
     };
     update_delivery(tx, s, st.key, &old, &record)?;
+    if !delivered {
+        return Ok(Settled::Committed);
+    }
     // In order: the last write of a key wins.
-    for (k, v) in kv_writes {
-        match v {
-            Some(v) => tx.insert(&s.kv, k, v.as_slice()),
-            None => tx.remove(&s.kv, k),
-        }
+    let mut usage: i128 = 0;
+    for (k, w) in kv_writes {
+        usage += kv_write(tx, s, &k, w)?;
+    }
+    if usage != 0 {
+        let before = tx
+            .get(&s.kv_usage, st.plugin.as_bytes())?
+            .map_or(0, |v| be_u64(&v));
+        let after = (before as i128 + usage).max(0) as u64;
+        tx.insert(&s.kv_usage, st.plugin.as_bytes(), after.to_be_bytes());
+    }
+    *next_seq += staged.len() as Seq;
+    for e in staged {
+        e.write(tx, s);
     }
     Ok(Settled::Committed)
+}
+
+/// The live value under a kv key: absent once its TTL ran out (the sweep
+/// deletes it later).
+fn kv_live(
+    r: &impl Readable,
+    s: &Store,
+    k: &[u8],
+    now_ms: u64,
+) -> Result<Option<Vec<u8>>, JournalError> {
+    let Some(v) = r.get(&s.kv, k)? else {
+        return Ok(None);
+    };
+    if let Some(exp) = r.get(&s.kv_ttl, k)?
+        && be_u64(&exp) <= now_ms
+    {
+        return Ok(None);
+    }
+    Ok(Some(v.to_vec()))
+}
+
+/// Stages one kv write with its TTL entries; returns the change in the
+/// plugin's usage (bytes).
+fn kv_write(
+    tx: &mut WriteTransaction<'_>,
+    s: &Store,
+    k: &[u8],
+    w: &crate::journal::KvWrite,
+) -> Result<i128, JournalError> {
+    let mut delta: i128 = 0;
+    if let Some(old) = tx.get(&s.kv, k)? {
+        delta -= (k.len() + old.len()) as i128;
+    }
+    if let Some(old_exp) = tx.get(&s.kv_ttl, k)? {
+        tx.remove(&s.kv_exp, exp_key(be_u64(&old_exp), k));
+        tx.remove(&s.kv_ttl, k);
+    }
+    match &w.value {
+        Some(v) => {
+            tx.insert(&s.kv, k, v.as_slice());
+            delta += (k.len() + v.len()) as i128;
+            if let Some(exp) = w.expires_ms {
+                tx.insert(&s.kv_ttl, k, exp.to_be_bytes());
+                tx.insert(&s.kv_exp, exp_key(exp, k), b"");
+            }
+        }
+        None => tx.remove(&s.kv, k),
+    }
+    Ok(delta)
+}
+
+/// `expires ms ‖ kv key`.
+fn exp_key(exp: u64, k: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(8 + k.len());
+    b.extend_from_slice(&exp.to_be_bytes());
+    b.extend_from_slice(k);
+    b
+}
+
+/// Stages the deletion of up to `limit` expired kv entries.
+fn expire_kv(
+    tx: &mut WriteTransaction<'_>,
+    s: &Store,
+    now_ms: u64,
+    limit: usize,
+) -> Result<usize, JournalError> {
+    let mut expired = Vec::new();
+    for entry in tx.range(&s.kv_exp, ..exp_key(now_ms.saturating_add(1), b"")) {
+        let k = entry.key()?;
+        if k.len() <= 8 {
+            return Err(bad_key(&k));
+        }
+        expired.push(k.to_vec());
+        if expired.len() >= limit {
+            break;
+        }
+    }
+    for e in &expired {
+        let k = &e[8..];
+        tx.remove(&s.kv_exp, e.as_slice());
+        tx.remove(&s.kv_ttl, k);
+        if let Some(old) = tx.get(&s.kv, k)? {
+            tx.remove(&s.kv, k);
+            let Some(end) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let plugin = &k[..end];
+            let before = tx.get(&s.kv_usage, plugin)?.map_or(0, |v| be_u64(&v));
+            let after = before.saturating_sub((k.len() + old.len()) as u64);
+            tx.insert(&s.kv_usage, plugin, after.to_be_bytes());
+        }
+    }
+    Ok(expired.len())
 }
 
 /// Stages the redrive of those of `keys` that are dead letters.
@@ -1264,7 +1538,7 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, JournalError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::{Attempt, KvChanges};
+    use crate::journal::{Attempt, KvChanges, KvWrite};
     use std::cell::Cell;
     use std::collections::BTreeMap;
 
@@ -1312,9 +1586,11 @@ mod tests {
                 duration_us: 2,
                 error: None,
                 plugin_hash: None,
+                emitted: Vec::new(),
             },
             outcome,
             kv,
+            emitted: Vec::new(),
         }
     }
 
@@ -1355,7 +1631,7 @@ mod tests {
         let seq = new(j.append(event("a"), 1, planned(1), None).await.unwrap());
         let write = |v: &str| KvChanges {
             reads: vec![("k".into(), None)],
-            writes: vec![("k".into(), Some(v.as_bytes().to_vec()))],
+            writes: vec![KvWrite::set("k", v)],
         };
         // A retry drops writes and reschedules.
         let r = j
@@ -1390,6 +1666,125 @@ mod tests {
         let t = j.timeline("a").unwrap().unwrap();
         assert_eq!(t.deliveries[0].1.status, DeliveryStatus::Delivered);
         assert_eq!(t.deliveries[0].1.attempts.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn emitted_events_commit_only_with_a_delivered_settlement() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let a = new(j.append(event("a"), 1, planned(2), None).await.unwrap());
+        let emitted = |id: &str| crate::journal::Emitted {
+            event: event(id),
+            deliveries: planned(1),
+        };
+        let mut retry = settlement(a, Outcome::Retry { due_ms: 5 }, KvChanges::default());
+        retry.emitted = vec![emitted("lost")];
+        j.settle(retry).await.unwrap();
+        assert_eq!(
+            j.event_seq("lost").unwrap(),
+            None,
+            "no emit without the ack"
+        );
+        let mut ok = settlement(a, Outcome::Delivered, KvChanges::default());
+        ok.emitted = vec![emitted("c1"), emitted("c2")];
+        assert_eq!(j.settle(ok).await.unwrap(), Settled::Committed);
+        let (c1, c2) = (
+            j.event_seq("c1").unwrap().unwrap(),
+            j.event_seq("c2").unwrap().unwrap(),
+        );
+        assert_eq!((c1, c2), (a + 1, a + 2));
+        // Their deliveries are planned and due; the next append goes on after.
+        let due: Vec<Seq> = j
+            .due_deliveries()
+            .unwrap()
+            .iter()
+            .map(|d| d.key.seq)
+            .collect();
+        assert_eq!(
+            due,
+            [a, c1, c2],
+            "the other delivery of `a`, then the children"
+        );
+        let b = new(j.append(event("b"), 9, planned(0), None).await.unwrap());
+        assert_eq!(b, c2 + 1);
+        // And they survive a restart.
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(j.event_seq("c2").unwrap(), Some(c2));
+    }
+
+    #[tokio::test]
+    async fn kv_ttl_listing_and_usage() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let now = crate::event::now_ms();
+        let seq = new(j.append(event("a"), 1, planned(1), None).await.unwrap());
+        let mut writes = vec![
+            KvWrite::set("l/a", "1"),
+            KvWrite::set("l/b", "22"),
+            KvWrite::set("l/c", "333"),
+            KvWrite::set("m", "x"),
+        ];
+        writes.push(KvWrite {
+            key: "l/old".into(),
+            value: Some(b"gone".to_vec()),
+            expires_ms: Some(now.saturating_sub(1)),
+        });
+        writes.push(KvWrite {
+            key: "l/later".into(),
+            value: Some(b"v".to_vec()),
+            expires_ms: Some(now + 3_600_000),
+        });
+        let kv = KvChanges {
+            reads: vec![],
+            writes,
+        };
+        j.settle(settlement(seq, Outcome::Delivered, kv))
+            .await
+            .unwrap();
+        // Expired keys read as absent and are not listed.
+        assert_eq!(j.kv_get("p", "l/old").unwrap(), None);
+        assert_eq!(j.kv_get("p", "l/later").unwrap(), Some(b"v".to_vec()));
+        assert_eq!(
+            j.kv_list("p", "l/", None, 10).unwrap(),
+            ["l/a", "l/b", "l/c", "l/later"]
+        );
+        assert_eq!(
+            j.kv_list("p", "l/", Some("l/b"), 2).unwrap(),
+            ["l/c", "l/later"]
+        );
+        assert_eq!(j.kv_list("p", "l/", Some("a"), 1).unwrap(), ["l/a"]);
+        assert!(
+            j.kv_list("q", "", None, 10).unwrap().is_empty(),
+            "per plugin"
+        );
+        // Usage counts "p\0" + key + value of every entry, expired ones until swept.
+        let entry = |k: &str, v: &str| (2 + k.len() + v.len()) as u64;
+        let all = entry("l/a", "1")
+            + entry("l/b", "22")
+            + entry("l/c", "333")
+            + entry("m", "x")
+            + entry("l/old", "gone")
+            + entry("l/later", "v");
+        assert_eq!(j.kv_usage("p").unwrap(), all);
+        assert_eq!(j.expire_kv(now, 100).await.unwrap(), 1);
+        assert_eq!(j.expire_kv(now, 100).await.unwrap(), 0);
+        assert_eq!(j.kv_usage("p").unwrap(), all - entry("l/old", "gone"));
+        // Overwriting without a TTL drops the expiry; deleting frees usage.
+        let seq = new(j.append(event("b"), 2, planned(1), None).await.unwrap());
+        let kv = KvChanges {
+            reads: vec![],
+            writes: vec![KvWrite::set("l/later", "vv"), KvWrite::delete("l/c")],
+        };
+        j.settle(settlement(seq, Outcome::Delivered, kv))
+            .await
+            .unwrap();
+        assert_eq!(j.expire_kv(now + 7_200_000, 100).await.unwrap(), 0);
+        assert_eq!(j.kv_get("p", "l/later").unwrap(), Some(b"vv".to_vec()));
+        assert_eq!(
+            j.kv_usage("p").unwrap(),
+            all - entry("l/old", "gone") - entry("l/c", "333") + 1
+        );
     }
 
     #[tokio::test]
@@ -1441,7 +1836,7 @@ mod tests {
         let (store, mut writer) = bare_writer(dir.path());
         let write = |v: &str| KvChanges {
             reads: vec![("k".into(), None)],
-            writes: vec![("k".into(), Some(v.as_bytes().to_vec()))],
+            writes: vec![KvWrite::set("k", v)],
         };
         let mut batch = Vec::new();
         let mut appends = Vec::new();
@@ -1831,9 +2226,9 @@ mod tests {
         let mut s = settlement(late, Outcome::Delivered, KvChanges::default());
         s.plugin = "p.x".into();
         s.kv.writes = vec![
-            ("a\0b".into(), Some(b"1".to_vec())),
-            ("gone".into(), Some(b"2".to_vec())),
-            ("gone".into(), None),
+            KvWrite::set("a\0b", "1"),
+            KvWrite::set("gone", "2"),
+            KvWrite::delete("gone"),
         ];
         assert_eq!(j.settle(s).await.unwrap(), Settled::Committed);
         assert_eq!(j.kv_get("p.x", "a\0b").unwrap(), Some(b"1".to_vec()));

@@ -99,6 +99,9 @@ pub struct Attempt {
     /// The content hash (sha256) of the plugin that ran, when one ran.
     #[serde(default)]
     pub plugin_hash: Option<String>,
+    /// The ids of the events it emitted (stored only when it succeeded).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emitted: Vec<String>,
 }
 
 /// The stored state of one delivery.
@@ -157,8 +160,46 @@ pub enum Outcome {
 pub struct KvChanges {
     /// Keys read from the store, with the value seen.
     pub reads: Vec<(String, Option<Vec<u8>>)>,
-    /// Keys written: `Some` sets, `None` deletes. In order; the last one wins.
-    pub writes: Vec<(String, Option<Vec<u8>>)>,
+    /// Keys written, in order; the last write of a key wins.
+    pub writes: Vec<KvWrite>,
+}
+
+/// One kv write of a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvWrite {
+    pub key: String,
+    /// `Some` sets, `None` deletes.
+    pub value: Option<Vec<u8>>,
+    /// When a set value expires (Unix ms); `None`: never.
+    pub expires_ms: Option<u64>,
+}
+
+impl KvWrite {
+    /// Sets `key` to `value`, without expiry.
+    pub fn set(key: impl Into<String>, value: impl Into<Vec<u8>>) -> KvWrite {
+        KvWrite {
+            key: key.into(),
+            value: Some(value.into()),
+            expires_ms: None,
+        }
+    }
+
+    /// Deletes `key`.
+    pub fn delete(key: impl Into<String>) -> KvWrite {
+        KvWrite {
+            key: key.into(),
+            value: None,
+            expires_ms: None,
+        }
+    }
+}
+
+/// An event a delivery emitted, with the deliveries its routes planned: stored
+/// only if the delivery succeeds, in the same commit.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    pub event: Arc<Event>,
+    pub deliveries: Vec<PlannedDelivery>,
 }
 
 /// An attempt's result, for the writer to commit.
@@ -169,6 +210,8 @@ pub struct Settlement {
     pub attempt: Attempt,
     pub outcome: Outcome,
     pub kv: KvChanges,
+    /// Events to store with a `Delivered` outcome (dropped otherwise).
+    pub emitted: Vec<Emitted>,
 }
 
 /// What committing a settlement did.

@@ -1,5 +1,5 @@
-//! What a plugin instance can reach: `log`, `config`, `kv`, and a WASI context
-//! with nothing granted (no files, no environment, no sockets).
+//! What a plugin instance can reach: `log`, `config`, `kv`, `emit`, and a
+//! WASI context with nothing granted (no files, no environment, no sockets).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Plugin;
-use super::bindings::switchyard::plugin::{config, kv, log, types};
-use crate::journal::{Journal, KvChanges};
+use super::bindings::switchyard::plugin::{config, emit, kv, log, types};
+use crate::event::Event;
+use crate::journal::{Journal, KvChanges, KvWrite};
 
 /// Longest key a plugin may use, bytes.
 pub const MAX_KEY_LEN: usize = 512;
@@ -18,6 +19,19 @@ pub const MAX_KEY_LEN: usize = 512;
 pub const MAX_VALUE_LEN: usize = 1 << 20;
 /// Most kv writes one delivery may make.
 pub const MAX_WRITES_PER_DELIVERY: usize = 10_000;
+/// Emits allowed from a webhook event to the last derived one, unless
+/// `[server] max_hops` says otherwise.
+pub const DEFAULT_MAX_HOPS: u32 = 8;
+/// Most keys one `list-keys` call returns.
+pub const MAX_LIST_KEYS: u32 = 1000;
+/// Most events one delivery may emit.
+pub const MAX_EMITS_PER_DELIVERY: usize = 100;
+/// Largest `data` of an emitted event, bytes.
+pub const MAX_EMIT_DATA: usize = 1 << 20;
+/// The extension attribute naming the event whose delivery emitted an event.
+pub const CAUSATION_EXTENSION: &str = "causationid";
+/// The extension attribute counting emits since the webhook event.
+pub const HOPS_EXTENSION: &str = "hops";
 /// Most log bytes one delivery may emit; the rest is dropped (and counted).
 pub const MAX_LOG_BYTES: usize = 64 << 10;
 /// Longest single log line kept, bytes.
@@ -35,7 +49,23 @@ pub struct HostState {
     reads: HashMap<String, Option<Vec<u8>>>,
     /// This delivery's own writes, newest state per key.
     overlay: HashMap<String, Option<Vec<u8>>>,
-    writes: Vec<(String, Option<Vec<u8>>)>,
+    writes: Vec<KvWrite>,
+    /// The plugin's kv usage when this delivery first wrote (bytes), and the
+    /// change its writes make, for the quota.
+    usage_base: Option<u64>,
+    usage_delta: i64,
+    /// The committed size (key + value) of each key written, for `usage_delta`.
+    committed_size: HashMap<String, u64>,
+    kv_quota: u64,
+    /// Queries run with read-only kv and no emit.
+    read_only: bool,
+    /// The event being handled (for emitted events' `causationid` and hops).
+    parent: Option<(String, u32)>,
+    max_hops: u32,
+    emitted: Vec<Event>,
+    /// Why an emit was refused for a limit: the delivery is dead-lettered even
+    /// if the plugin went on and returned Ok.
+    emit_violation: Option<String>,
     log_bytes: usize,
     log_dropped: usize,
     stdio: MemoryOutputPipe,
@@ -59,6 +89,15 @@ impl HostState {
             reads: HashMap::new(),
             overlay: HashMap::new(),
             writes: Vec::new(),
+            usage_base: None,
+            usage_delta: 0,
+            committed_size: HashMap::new(),
+            kv_quota: plugin.limits.kv_quota,
+            read_only: false,
+            parent: None,
+            max_hops: DEFAULT_MAX_HOPS,
+            emitted: Vec::new(),
+            emit_violation: None,
             log_bytes: 0,
             log_dropped: 0,
             stdio,
@@ -66,6 +105,33 @@ impl HostState {
             table: ResourceTable::new(),
             limits: Limiter::new(plugin.limits.memory),
         }
+    }
+
+    /// Lets `emit` derive events from `event`, up to `max_hops` from the
+    /// webhook event.
+    pub(super) fn set_parent(&mut self, event: &Event, max_hops: u32) {
+        let hops = event
+            .extensions
+            .get(HOPS_EXTENSION)
+            .and_then(|h| h.parse().ok())
+            .unwrap_or(0);
+        self.parent = Some((event.id.clone(), hops));
+        self.max_hops = max_hops;
+    }
+
+    /// For queries: kv reads only, no emit.
+    pub(super) fn set_read_only(&mut self) {
+        self.read_only = true;
+    }
+
+    /// Why the delivery must fail although `handle` returned Ok, if it must.
+    pub(super) fn emit_violation(&self) -> Option<&str> {
+        self.emit_violation.as_deref()
+    }
+
+    /// The events emitted, to store if the delivery succeeds.
+    pub(super) fn take_emitted(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.emitted)
     }
 
     pub(super) fn into_kv_changes(self) -> KvChanges {
@@ -151,49 +217,280 @@ impl HostState {
         Ok(())
     }
 
-    fn record_write(&mut self, key: String, value: Option<Vec<u8>>) -> Result<(), kv::Error> {
-        if self.writes.len() >= MAX_WRITES_PER_DELIVERY {
-            return Err(kv::Error::Invalid(format!(
-                "more than {MAX_WRITES_PER_DELIVERY} kv writes in one delivery"
-            )));
-        }
-        self.overlay.insert(key.clone(), value.clone());
-        self.writes.push((key, value));
-        Ok(())
-    }
-}
-
-impl kv::Host for HostState {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
-        Self::check_key(&key)?;
-        if let Some(v) = self.overlay.get(&key) {
-            return Ok(v.clone());
-        }
-        if let Some(v) = self.reads.get(&key) {
-            return Ok(v.clone());
-        }
-        let value = self
-            .journal
-            .kv_get(&self.plugin, &key)
-            .map_err(|e| kv::Error::Unavailable(e.to_string()))?;
-        self.reads.insert(key, value.clone());
-        Ok(value)
-    }
-
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), kv::Error> {
-        Self::check_key(&key)?;
+    fn check_value(value: &[u8]) -> Result<(), kv::Error> {
         if value.len() > MAX_VALUE_LEN {
             return Err(kv::Error::Invalid(format!(
                 "kv value of {} bytes is over the limit of {MAX_VALUE_LEN}",
                 value.len()
             )));
         }
-        self.record_write(key, Some(value))
+        Ok(())
+    }
+
+    fn unavailable(e: crate::journal::JournalError) -> kv::Error {
+        kv::Error::Unavailable(e.to_string())
+    }
+
+    /// The value as this delivery sees it; a read from the store is recorded
+    /// for the conflict check at commit.
+    fn read(&mut self, key: &str) -> Result<Option<Vec<u8>>, kv::Error> {
+        Self::check_key(key)?;
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        if let Some(v) = self.reads.get(key) {
+            return Ok(v.clone());
+        }
+        let value = self
+            .journal
+            .kv_get(&self.plugin, key)
+            .map_err(Self::unavailable)?;
+        self.reads.insert(key.to_string(), value.clone());
+        Ok(value)
+    }
+
+    fn record_write(
+        &mut self,
+        key: String,
+        value: Option<Vec<u8>>,
+        expires_ms: Option<u64>,
+    ) -> Result<(), kv::Error> {
+        if self.read_only {
+            return Err(kv::Error::Invalid(
+                "kv is read-only in a query; write while handling events".into(),
+            ));
+        }
+        if self.writes.len() >= MAX_WRITES_PER_DELIVERY {
+            return Err(kv::Error::Invalid(format!(
+                "more than {MAX_WRITES_PER_DELIVERY} kv writes in one delivery"
+            )));
+        }
+        self.charge_quota(&key, value.as_deref())?;
+        self.overlay.insert(key.clone(), value.clone());
+        self.writes.push(KvWrite {
+            key,
+            value,
+            expires_ms,
+        });
+        Ok(())
+    }
+
+    /// Refuses a write that would take the plugin's kv over its quota. Exact
+    /// for one delivery; concurrent deliveries may overshoot it by their own
+    /// writes, since each checks against the usage last committed.
+    fn charge_quota(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), kv::Error> {
+        let base = match self.usage_base {
+            Some(b) => b,
+            None => {
+                let b = self
+                    .journal
+                    .kv_usage(&self.plugin)
+                    .map_err(Self::unavailable)?;
+                *self.usage_base.insert(b)
+            }
+        };
+        // Entries count their key (with the plugin prefix) and value bytes, as
+        // the journal counts them.
+        let entry = |len: usize| (self.plugin.len() + 1 + key.len() + len) as u64;
+        let committed = match self.committed_size.get(key) {
+            Some(&c) => c,
+            None => {
+                let c = self
+                    .journal
+                    .kv_get(&self.plugin, key)
+                    .map_err(Self::unavailable)?
+                    .map_or(0, |v| entry(v.len()));
+                self.committed_size.insert(key.to_string(), c);
+                c
+            }
+        };
+        let current = match self.overlay.get(key) {
+            Some(v) => v.as_ref().map_or(0, |v| entry(v.len())),
+            None => committed,
+        };
+        let new = value.map_or(0, |v| entry(v.len()));
+        let delta = self.usage_delta + new as i64 - current as i64;
+        let total = base as i64 + delta;
+        if new > current && total > self.kv_quota as i64 {
+            return Err(kv::Error::Invalid(format!(
+                "kv quota of {} reached (plugin `{}` would use {} bytes)",
+                super::format_bytes(self.kv_quota),
+                self.plugin,
+                total
+            )));
+        }
+        self.usage_delta = delta;
+        Ok(())
+    }
+}
+
+impl kv::Host for HostState {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, kv::Error> {
+        self.read(&key)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), kv::Error> {
+        Self::check_key(&key)?;
+        Self::check_value(&value)?;
+        self.record_write(key, Some(value), None)
+    }
+
+    fn set_with_ttl(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+        ttl: types::Duration,
+    ) -> Result<(), kv::Error> {
+        Self::check_key(&key)?;
+        Self::check_value(&value)?;
+        if ttl == 0 {
+            return Err(kv::Error::Invalid("kv ttl must be more than 0".into()));
+        }
+        let ttl_ms = ttl.div_ceil(1_000_000);
+        let expires = crate::event::now_ms().saturating_add(ttl_ms);
+        self.record_write(key, Some(value), Some(expires))
     }
 
     fn delete(&mut self, key: String) -> Result<(), kv::Error> {
         Self::check_key(&key)?;
-        self.record_write(key, None)
+        self.record_write(key, None, None)
+    }
+
+    fn increment(&mut self, key: String, delta: i64) -> Result<i64, kv::Error> {
+        let current = match self.read(&key)? {
+            None => 0,
+            Some(bytes) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    kv::Error::Invalid(format!(
+                        "kv increment: the value under {key:?} is not an integer"
+                    ))
+                })?,
+        };
+        let new = current.checked_add(delta).ok_or_else(|| {
+            kv::Error::Invalid(format!(
+                "kv increment: {current} + {delta} overflows under {key:?}"
+            ))
+        })?;
+        self.record_write(key, Some(new.to_string().into_bytes()), None)?;
+        Ok(new)
+    }
+
+    fn compare_and_swap(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, kv::Error> {
+        if let Some(v) = &new {
+            Self::check_value(v)?;
+        }
+        if self.read(&key)? != expected {
+            return Ok(false);
+        }
+        self.record_write(key, new, None)?;
+        Ok(true)
+    }
+
+    fn list_keys(
+        &mut self,
+        prefix: String,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<String>, kv::Error> {
+        let limit = limit.clamp(1, MAX_LIST_KEYS) as usize;
+        // Enough committed keys to fill the page after this delivery's own
+        // deletes, merged with its own sets.
+        let deleted = self.overlay.values().filter(|v| v.is_none()).count();
+        let committed = self
+            .journal
+            .kv_list(&self.plugin, &prefix, after.as_deref(), limit + deleted)
+            .map_err(Self::unavailable)?;
+        let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();
+        for (k, v) in &self.overlay {
+            let in_range =
+                k.starts_with(&prefix) && after.as_ref().is_none_or(|a| k.as_str() > a.as_str());
+            match v {
+                Some(_) if in_range => {
+                    keys.insert(k.clone());
+                }
+                None => {
+                    keys.remove(k);
+                }
+                _ => {}
+            }
+        }
+        Ok(keys.into_iter().take(limit).collect())
+    }
+}
+
+impl emit::Host for HostState {
+    fn emit(&mut self, event: emit::NewEvent) -> Result<String, emit::Error> {
+        let Some((parent_id, parent_hops)) = self.parent.clone().filter(|_| !self.read_only) else {
+            return Err(emit::Error::Invalid(
+                "emit is only possible while handling an event".into(),
+            ));
+        };
+        let limit = |this: &mut HostState, text: String| {
+            this.emit_violation.get_or_insert_with(|| text.clone());
+            Err(emit::Error::Limit(text))
+        };
+        if parent_hops >= self.max_hops {
+            let text = format!(
+                "emit refused: event {parent_id} is already {parent_hops} hops from its webhook \
+                 event (limit {}); is there a loop of plugins emitting each other's events?",
+                self.max_hops
+            );
+            return limit(self, text);
+        }
+        if self.emitted.len() >= MAX_EMITS_PER_DELIVERY {
+            let text = format!(
+                "emit refused: more than {MAX_EMITS_PER_DELIVERY} events from one delivery"
+            );
+            return limit(self, text);
+        }
+        if event.type_.is_empty() || event.type_.len() > 256 {
+            return Err(emit::Error::Invalid(
+                "an emitted event's type must be 1 to 256 bytes".into(),
+            ));
+        }
+        if event.subject.as_ref().is_some_and(|s| s.len() > 1024) {
+            return Err(emit::Error::Invalid(
+                "an emitted event's subject must be at most 1024 bytes".into(),
+            ));
+        }
+        if event.data.len() > MAX_EMIT_DATA {
+            return Err(emit::Error::Invalid(format!(
+                "an emitted event's data of {} bytes is over the limit of {MAX_EMIT_DATA}",
+                event.data.len()
+            )));
+        }
+        let datacontenttype = event
+            .datacontenttype
+            .unwrap_or_else(|| "application/json".to_string());
+        if crate::event::is_json_media_type(&datacontenttype)
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&event.data)
+        {
+            return Err(emit::Error::Invalid(format!(
+                "an emitted event's data is not valid JSON ({datacontenttype}): {e}"
+            )));
+        }
+        let id = crate::event::new_event_id();
+        let mut extensions = std::collections::BTreeMap::new();
+        extensions.insert(CAUSATION_EXTENSION.to_string(), parent_id);
+        extensions.insert(HOPS_EXTENSION.to_string(), (parent_hops + 1).to_string());
+        self.emitted.push(Event {
+            id: id.clone(),
+            source: format!("plugin/{}", self.plugin),
+            ty: event.type_,
+            subject: event.subject,
+            time: crate::event::rfc3339_ms(crate::event::now_ms()),
+            datacontenttype,
+            data: event.data,
+            extensions,
+        });
+        Ok(id)
     }
 }
 

@@ -7,7 +7,7 @@ mod host;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{HasSelf, Linker};
@@ -15,7 +15,9 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use crate::event::Event;
 use crate::journal::{Journal, KvChanges};
-pub use host::HostState;
+pub use host::{
+    CAUSATION_EXTENSION, DEFAULT_MAX_HOPS, HOPS_EXTENSION, HostState, MAX_EMITS_PER_DELIVERY,
+};
 
 /// The one place that generates host bindings from `wit/`.
 pub mod bindings {
@@ -27,7 +29,9 @@ pub mod bindings {
 }
 
 use bindings::ConsumerPre;
-use bindings::switchyard::plugin::types::{Event as WitEvent, Failure as WitFailure};
+use bindings::switchyard::plugin::types::{
+    Event as WitEvent, Failure as WitFailure, Response as WitResponse,
+};
 
 /// How often the engine's epoch advances: the resolution of deadlines, and how
 /// often a running plugin yields to the async runtime.
@@ -68,6 +72,8 @@ pub struct Limits {
     pub timeout: Duration,
     /// Linear memory cap, bytes.
     pub memory: u64,
+    /// The most bytes (keys and values) the plugin's kv may hold.
+    pub kv_quota: u64,
 }
 
 impl Default for Limits {
@@ -75,6 +81,7 @@ impl Default for Limits {
         Limits {
             timeout: Duration::from_secs(1),
             memory: 64 << 20,
+            kv_quota: 64 << 20,
         }
     }
 }
@@ -91,6 +98,8 @@ pub struct Plugin {
     pub limits: Limits,
     /// The plugin's `config` table as JSON.
     pub config: Arc<serde_json::Map<String, serde_json::Value>>,
+    /// Whether it exports `query` (world `queryable`).
+    pub answers_queries: bool,
     pre: ConsumerPre<HostState>,
 }
 
@@ -124,7 +133,26 @@ pub struct DeliveryRun {
     pub invocation: Invocation,
     /// The kv reads and writes it made (to commit only if it succeeded).
     pub kv: KvChanges,
+    /// The events it emitted (to store only if it succeeded).
+    pub emitted: Vec<Event>,
     pub elapsed: Duration,
+}
+
+/// What a plugin's `query` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Vec<u8>,
+}
+
+/// Why a query could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("plugin `{0}` does not answer queries (it does not export `query`)")]
+    NoQuery(String),
+    #[error("plugin `{plugin}` failed to answer: {reason}")]
+    Failed { plugin: String, reason: String },
 }
 
 /// The engine and what every plugin shares.
@@ -134,6 +162,8 @@ pub struct Runtime {
     cache_dir: PathBuf,
     journal: Journal,
     ticker_stop: Arc<AtomicBool>,
+    /// `[server] max_hops`, for emitted events.
+    max_hops: AtomicU32,
 }
 
 /// The engine configuration every plugin runs under: component model, epoch
@@ -195,6 +225,7 @@ impl Runtime {
             cache_dir: cache_dir.to_path_buf(),
             journal,
             ticker_stop,
+            max_hops: AtomicU32::new(DEFAULT_MAX_HOPS),
         })
     }
 
@@ -224,6 +255,7 @@ impl Runtime {
                     plugin: name.to_string(),
                     reason: format!("{e:#}"),
                 })?;
+        let answers_queries = component.get_export_index(None, "query").is_some();
         let pre = ConsumerPre::new(instance_pre).map_err(|e| RuntimeError::Link {
             plugin: name.to_string(),
             reason: format!("it does not export the `consumer` world: {e:#}"),
@@ -233,8 +265,14 @@ impl Runtime {
             hash,
             limits,
             config: Arc::new(config),
+            answers_queries,
             pre,
         })
+    }
+
+    /// How many emits may separate a derived event from its webhook event.
+    pub fn set_max_hops(&self, max_hops: u32) {
+        self.max_hops.store(max_hops, Ordering::Relaxed);
     }
 
     /// Runs `handle(event)` in a fresh instance of `plugin`.
@@ -251,7 +289,45 @@ impl Runtime {
         extra: &[(&str, String)],
     ) -> DeliveryRun {
         let started = Instant::now();
-        let state = HostState::new(plugin, &event.id, self.journal.clone());
+        let mut state = HostState::new(plugin, &event.id, self.journal.clone());
+        state.set_parent(event, self.max_hops.load(Ordering::Relaxed));
+        let mut store = self.store(plugin, state, started);
+
+        let result = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            instance
+                .call_handle(&mut store, &to_wit(event, extra))
+                .await
+        }
+        .await;
+
+        let invocation = match result {
+            // A refused emit (hop or count limit) fails the delivery even if
+            // the plugin went on: a loop ends in the dead letters.
+            Ok(Ok(())) => match store.data().emit_violation() {
+                Some(v) => Invocation::Reject(v.to_string()),
+                None => Invocation::Ok,
+            },
+            Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
+            Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
+            Err(e) => Invocation::Trap(describe_trap(&e, store.data())),
+        };
+        let mut state = store.into_data();
+        let emitted = match invocation {
+            Invocation::Ok => state.take_emitted(),
+            _ => Vec::new(),
+        };
+        let kv = state.into_kv_changes();
+        DeliveryRun {
+            invocation,
+            kv,
+            emitted,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// A store for one call into `plugin`, with its limits and deadline.
+    fn store(&self, plugin: &Plugin, state: HostState, started: Instant) -> Store<HostState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
         let timeout = plugin.limits.timeout;
@@ -263,26 +339,47 @@ impl Runtime {
                 Ok(wasmtime::UpdateDeadline::Yield(1))
             }
         });
+        store
+    }
 
+    /// Calls `query(path, params)` in a fresh instance of `plugin` whose kv
+    /// is read-only, under the plugin's limits.
+    pub async fn query(
+        &self,
+        plugin: &Plugin,
+        path: &str,
+        params: &[(String, String)],
+    ) -> Result<QueryResponse, QueryError> {
+        if !plugin.answers_queries {
+            return Err(QueryError::NoQuery(plugin.name.clone()));
+        }
+        let started = Instant::now();
+        let mut state = HostState::new(plugin, "query", self.journal.clone());
+        state.set_read_only();
+        let mut store = self.store(plugin, state, started);
         let result = async {
-            let instance = plugin.pre.instantiate_async(&mut store).await?;
-            instance
-                .call_handle(&mut store, &to_wit(event, extra))
-                .await
+            let instance = plugin
+                .pre
+                .instance_pre()
+                .instantiate_async(&mut store)
+                .await?;
+            let query = instance.get_typed_func::<(&str, &[(String, String)]), (WitResponse,)>(
+                &mut store, "query",
+            )?;
+            let (response,) = query.call_async(&mut store, (path, params)).await?;
+            Ok::<_, wasmtime::Error>(response)
         }
         .await;
-
-        let invocation = match result {
-            Ok(Ok(())) => Invocation::Ok,
-            Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
-            Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
-            Err(e) => Invocation::Trap(describe_trap(&e, store.data())),
-        };
-        let kv = store.into_data().into_kv_changes();
-        DeliveryRun {
-            invocation,
-            kv,
-            elapsed: started.elapsed(),
+        match result {
+            Ok(r) => Ok(QueryResponse {
+                status: r.status,
+                content_type: r.content_type,
+                body: r.body,
+            }),
+            Err(e) => Err(QueryError::Failed {
+                plugin: plugin.name.clone(),
+                reason: describe_trap(&e, store.data()),
+            }),
         }
     }
 }
@@ -326,6 +423,7 @@ impl Runtime {
                 hash: plugin.hash.clone(),
                 limits: plugin.limits,
                 config: plugin.config.clone(),
+                answers_queries: plugin.answers_queries,
                 pre: plugin.pre.clone(),
             },
             journal: self.journal.clone(),

@@ -6,9 +6,13 @@
 //! precision>}`. Other event types are acknowledged and ignored; an order without a
 //! string `customer` or a numeric `total` is rejected. Each event is counted once:
 //! the host commits a delivery's kv writes together with its acknowledgement.
+//!
+//! **Event chaining.** When a customer's total first reaches the `vip_total`
+//! config value (default 1000), it emits `customer.vip` (`{"customer", "total"}`,
+//! subject = the customer), which the router routes like any other event.
 
 use serde::{Deserialize, Serialize};
-use switchyard_sdk::{Event, Failure, Plugin, info, kv};
+use switchyard_sdk::{Event, Failure, Plugin, config, emit, info, kv};
 
 /// The part of an `order.created` payload this plugin reads.
 #[derive(Debug, Deserialize)]
@@ -22,6 +26,11 @@ struct OrderCreated {
 struct Totals {
     count: u64,
     total: f64,
+}
+
+/// Whether an order took the total from below `threshold` to at least it.
+fn crossed(before: f64, after: f64, threshold: f64) -> bool {
+    before < threshold && after >= threshold
 }
 
 impl Totals {
@@ -46,10 +55,17 @@ impl Plugin for OrderTotals {
             return Err(Failure::reject("order.created has an empty `customer`"));
         }
         let key = format!("customer/{}", order.customer);
-        let totals = kv::get_json::<Totals>(&key)?
-            .unwrap_or_default()
-            .add(order.total);
+        let before = kv::get_json::<Totals>(&key)?.unwrap_or_default();
+        let previous_total = before.total;
+        let totals = before.add(order.total);
         kv::set_json(&key, &totals)?;
+        let vip_total = config::get::<f64>("vip_total").unwrap_or(1000.0);
+        if crossed(previous_total, totals.total, vip_total) {
+            emit::Emit::new("customer.vip")
+                .subject(&order.customer)
+                .json(&serde_json::json!({ "customer": order.customer, "total": totals.total }))?
+                .send()?;
+        }
         info!(
             "{}: {} orders, total {:.2}",
             order.customer, totals.count, totals.total
@@ -84,6 +100,14 @@ mod tests {
             }
         );
         assert_eq!(Totals::default().add(19.999).total, 20.0);
+    }
+
+    #[test]
+    fn vip_is_announced_once_when_the_total_reaches_the_threshold() {
+        assert!(crossed(900.0, 1000.0, 1000.0));
+        assert!(crossed(0.0, 5000.0, 1000.0));
+        assert!(!crossed(1000.0, 1200.0, 1000.0), "already a VIP");
+        assert!(!crossed(10.0, 999.99, 1000.0));
     }
 
     #[test]
