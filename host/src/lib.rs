@@ -18,6 +18,7 @@ pub mod rules;
 pub mod runtime;
 pub mod server;
 pub mod telemetry;
+pub mod watch;
 
 pub use config::Config;
 pub use event::Event;

@@ -17,6 +17,7 @@ use crate::ingress::verify::{SecretError, Verifier};
 use crate::ingress::{self, AppState};
 use crate::journal::{Journal, JournalError};
 use crate::runtime::{Plugin, Runtime, RuntimeError, cargo};
+use crate::watch::ConfigWatcher;
 
 /// The configuration in force and the plugins loaded for it.
 pub struct Live {
@@ -318,10 +319,15 @@ impl Server {
             live.clone(),
             stop.clone(),
         ));
-        let watcher = match ConfigWatcher::start(&config_file, reloader.clone(), stop.clone()) {
+        let watcher = match ConfigWatcher::start(
+            &config_file,
+            live.clone(),
+            reloader.clone(),
+            stop.clone(),
+        ) {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(file = %config_file.display(), error = %e, "cannot watch the config file; reload with SIGHUP");
+                tracing::warn!(file = %config_file.display(), error = %e, "cannot watch the config file and plugins; reload with SIGHUP");
                 None
             }
         };
@@ -476,61 +482,4 @@ async fn load_plugins(
         out.insert(name.clone(), Arc::new(plugin));
     }
     Ok(out)
-}
-
-/// Watches the config file's folder (editors often save by writing a new file
-/// and renaming it over the old one, which a watch on the file itself misses)
-/// and reloads, debounced, when the file changes.
-pub struct ConfigWatcher {
-    _debouncer: notify_debouncer_full::Debouncer<
-        notify::RecommendedWatcher,
-        notify_debouncer_full::RecommendedCache,
-    >,
-}
-
-impl ConfigWatcher {
-    fn start(
-        file: &std::path::Path,
-        reloader: Arc<Reloader>,
-        stop: CancellationToken,
-    ) -> Result<ConfigWatcher, notify::Error> {
-        use notify::RecursiveMode;
-        let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-        let dir = file
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-        let watched = file.clone();
-        let mut debouncer = notify_debouncer_full::new_debouncer(
-            std::time::Duration::from_millis(200),
-            None,
-            move |result: notify_debouncer_full::DebounceEventResult| {
-                let touches_file = result.is_ok_and(|events| {
-                    events
-                        .iter()
-                        .any(|e| !e.kind.is_access() && e.paths.iter().any(|p| p == &watched))
-                });
-                if touches_file {
-                    let _ = tx.send(());
-                }
-            },
-        )?;
-        debouncer.watch(&dir, RecursiveMode::NonRecursive)?;
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    changed = rx.recv() => {
-                        if changed.is_none() { break; }
-                        tracing::info!("config file changed; reloading");
-                        let _ = reloader.reload().await;
-                    }
-                }
-            }
-        });
-        Ok(ConfigWatcher {
-            _debouncer: debouncer,
-        })
-    }
 }

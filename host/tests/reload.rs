@@ -107,3 +107,72 @@ async fn a_changed_file_is_swapped_in_and_a_broken_one_is_refused() {
     .await;
     t.stop().await;
 }
+
+/// A plugin's `.wasm` replaced on disk is swapped in without a restart: the
+/// next attempts run the new version, and each attempt records the version
+/// (content hash) that ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_plugin_file_is_hot_swapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm_dir = dir.path().join("wasm");
+    std::fs::create_dir(&wasm_dir).unwrap();
+    // v1 always asks to be retried; v2 succeeds.
+    let v1 = common::fixture(&wasm_dir, "v1", common::RETRY);
+    let v2 = common::fixture(&wasm_dir, "v2", "(i32.const 2048)");
+    let live = wasm_dir.join("p.wasm");
+    std::fs::copy(&v1, &live).unwrap();
+    let text = format!(
+        r#"
+[server]
+data_dir = "DATA"
+build_dir = "BUILD"
+
+[[sources]]
+name = "s"
+
+[[plugins]]
+name = "p"
+wasm = "{live}"
+
+[[routes]]
+name = "r"
+to = ["p"]
+retry = {{ attempts = 1000, backoff = "fixed", initial = "50ms", max = "50ms" }}
+"#,
+        live = live.display()
+    );
+    let t = TestServer::start_in(dir, &text).await;
+    let old = plugin_hash(&t).await;
+    let id = t.accept("s", &json!({})).await;
+    wait_for("a failed attempt on v1", || async {
+        let tl = t.event(&id).await;
+        (tl["deliveries"][0]["attempts"].as_array()?.len() >= 2).then_some(())
+    })
+    .await;
+
+    // Deployed the way build tools do it: written beside, renamed over.
+    let tmp = wasm_dir.join("p.wasm.new");
+    std::fs::copy(&v2, &tmp).unwrap();
+    std::fs::rename(&tmp, &live).unwrap();
+
+    let tl = t.settled(&id).await;
+    let d = &tl["deliveries"][0];
+    assert_eq!(d["status"], "delivered", "{tl}");
+    let attempts = d["attempts"].as_array().unwrap();
+    let last = attempts.last().unwrap();
+    let new = plugin_hash(&t).await;
+    assert_ne!(new, old);
+    assert_eq!(last["plugin_hash"], new.as_str(), "the new version ran");
+    assert_eq!(
+        attempts[0]["plugin_hash"],
+        old.as_str(),
+        "the old one failed"
+    );
+    let (_, routes) = t.get("/api/routes").await;
+    assert!(!routes.contains("\"errors\""), "{routes}");
+}
+
+async fn plugin_hash(t: &TestServer) -> String {
+    let plugins = t.get_json("/api/plugins").await;
+    plugins["plugins"][0]["hash"].as_str().unwrap().to_string()
+}
