@@ -36,12 +36,16 @@ pub fn get_str(key: &str) -> Option<String> {
 
 /// The whole table as a JSON object (an empty one if the plugin has no config).
 pub fn all() -> serde_json::Value {
-    crate::require_host("config::all");
+    #[cfg(not(target_arch = "wasm32"))]
+    let json = crate::native("config::all", |h| h.config_all());
+    #[cfg(target_arch = "wasm32")]
     let json = crate::__bindings::switchyard::plugin::config::get_all();
     serde_json::from_str(&json).unwrap_or_else(|_| serde_json::Value::Object(Default::default()))
 }
 
 fn raw(key: &str) -> Option<String> {
-    crate::require_host("config::get");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("config::get", |h| h.config_get(key));
+    #[cfg(target_arch = "wasm32")]
     crate::__bindings::switchyard::plugin::config::get(key)
 }

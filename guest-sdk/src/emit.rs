@@ -113,7 +113,11 @@ impl Emit {
 
     /// Emits it; returns the id it will have.
     pub fn send(self) -> Result<String, EmitError> {
-        crate::require_host("emit::send");
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::native("emit::send", |h| {
+            h.emit(self.ty, self.subject, self.datacontenttype, self.data)
+        });
+        #[cfg(target_arch = "wasm32")]
         Ok(wit::emit(&wit::NewEvent {
             type_: self.ty,
             subject: self.subject,

@@ -76,19 +76,25 @@ impl From<KvError> for Failure {
 
 /// The bytes stored under `key`, or `None` if there are none.
 pub fn get(key: &str) -> Result<Option<Vec<u8>>, KvError> {
-    crate::require_host("kv::get");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::get", |h| h.kv_get(key));
+    #[cfg(target_arch = "wasm32")]
     Ok(wit::get(key)?)
 }
 
 /// Stores `value` under `key`, replacing any previous value.
 pub fn set(key: &str, value: &[u8]) -> Result<(), KvError> {
-    crate::require_host("kv::set");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::set", |h| h.kv_set(key, value, None));
+    #[cfg(target_arch = "wasm32")]
     Ok(wit::set(key, value)?)
 }
 
 /// Removes `key`; removing a missing key is not an error.
 pub fn delete(key: &str) -> Result<(), KvError> {
-    crate::require_host("kv::delete");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::delete", |h| h.kv_delete(key));
+    #[cfg(target_arch = "wasm32")]
     Ok(wit::delete(key)?)
 }
 
@@ -96,9 +102,13 @@ pub fn delete(key: &str) -> Result<(), KvError> {
 /// as absent (and the host deletes it in the background). Setting the key again
 /// with [`set`] removes the expiry.
 pub fn set_with_ttl(key: &str, value: &[u8], ttl: Duration) -> Result<(), KvError> {
-    crate::require_host("kv::set_with_ttl");
-    let nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
-    Ok(wit::set_with_ttl(key, value, nanos)?)
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::set_with_ttl", |h| h.kv_set(key, value, Some(ttl)));
+    #[cfg(target_arch = "wasm32")]
+    {
+        let nanos = u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX);
+        Ok(wit::set_with_ttl(key, value, nanos)?)
+    }
 }
 
 /// Adds `delta` to the integer under `key` (an absent key counts as 0) and
@@ -109,7 +119,9 @@ pub fn set_with_ttl(key: &str, value: &[u8], ttl: Duration) -> Result<(), KvErro
 /// one read it, the router runs this delivery again on the new value instead
 /// of committing a lost update. The same holds for every read-then-write.
 pub fn increment(key: &str, delta: i64) -> Result<i64, KvError> {
-    crate::require_host("kv::increment");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::increment", |h| h.kv_increment(key, delta));
+    #[cfg(target_arch = "wasm32")]
     Ok(wit::increment(key, delta)?)
 }
 
@@ -120,7 +132,9 @@ pub fn compare_and_swap(
     expected: Option<&[u8]>,
     new: Option<&[u8]>,
 ) -> Result<bool, KvError> {
-    crate::require_host("kv::compare_and_swap");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::compare_and_swap", |h| h.kv_cas(key, expected, new));
+    #[cfg(target_arch = "wasm32")]
     Ok(wit::compare_and_swap(key, expected, new)?)
 }
 
@@ -128,7 +142,9 @@ pub fn compare_and_swap(
 /// after `after` if given: pass the last key of a page to get the next one.
 /// See [`keys`] to walk them all.
 pub fn list_keys(prefix: &str, after: Option<&str>, limit: u32) -> Result<Vec<String>, KvError> {
-    crate::require_host("kv::list_keys");
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::native("kv::list_keys", |h| h.kv_list(prefix, after, limit));
+    #[cfg(target_arch = "wasm32")]
     Ok(wit::list_keys(prefix, after, limit)?)
 }
 

@@ -42,9 +42,9 @@
 //! unless told `#[serde(crate = "switchyard_sdk::serde")]`). Build it with
 //! `cargo build --target wasm32-wasip2 --release`: the `.wasm` file is a component.
 //!
-//! Host calls ([`kv`], [`log`], [`config`]) only work inside the router; a native
-//! build (e.g. `cargo test`) compiles them but panics if they are called. Keep the
-//! plugin's decisions in plain functions and test those natively.
+//! Host calls ([`kv`], [`emit`], [`log`], [`config`]) go to the router. In a native
+//! build (`cargo test`), run the plugin through `testing::MockHost`, which keeps
+//! them in memory with the router's commit rules; outside one they panic.
 
 #![warn(missing_docs)]
 
@@ -59,6 +59,8 @@ mod failure;
 pub mod kv;
 pub mod log;
 pub mod query;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing;
 
 pub use emit::EmitError;
 pub use event::{DataError, Event};
@@ -156,13 +158,15 @@ pub mod __private {
     }
 }
 
-/// Panics with a clear message when a host function is called outside the router
-/// (e.g. from a native unit test), instead of the bindings' bare `unreachable!()`.
-fn require_host(function: &str) {
-    if cfg!(not(target_arch = "wasm32")) {
+/// In a native build (unit tests), runs a host call on the [`testing::MockHost`]
+/// of the call in progress; panics with a clear message outside one, instead of
+/// the bindings' bare `unreachable!()`.
+#[cfg(not(target_arch = "wasm32"))]
+fn native<R>(function: &str, f: impl FnOnce(&mut testing::State) -> R) -> R {
+    testing::with_current(f).unwrap_or_else(|| {
         panic!(
-            "switchyard_sdk::{function} needs the Switchyard host; it cannot be called \
-             in a native build (keep host calls out of unit tests)"
-        );
-    }
+            "switchyard_sdk::{function} needs the Switchyard host; in a native build, \
+             call the plugin through switchyard_sdk::testing::MockHost"
+        )
+    })
 }

@@ -9,12 +9,25 @@
 //! switchyard_sdk::log::warn!("{n} is a lot"); // the macros are here too
 //! ```
 
-use crate::__bindings::switchyard::plugin::log::{Level, log};
+use crate::__bindings::switchyard::plugin::log::Level;
+#[cfg(target_arch = "wasm32")]
+use crate::__bindings::switchyard::plugin::log::log;
 
 pub use crate::{debug, error, info, trace, warn};
 
 fn emit(level: Level, message: &str) {
-    crate::require_host("log");
+    #[cfg(not(target_arch = "wasm32"))]
+    crate::native("log", |h| {
+        let name = match level {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        };
+        h.log(name, message)
+    });
+    #[cfg(target_arch = "wasm32")]
     log(level, message);
 }
 

@@ -158,6 +158,41 @@ mod tests {
     }
 
     #[test]
+    fn folds_orders_and_answers_queries_on_a_mock_host() {
+        use switchyard_sdk::testing::{MockHost, event};
+        let host = MockHost::new();
+        let created = event(
+            "order.created",
+            &serde_json::json!({"customer": "ada", "order": "o1", "total": 5}),
+        );
+        host.handle::<OrderHistory>(created.clone()).unwrap();
+        host.handle::<OrderHistory>(created).unwrap(); // redelivered: added once
+        host.handle::<OrderHistory>(event("order.paid", &serde_json::json!({"customer": "ada"})))
+            .unwrap();
+        host.handle::<OrderHistory>(event("cart.created", &serde_json::json!({})))
+            .unwrap();
+        let bad = host.handle::<OrderHistory>(event(
+            "order.created",
+            &serde_json::json!({"customer": "a/b"}),
+        ));
+        assert!(matches!(bad, Err(Failure::Reject(_))));
+
+        let r = host.query::<OrderHistory>("customers/ada", &[]);
+        assert_eq!(r.status, 200);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["count"], 2);
+        assert_eq!(body["events"][1]["type"], "order.paid");
+        let r = host.query::<OrderHistory>("customers", &[("limit", "5")]);
+        assert_eq!(r.body, br#"{"customers":["ada"]}"#);
+        assert_eq!(host.query::<OrderHistory>("customers/bob", &[]).status, 404);
+        assert_eq!(
+            host.query::<OrderHistory>("customers", &[("limit", "0")])
+                .status,
+            400
+        );
+    }
+
+    #[test]
     fn default_query_paths() {
         let r = Request {
             path: "nope".into(),
