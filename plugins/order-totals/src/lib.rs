@@ -111,6 +111,34 @@ mod tests {
     }
 
     #[test]
+    fn emits_customer_vip_once_on_a_mock_host() {
+        use serde_json::json;
+        use switchyard_sdk::testing::{MockHost, event};
+        let host = MockHost::new().config(json!({ "vip_total": 100 }));
+        let order =
+            |total: f64| event("order.created", &json!({"customer": "ada", "total": total}));
+        host.handle::<OrderTotals>(order(60.0)).unwrap();
+        assert!(host.emitted().is_empty());
+        host.handle::<OrderTotals>(order(90.0)).unwrap();
+        host.handle::<OrderTotals>(order(10.0)).unwrap();
+        let emitted = host.emitted();
+        assert_eq!(emitted.len(), 1, "{emitted:?}");
+        assert_eq!(emitted[0].ty, "customer.vip");
+        assert_eq!(emitted[0].subject.as_deref(), Some("ada"));
+        assert_eq!(
+            emitted[0].data_as::<serde_json::Value>().unwrap(),
+            json!({"customer": "ada", "total": 150.0})
+        );
+        assert_eq!(
+            host.kv_json::<Totals>("customer/ada"),
+            Some(Totals {
+                count: 3,
+                total: 160.0
+            })
+        );
+    }
+
+    #[test]
     fn stored_form_is_count_and_total() {
         let json = serde_json::to_string(&Totals::default().add(12.5)).unwrap();
         assert_eq!(json, r#"{"count":1,"total":12.5}"#);
