@@ -40,6 +40,20 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// `serve` for plugin authors: plugin logs at debug level, and a saved
+    /// change to a plugin crate rebuilds and hot-swaps it (build errors are
+    /// printed; the server keeps the last good version running).
+    Dev {
+        /// The configuration file.
+        #[arg(long, short, default_value = "rules.toml")]
+        config: PathBuf,
+        /// Listen address, overriding `[server] listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory, overriding `[server] data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Validate a configuration file and report every problem in it.
     Check {
         /// The configuration file.
@@ -66,6 +80,19 @@ pub enum Command {
     },
     /// Print the JSON Schema of rules.toml (for editors).
     Schema,
+    /// Create a plugin crate from a template (builds for wasm32-wasip2 and
+    /// passes its test as created).
+    New {
+        /// The plugin's name (lower-case letters, digits, `-`, `_`).
+        name: String,
+        /// The folder to create it in.
+        #[arg(long, default_value = "plugins")]
+        dir: PathBuf,
+        /// The switchyard-sdk crate to depend on, outside the Switchyard
+        /// workspace (default: the one this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Dead letters of a running server: list, show, redrive.
     Dlq {
         #[command(flatten)]
@@ -162,6 +189,32 @@ pub fn main() -> ExitCode {
             print!("{}", config::schema::rules_schema_json());
             ExitCode::SUCCESS
         }
+        Command::New { name, dir, sdk } => {
+            match crate::scaffold::new_plugin(&name, &dir, sdk.as_deref()) {
+                Ok(created) => {
+                    let d = created.dir.display();
+                    println!("created plugin crate {d}");
+                    if !created.in_workspace {
+                        println!("  (a crate of its own: it depends on switchyard-sdk by path)");
+                    }
+                    println!("next:");
+                    println!(
+                        "  cd {d} && cargo test           # its test, natively on the mock host"
+                    );
+                    println!(
+                        "  add the [[plugins]] and [[routes]] from {d}/README.md to rules.toml"
+                    );
+                    println!(
+                        "  switchyard dev                  # serve, rebuilding the plugin on save"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Dlq { server, action } => remote(&server, |c| dlq(c, action)),
         Command::Replay {
             server,
@@ -213,6 +266,18 @@ pub fn main() -> ExitCode {
             data_dir,
         } => {
             telemetry::init(cli.log_format);
+            serve(config, listen, data_dir)
+        }
+        Command::Dev {
+            config,
+            listen,
+            data_dir,
+        } => {
+            telemetry::init_with(cli.log_format, "info,plugin=debug");
+            tracing::info!(
+                "dev mode: plugin crates and .wasm files named in {} are watched; save to rebuild and swap",
+                config.display()
+            );
             serve(config, listen, data_dir)
         }
     }

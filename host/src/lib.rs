@@ -16,6 +16,7 @@ pub mod ingress;
 pub mod journal;
 pub mod rules;
 pub mod runtime;
+pub mod scaffold;
 pub mod server;
 pub mod telemetry;
 pub mod watch;

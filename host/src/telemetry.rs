@@ -25,8 +25,16 @@ pub enum LogFormat {
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`, with plugin log lines included).
 pub fn init(format: LogFormat) {
+    init_with(format, "info");
+}
+
+/// Like [`init`], with `level` as the default filter (e.g. `info,plugin=debug`
+/// for `switchyard dev`) when `RUST_LOG` is not set.
+pub fn init_with(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,wasmtime=warn,cranelift=warn,fjall=warn,lsm_tree=warn")
+        EnvFilter::new(format!(
+            "{level},wasmtime=warn,cranelift=warn,fjall=warn,lsm_tree=warn"
+        ))
     });
     // Colours only on a terminal: a log redirected to a file stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
