@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use switchyard::Event;
 use switchyard::journal::Journal;
-use switchyard::runtime::{Invocation, Limits, Runtime};
+use switchyard::runtime::{Invocation, Limits, Runtime, RuntimeError};
 
 fn event() -> Event {
     Event {
@@ -133,4 +133,67 @@ async fn limits_fail_the_delivery_with_the_reason() {
         .to_string();
     assert!(err.starts_with("plugin `junk`:"), "{err}");
     assert!(err.contains("is not a valid component"), "{err}");
+}
+
+/// A fixture component (see `common::fixture`) with `extra` — component-level
+/// definitions — added at its top.
+fn fixture_with(dir: &std::path::Path, name: &str, extra: &str, body: &str) -> String {
+    let template = include_str!("fixtures/consumer.wat.in");
+    let text = template
+        .replacen("(component\n", &format!("(component\n{extra}\n"), 1)
+        .replace("{{BODY}}", body);
+    let bytes = wat::parse_str(&text).expect("fixture compiles");
+    let path = dir.join(format!("{name}.wasm"));
+    std::fs::write(&path, bytes).expect("write fixture");
+    path.display().to_string()
+}
+
+fn runtime(dir: &std::path::Path) -> Runtime {
+    let journal = Journal::open(&dir.join("data")).unwrap();
+    Runtime::new(&dir.join("cache"), journal).unwrap()
+}
+
+#[tokio::test]
+async fn imports_the_host_does_not_grant_fail_at_load_naming_the_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    for import in [
+        "wasi:sockets/tcp@0.2.6",
+        "wasi:filesystem/preopens@0.2.6",
+        "acme:backdoor/shell@1.0.0",
+    ] {
+        let wasm = fixture_with(
+            dir.path(),
+            "importer",
+            &format!("(import \"{import}\" (instance (export \"open\" (func))))"),
+            "(i32.const 2048)",
+        );
+        let err = runtime
+            .load("nosy", wasm.as_ref(), Limits::default(), Default::default())
+            .unwrap_err();
+        assert!(matches!(err, RuntimeError::Ungranted { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("plugin `nosy` imports `{import}`, which the host does not grant to plugins")
+        );
+    }
+    // What `std` needs is granted: stdio, environment, exit, clocks, random.
+    let wasm = fixture_with(
+        dir.path(),
+        "std",
+        "(import \"wasi:cli/environment@0.2.6\" (instance
+           (export \"get-environment\" (func (result (list (tuple string string)))))))
+         (import \"wasi:clocks/monotonic-clock@0.2.6\" (instance
+           (export \"now\" (func (result u64)))))
+         (import \"wasi:random/random@0.2.6\" (instance
+           (export \"get-random-u64\" (func (result u64)))))",
+        "(i32.const 2048)",
+    );
+    let p = runtime
+        .load("std", wasm.as_ref(), Limits::default(), Default::default())
+        .unwrap();
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Ok
+    );
 }

@@ -4,6 +4,7 @@
 mod cache;
 pub mod cargo;
 mod host;
+mod wasi;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,6 +58,10 @@ pub enum RuntimeError {
     },
     #[error("plugin `{plugin}` cannot be linked: {reason}")]
     Link { plugin: String, reason: String },
+    /// The component imports an interface the host does not give plugins
+    /// (e.g. `wasi:sockets/tcp`, `wasi:filesystem/preopens`).
+    #[error("plugin `{plugin}` imports `{import}`, which the host does not grant to plugins")]
+    Ungranted { plugin: String, import: String },
     #[error("plugin `{plugin}`: {source}")]
     Build {
         plugin: String,
@@ -199,10 +204,7 @@ impl Runtime {
         let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
         let engine = Engine::new(&engine_config()).map_err(engine_err)?;
 
-        let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(engine_err)?;
-        bindings::Consumer::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
-            .map_err(engine_err)?;
+        let linker = plugin_linker(&engine).map_err(engine_err)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (weak, stop) = (engine.weak(), ticker_stop.clone());
@@ -248,13 +250,18 @@ impl Runtime {
                 path: wasm.display().to_string(),
                 reason: format!("{e:#}"),
             })?;
-        let instance_pre =
-            self.linker
-                .instantiate_pre(&component)
-                .map_err(|e| RuntimeError::Link {
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            match wasi::ungranted_import(&e) {
+                Some(import) => RuntimeError::Ungranted {
+                    plugin: name.to_string(),
+                    import,
+                },
+                None => RuntimeError::Link {
                     plugin: name.to_string(),
                     reason: format!("{e:#}"),
-                })?;
+                },
+            }
+        })?;
         let answers_queries = component.get_export_index(None, "query").is_some();
         let pre = ConsumerPre::new(instance_pre).map_err(|e| RuntimeError::Link {
             plugin: name.to_string(),
@@ -471,6 +478,15 @@ impl std::fmt::Display for DeadlineExceeded {
 }
 
 impl std::error::Error for DeadlineExceeded {}
+
+/// The linker every plugin is instantiated with, for `engine`: the granted
+/// WASI interfaces and the `consumer` world's imports.
+fn plugin_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
+    let mut linker = Linker::new(engine);
+    wasi::add_granted(&mut linker)?;
+    bindings::Consumer::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    Ok(linker)
+}
 
 /// Says why an instance failed, in words a plugin author can act on.
 fn describe_trap(e: &wasmtime::Error, state: &HostState) -> String {
