@@ -148,6 +148,12 @@ fn fixture_with(dir: &std::path::Path, name: &str, extra: &str, body: &str) -> S
     path.display().to_string()
 }
 
+/// Three more core instances, each with a 640 KiB memory and a table.
+const EXTRA_INSTANCES: &str = "(core module $extra (memory 10) (table 1 funcref))
+  (core instance (instantiate $extra))
+  (core instance (instantiate $extra))
+  (core instance (instantiate $extra))";
+
 fn runtime(dir: &std::path::Path) -> Runtime {
     let journal = Journal::open(&dir.join("data")).unwrap();
     Runtime::new(&dir.join("cache"), journal).unwrap()
@@ -195,5 +201,167 @@ async fn imports_the_host_does_not_grant_fail_at_load_naming_the_import() {
     assert_eq!(
         runtime.deliver(&p, &event()).await.invocation,
         Invocation::Ok
+    );
+}
+
+#[tokio::test]
+async fn fuel_caps_cpu_per_delivery_on_its_own_engine() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    let fueled = Limits {
+        timeout: Duration::from_secs(30),
+        fuel: Some(100_000),
+        ..Limits::default()
+    };
+    let looping = common::fixture(dir.path(), "loop", common::LOOP);
+    let p = runtime
+        .load("spin", looping.as_ref(), fueled, Default::default())
+        .unwrap();
+    let run = runtime.deliver(&p, &event()).await;
+    assert_eq!(
+        run.invocation,
+        Invocation::Trap("fuel limit of 100000 exhausted".into())
+    );
+    // Each delivery gets the whole budget again, and a handler within it
+    // succeeds.
+    let once = common::fixture(dir.path(), "once", ONCE_PER_INSTANCE);
+    let p = runtime
+        .load("once", once.as_ref(), fueled, Default::default())
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            runtime.deliver(&p, &event()).await.invocation,
+            Invocation::Ok
+        );
+    }
+    // The deadline still applies on the fuel engine (its epoch ticks too).
+    let p = runtime
+        .load(
+            "spin-long",
+            looping.as_ref(),
+            Limits {
+                timeout: Duration::from_millis(50),
+                fuel: Some(u64::MAX / 2),
+                ..Limits::default()
+            },
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Trap("deadline of 50ms exceeded".into())
+    );
+    // Plugins without fuel are not metered: the same loop runs until its
+    // deadline, not out of fuel.
+    let p = runtime
+        .load(
+            "spin-free",
+            looping.as_ref(),
+            Limits {
+                timeout: Duration::from_millis(50),
+                ..Limits::default()
+            },
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Trap("deadline of 50ms exceeded".into())
+    );
+}
+
+#[tokio::test]
+async fn instance_table_and_memory_caps_fail_the_delivery_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    // Four core instances (the fixture's own and three more), four tables,
+    // four memories of 64 KiB + 3 × 640 KiB.
+    let wasm = fixture_with(dir.path(), "many", EXTRA_INSTANCES, "(i32.const 2048)");
+    let deliver = |limits: Limits| {
+        let (runtime, wasm) = (&runtime, &wasm);
+        async move {
+            let p = runtime
+                .load("many", wasm.as_ref(), limits, Default::default())
+                .unwrap();
+            runtime.deliver(&p, &event()).await.invocation
+        }
+    };
+    assert_eq!(deliver(Limits::default()).await, Invocation::Ok);
+    assert_eq!(
+        deliver(Limits {
+            max_instances: 3,
+            ..Limits::default()
+        })
+        .await,
+        Invocation::Trap("instance limit of 3 reached (`max_instances`)".into())
+    );
+    assert_eq!(
+        deliver(Limits {
+            max_tables: 2,
+            ..Limits::default()
+        })
+        .await,
+        Invocation::Trap("table count limit of 2 reached (`max_tables`)".into())
+    );
+    // `memory` caps all memories together: each is under 1 MiB, their sum
+    // (1984 KiB) is not.
+    assert_eq!(
+        deliver(Limits {
+            memory: 1 << 20,
+            ..Limits::default()
+        })
+        .await,
+        Invocation::Trap("memory limit 1 MiB reached".into())
+    );
+    assert_eq!(
+        deliver(Limits {
+            memory: 2 << 20,
+            ..Limits::default()
+        })
+        .await,
+        Invocation::Ok
+    );
+}
+
+#[tokio::test]
+async fn table_growth_and_recursion_fail_the_delivery_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = runtime(dir.path());
+    // A table grown past 100,000 elements.
+    let template = include_str!("fixtures/consumer.wat.in").replacen(
+        "(memory (export \"memory\") 1)",
+        "(memory (export \"memory\") 1) (table $tab 1 funcref)",
+        1,
+    );
+    let text = template.replace(
+        "{{BODY}}",
+        "(drop (table.grow $tab (ref.null func) (i32.const 200000))) (i32.const 2048)",
+    );
+    let grow = dir.path().join("grow-table.wasm");
+    std::fs::write(&grow, wat::parse_str(&text).unwrap()).unwrap();
+    let p = runtime
+        .load("grow-table", &grow, Limits::default(), Default::default())
+        .unwrap();
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Trap("table limit of 100000 elements reached".into())
+    );
+    // `handle` calling itself without end.
+    let recurse = common::fixture(
+        dir.path(),
+        "recurse",
+        "(drop (call 1 (local.get $event))) (i32.const 2048)",
+    );
+    let p = runtime
+        .load(
+            "recurse",
+            recurse.as_ref(),
+            Limits::default(),
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Trap("stack overflow".into())
     );
 }

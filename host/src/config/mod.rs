@@ -17,7 +17,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::rules::{Backoff, Pattern, RetryPolicy, Route, RouteTable};
-use crate::runtime::{Limits, MAX_PLUGIN_MEMORY};
+use crate::runtime::{Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
 use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource};
 
 /// The body limit of a source that does not set one: 1 MiB.
@@ -752,6 +752,28 @@ impl Validator {
             {
                 limits.kv_quota = bytes as u64;
             }
+            if let Some(f) = &p.fuel {
+                if *f.get_ref() >= 1 {
+                    limits.fuel = Some(*f.get_ref() as u64);
+                } else {
+                    self.error(
+                        Some(f.span()),
+                        format!("{key}.fuel"),
+                        "`fuel` must be at least 1 (leave it out for no fuel metering)",
+                    );
+                }
+            }
+            let max = MAX_PLUGIN_INSTANCES;
+            if let Some(n) = &p.max_instances
+                && let Some(n) = self.within(n, &format!("{key}.max_instances"), 1, max)
+            {
+                limits.max_instances = n;
+            }
+            if let Some(n) = &p.max_tables
+                && let Some(n) = self.within(n, &format!("{key}.max_tables"), 1, max)
+            {
+                limits.max_tables = n;
+            }
             let config = p
                 .config
                 .map(
@@ -880,6 +902,24 @@ impl Validator {
             }
         }
         RouteTable::new(table)
+    }
+
+    /// A whole number in `min..=max`.
+    fn within(&mut self, n: &Spanned<i64>, key: &str, min: usize, max: usize) -> Option<usize> {
+        match usize::try_from(*n.get_ref()) {
+            Ok(v) if (min..=max).contains(&v) => Some(v),
+            _ => {
+                self.error(
+                    Some(n.span()),
+                    key,
+                    format!(
+                        "`{}` must be between {min} and {max}",
+                        key.rsplit('.').next().unwrap_or(key)
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// A positive count (1 to 1,000,000).

@@ -187,6 +187,20 @@ pub struct RawPlugin {
     /// (default "64MiB"); a write beyond it fails with a clear error.
     #[schemars(with = "Option<String>")]
     pub kv_quota: Option<Spanned<String>>,
+    /// Fuel per delivery, about one unit per wasm instruction, e.g.
+    /// 1_000_000_000: a delivery that uses it up fails ("fuel limit of N
+    /// exhausted"). A CPU budget that, unlike `timeout`, does not depend on
+    /// the machine's load. Default: no metering (it slows CPU-bound plugin
+    /// code by about a fifth, so only plugins that set it pay for it).
+    #[schemars(with = "Option<u64>", range(min = 1))]
+    pub fuel: Option<Spanned<i64>>,
+    /// Most core wasm instances (each with at most one memory) one delivery
+    /// may create (default 16; a Rust plugin needs a few).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
+    pub max_instances: Option<Spanned<i64>>,
+    /// Most wasm tables one delivery may create (default 16).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
+    pub max_tables: Option<Spanned<i64>>,
     /// Values handed to the plugin (`switchyard_sdk::config`).
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub config: Option<Spanned<toml::Table>>,

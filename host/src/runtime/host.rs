@@ -8,8 +8,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use super::Plugin;
 use super::bindings::switchyard::plugin::{config, emit, kv, log, types};
+use super::{Limit, Limits, Plugin};
 use crate::event::Event;
 use crate::journal::{Journal, KvChanges, KvWrite};
 
@@ -103,7 +103,7 @@ impl HostState {
             stdio,
             wasi,
             table: ResourceTable::new(),
-            limits: Limiter::new(plugin.limits.memory),
+            limits: Limiter::new(plugin.limits),
         }
     }
 
@@ -142,11 +142,17 @@ impl HostState {
                 dropped = self.log_dropped,
                 "plugin log output over {MAX_LOG_BYTES} bytes was dropped"
             );
+            super::count_limit_hit(&self.plugin, Limit::Log);
         }
         KvChanges {
             reads: self.reads.into_iter().collect(),
             writes: self.writes,
         }
+    }
+
+    /// The name of the plugin this store runs.
+    pub(super) fn plugin_name(&self) -> &str {
+        &self.plugin
     }
 
     /// The last line the guest wrote to stdout/stderr, e.g. a panic message.
@@ -494,39 +500,114 @@ impl emit::Host for HostState {
     }
 }
 
-/// Caps memory and tables, and remembers which cap was hit so the error can
-/// say so.
+/// Enforces a plugin's [`Limits`] on one store: linear memory (summed over all
+/// of the instance's memories, so several small memories cannot add up past
+/// the cap), the number of core instances, tables and memories, and table
+/// growth. Remembers which cap was hit, so the failure can say so.
 pub struct Limiter {
-    memory: u64,
-    hit: Option<String>,
+    limits: Limits,
+    /// Bytes of linear memory the store has, all memories together.
+    memory_used: u64,
+    /// The growth last allowed (`current`, `desired`), undone if it then fails.
+    pending_growth: (u64, u64),
+    hit: Option<(Limit, String)>,
 }
+
+/// Most elements one table may grow to. The pooling allocator's own cap (its
+/// `table_elements`, 20,000 by default) is lower, so in practice a `table.grow`
+/// past that fails with -1 as the spec allows; this is the backstop that
+/// traps with a clear message.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl Limiter {
-    fn new(memory: u64) -> Limiter {
-        Limiter { memory, hit: None }
+    pub(super) fn new(limits: Limits) -> Limiter {
+        Limiter {
+            limits,
+            memory_used: 0,
+            pending_growth: (0, 0),
+            hit: None,
+        }
     }
 
-    pub(super) fn hit(&self) -> Option<String> {
-        self.hit.clone()
+    /// Which limit an instance that failed with `e` ran into, with the text
+    /// to record, if it was one of the limits this limiter enforces.
+    pub(super) fn explain(&self, e: &wasmtime::Error) -> Option<(Limit, String)> {
+        if let Some(hit) = &self.hit {
+            return Some(hit.clone());
+        }
+        // Instance, table and memory counts are checked by wasmtime itself
+        // against `instances()`, `tables()` and `memories()` below, with the
+        // error "resource limit exceeded: <what> count too high at <n>".
+        let cause = e.root_cause().to_string();
+        let what = cause
+            .strip_prefix("resource limit exceeded: ")?
+            .split(" count too high")
+            .next()?;
+        let (limit, text) = match what {
+            "instance" => (
+                Limit::Instances,
+                format!(
+                    "instance limit of {} reached (`max_instances`)",
+                    self.limits.max_instances
+                ),
+            ),
+            "table" => (
+                Limit::Tables,
+                format!(
+                    "table count limit of {} reached (`max_tables`)",
+                    self.limits.max_tables
+                ),
+            ),
+            "memory" => (
+                Limit::Memories,
+                format!(
+                    "memory count limit of {} reached (`max_instances`)",
+                    self.limits.max_instances
+                ),
+            ),
+            _ => return None,
+        };
+        Some((limit, text))
+    }
+
+    /// The fuel the delivery started with, if it is metered.
+    pub(super) fn fuel(&self) -> Option<u64> {
+        self.limits.fuel
+    }
+
+    fn hit(&mut self, limit: Limit, text: String) -> wasmtime::Error {
+        self.hit = Some((limit, text.clone()));
+        wasmtime::Error::msg(text)
     }
 }
-
-/// Most table elements per table.
-const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl wasmtime::ResourceLimiter for Limiter {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired as u64 > self.memory {
-            let text = format!("memory limit {} reached", super::format_bytes(self.memory));
-            self.hit = Some(text.clone());
-            return Err(wasmtime::Error::msg(text));
+        let (current, desired) = (current as u64, desired as u64);
+        let total = self.memory_used.saturating_sub(current) + desired;
+        if total > self.limits.memory {
+            let text = format!(
+                "memory limit {} reached",
+                super::format_bytes(self.limits.memory)
+            );
+            return Err(self.hit(Limit::Memory, text));
         }
+        self.memory_used = total;
+        self.pending_growth = (current, desired);
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        // Allowed above, refused by the allocator (the spec's `memory.grow`
+        // then returns -1): the memory kept its old size.
+        let (current, desired) = self.pending_growth;
+        self.memory_used = self.memory_used.saturating_sub(desired) + current;
+        Ok(())
     }
 
     fn table_growing(
@@ -537,10 +618,23 @@ impl wasmtime::ResourceLimiter for Limiter {
     ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
             let text = format!("table limit of {MAX_TABLE_ELEMENTS} elements reached");
-            self.hit = Some(text.clone());
-            return Err(wasmtime::Error::msg(text));
+            return Err(self.hit(Limit::TableElements, text));
         }
         Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.max_instances
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.max_tables
+    }
+
+    /// Under the pooling allocator a core instance has at most one memory,
+    /// and their total size is capped by `memory`: the instance cap is enough.
+    fn memories(&self) -> usize {
+        self.limits.max_instances
     }
 }
 
