@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::bindings::switchyard::plugin::{config, emit, kv, log, types};
+use super::stdio::TailPipe;
 use super::{Limit, Limits, Plugin};
 use crate::event::Event;
 use crate::journal::{Journal, KvChanges, KvWrite};
@@ -36,7 +36,7 @@ pub const HOPS_EXTENSION: &str = "hops";
 pub const MAX_LOG_BYTES: usize = 64 << 10;
 /// Longest single log line kept, bytes.
 const MAX_LOG_LINE: usize = 4 << 10;
-/// How much of stdout/stderr is kept (to explain a panic).
+/// How much of stdout/stderr is kept, the last bytes (to explain a panic).
 const STDIO_CAPTURE: usize = 8 << 10;
 
 /// The per-delivery state of a store.
@@ -68,7 +68,7 @@ pub struct HostState {
     emit_violation: Option<String>,
     log_bytes: usize,
     log_dropped: usize,
-    stdio: MemoryOutputPipe,
+    stdio: TailPipe,
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limits: Limiter,
@@ -76,7 +76,7 @@ pub struct HostState {
 
 impl HostState {
     pub(super) fn new(plugin: &Plugin, event_id: &str, journal: Journal) -> HostState {
-        let stdio = MemoryOutputPipe::new(STDIO_CAPTURE);
+        let stdio = TailPipe::new(STDIO_CAPTURE);
         let wasi = WasiCtxBuilder::new()
             .stdout(stdio.clone())
             .stderr(stdio.clone())
@@ -143,6 +143,16 @@ impl HostState {
                 "plugin log output over {MAX_LOG_BYTES} bytes was dropped"
             );
             super::count_limit_hit(&self.plugin, Limit::Log);
+        }
+        let dropped = self.stdio.dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                plugin = %self.plugin,
+                event_id = %self.event_id,
+                dropped,
+                "plugin stdout/stderr before its last {STDIO_CAPTURE} bytes was dropped"
+            );
+            super::count_limit_hit(&self.plugin, Limit::Stdio);
         }
         KvChanges {
             reads: self.reads.into_iter().collect(),

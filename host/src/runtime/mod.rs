@@ -4,6 +4,7 @@
 mod cache;
 pub mod cargo;
 mod host;
+mod stdio;
 mod wasi;
 
 use std::path::{Path, PathBuf};
@@ -126,6 +127,8 @@ pub enum Limit {
     TableElements,
     /// Log output over the per-delivery cap (dropped; the delivery goes on).
     Log,
+    /// Stdout/stderr output over what is kept (the rest is dropped).
+    Stdio,
 }
 
 impl Limit {
@@ -140,6 +143,7 @@ impl Limit {
             Limit::Memories => "memories",
             Limit::TableElements => "table_elements",
             Limit::Log => "log",
+            Limit::Stdio => "stdio",
         }
     }
 }
