@@ -1,6 +1,6 @@
 //! One hostile plugin hurts nobody else. `plugins/hostile` attacks its host
 //! in the way its event's type says (infinite loop, unbounded memory or
-//! recursion, panic, trap, floods of log, stdout and kv writes, CPU burn under
+//! recursion, panic, trap, floods of log, stdout, kv writes and emits, CPU burn under
 //! a fuel budget). For every attack, on a real server: `/healthz` answers
 //! throughout, a well-behaved route posted at the same time is delivered, and
 //! the hostile delivery ends as it should, dead with an error that says why
@@ -50,6 +50,7 @@ name = "hostile-patient"
 wasm = "{hostile}"
 timeout = "30s"
 memory = "16MiB"
+kv_quota = "1MiB"
 
 [[plugins]]
 name = "audit"
@@ -137,12 +138,21 @@ const ATTACKS: &[(&str, &str, Expect, Option<&str>)] = &[
     ("print-flood", "{}", Expect::Delivered, Some("stdio")),
     (
         "kv-flood",
-        r#"{"value_bytes": 1024}"#,
+        r#"{"value_bytes": 65536}"#,
         Expect::DeadWith(
             "rejected: kv: invalid key or value: ",
-            "more than 10000 kv writes in one delivery",
+            "kv quota of 1 MiB reached",
         ),
-        None,
+        Some("kv"),
+    ),
+    (
+        "emit-storm",
+        "{}",
+        Expect::DeadWith(
+            "rejected: emit: emit refused",
+            "more than 100 events from one delivery",
+        ),
+        Some("emit"),
     ),
 ];
 
@@ -262,6 +272,12 @@ async fn every_attack_fails_only_its_own_delivery() {
     }
     // Nothing the flood wrote was kept: a failed delivery leaves no writes.
     assert_eq!(t.kv("hostile-patient", "flood/0").await, None);
+    // Nor did the storm's emits: only the posted events are stored.
+    assert_eq!(
+        t.journal().stats().unwrap().events,
+        2 * ATTACKS.len() as u64,
+        "a dead delivery's emitted events are not stored"
+    );
 
     // Each limit hit was counted, per plugin and limit.
     let (status, metrics) = t.get("/metrics").await;

@@ -17,7 +17,7 @@ use crate::journal::{Journal, KvChanges, KvWrite};
 pub const MAX_KEY_LEN: usize = 512;
 /// Largest value a plugin may store, bytes.
 pub const MAX_VALUE_LEN: usize = 1 << 20;
-/// Most kv writes one delivery may make.
+/// Most distinct kv keys one delivery may write.
 pub const MAX_WRITES_PER_DELIVERY: usize = 10_000;
 /// Emits allowed from a webhook event to the last derived one, unless
 /// `[server] max_hops` says otherwise.
@@ -50,6 +50,8 @@ pub struct HostState {
     /// This delivery's own writes, newest state per key.
     overlay: HashMap<String, Option<Vec<u8>>>,
     writes: Vec<KvWrite>,
+    /// Where each key's write is in `writes`.
+    write_index: HashMap<String, usize>,
     /// The plugin's kv usage when this delivery first wrote (bytes), and the
     /// change its writes make, for the quota.
     usage_base: Option<u64>,
@@ -89,6 +91,7 @@ impl HostState {
             reads: HashMap::new(),
             overlay: HashMap::new(),
             writes: Vec::new(),
+            write_index: HashMap::new(),
             usage_base: None,
             usage_delta: 0,
             committed_size: HashMap::new(),
@@ -277,17 +280,33 @@ impl HostState {
             ));
         }
         if self.writes.len() >= MAX_WRITES_PER_DELIVERY {
+            super::count_limit_hit(&self.plugin, Limit::Kv);
             return Err(kv::Error::Invalid(format!(
-                "more than {MAX_WRITES_PER_DELIVERY} kv writes in one delivery"
+                "more than {MAX_WRITES_PER_DELIVERY} kv keys written in one delivery"
             )));
         }
-        self.charge_quota(&key, value.as_deref())?;
+        if let Err(e) = self.charge_quota(&key, value.as_deref()) {
+            if let kv::Error::Invalid(_) = e {
+                super::count_limit_hit(&self.plugin, Limit::Kv);
+            }
+            return Err(e);
+        }
         self.overlay.insert(key.clone(), value.clone());
-        self.writes.push(KvWrite {
+        // Only the last write of a key is committed: rewriting one key again
+        // and again keeps one value in memory, not one per write.
+        let write = KvWrite {
             key,
             value,
             expires_ms,
-        });
+        };
+        match self.write_index.get(&write.key) {
+            Some(&i) => self.writes[i] = write,
+            None => {
+                self.write_index
+                    .insert(write.key.clone(), self.writes.len());
+                self.writes.push(write);
+            }
+        }
         Ok(())
     }
 
@@ -449,6 +468,9 @@ impl emit::Host for HostState {
             ));
         };
         let limit = |this: &mut HostState, text: String| {
+            if this.emit_violation.is_none() {
+                super::count_limit_hit(&this.plugin, Limit::Emit);
+            }
             this.emit_violation.get_or_insert_with(|| text.clone());
             Err(emit::Error::Limit(text))
         };

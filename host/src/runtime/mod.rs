@@ -129,6 +129,10 @@ pub enum Limit {
     Log,
     /// Stdout/stderr output over what is kept (the rest is dropped).
     Stdio,
+    /// A kv write over the plugin's `kv_quota`, or the per-delivery caps.
+    Kv,
+    /// An emit over the hop limit or the per-delivery count.
+    Emit,
 }
 
 impl Limit {
@@ -144,12 +148,14 @@ impl Limit {
             Limit::TableElements => "table_elements",
             Limit::Log => "log",
             Limit::Stdio => "stdio",
+            Limit::Kv => "kv",
+            Limit::Emit => "emit",
         }
     }
 }
 
 /// Counts one hit of `limit` by `plugin`.
-fn count_limit_hit(plugin: &str, limit: Limit) {
+pub(crate) fn count_limit_hit(plugin: &str, limit: Limit) {
     metrics::counter!(
         "switchyard_plugin_limit_hits_total",
         "plugin" => plugin.to_string(),

@@ -10,16 +10,16 @@
 //! | `trap` | executes `unreachable` | trap |
 //! | `log-flood` | logs lines of 4 KiB, 16 MiB in all, then succeeds | caps and drops log output |
 //! | `print-flood` | prints 16 MiB to stdout, then succeeds | caps the captured stdout |
-//! | `kv-flood` | writes distinct keys until a kv call fails, then returns that error | kv write limits |
+//! | `kv-flood` | writes distinct keys until a kv call fails, then returns that error | the plugin's `kv_quota` |
+//! | `emit-storm` | emits events until an emit fails, then returns that error | emits per delivery; the delivery is dead-lettered |
 //! | anything else | succeeds | |
 //!
 //! `kv-flood` writes values of `{"value_bytes": N}` bytes (default 64 KiB).
-//! There is no `emit-storm` yet: the SDK has no `emit` to abuse.
 
 use std::hint::black_box;
 
 use serde::Deserialize;
-use switchyard_sdk::{Event, Failure, Plugin, kv, log};
+use switchyard_sdk::{Event, Failure, Plugin, emit, kv, log};
 
 /// One attack, picked by the event type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,7 @@ enum Mode {
     LogFlood,
     PrintFlood,
     KvFlood,
+    EmitStorm,
     Harmless,
 }
 
@@ -47,6 +48,7 @@ impl Mode {
             "log-flood" => Mode::LogFlood,
             "print-flood" => Mode::PrintFlood,
             "kv-flood" => Mode::KvFlood,
+            "emit-storm" => Mode::EmitStorm,
             _ => Mode::Harmless,
         }
     }
@@ -95,6 +97,11 @@ impl Plugin for Hostile {
                     // Fails once the host's limit is reached; `?` hands the
                     // host's error back as the delivery's failure.
                     kv::set(&format!("flood/{i}"), &value)?;
+                }
+            }
+            Mode::EmitStorm => {
+                for i in 0u64.. {
+                    emit::json("storm", &i)?;
                 }
             }
             Mode::Harmless => {}
@@ -150,6 +157,7 @@ mod tests {
         assert_eq!(Mode::of("loop"), Mode::Loop);
         assert_eq!(Mode::of("fuel"), Mode::Loop);
         assert_eq!(Mode::of("kv-flood"), Mode::KvFlood);
+        assert_eq!(Mode::of("emit-storm"), Mode::EmitStorm);
         assert_eq!(Mode::of("log-flood"), Mode::LogFlood);
         assert_eq!(Mode::of("order.created"), Mode::Harmless);
     }
