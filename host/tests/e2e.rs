@@ -441,6 +441,12 @@ async fn admin_api_lists_routes_and_plugins_and_404s_the_unknown() {
     let plugins: Value = serde_json::from_str(&plugins).unwrap();
     assert_eq!(plugins["plugins"].as_array().unwrap().len(), 3);
     assert_eq!(plugins["plugins"][0]["hash"].as_str().unwrap().len(), 64);
+    let audit = &plugins["plugins"][1]; // sorted by name: account, audit, order-totals
+    assert_eq!(audit["name"], "audit", "{plugins}");
+    assert_eq!(audit["kv_quota"], "64 MiB");
+    assert_eq!(audit["max_instances"], 16);
+    assert_eq!(audit["fuel"], Value::Null);
+    assert_eq!(audit["answers_queries"], true, "SDK plugins export query");
     assert_eq!(t.get("/api/events/nope").await.0, 404);
     assert_eq!(t.get("/api/plugins/nope/kv/x").await.0, 404);
     assert_eq!(t.get("/api/plugins/audit/kv/missing").await.0, 404);

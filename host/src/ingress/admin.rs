@@ -154,9 +154,17 @@ async fn plugins(State(state): State<AppState>) -> Json<Value> {
                 "hash": p.hash,
                 "timeout": humantime::format_duration(p.limits.timeout).to_string(),
                 "memory": crate::runtime::format_bytes(p.limits.memory),
+                "fuel": p.limits.fuel,
+                "max_instances": p.limits.max_instances,
+                "max_tables": p.limits.max_tables,
+                "kv_quota": crate::runtime::format_bytes(p.limits.kv_quota),
+                "kv_used_bytes": state.journal.kv_usage(&p.name).ok(),
+                "answers_queries": p.answers_queries,
             })
         })
         .collect();
+    let mut plugins = plugins;
+    plugins.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Json(json!({ "plugins": plugins }))
 }
 
