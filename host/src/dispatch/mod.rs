@@ -9,6 +9,7 @@
 //! not final (the journal's order index says which one is first).
 
 pub mod replay;
+pub mod stats;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -28,6 +29,7 @@ use crate::journal::{
 use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
 use crate::server::Live;
+use stats::FlowStats;
 
 /// Longest delay a plugin may ask for with `retry(some(d))`.
 const MAX_REQUESTED_DELAY: Duration = Duration::from_secs(24 * 3600);
@@ -108,6 +110,7 @@ pub struct Dispatcher {
     tx: mpsc::UnboundedSender<Msg>,
     tasks: TaskTracker,
     stop: CancellationToken,
+    stats: Arc<FlowStats>,
 }
 
 impl Dispatcher {
@@ -123,7 +126,9 @@ impl Dispatcher {
         let ready_rx = Arc::new(Mutex::new(ready_rx));
         let tasks = TaskTracker::new();
         let stop = CancellationToken::new();
+        let stats = Arc::new(FlowStats::default());
         let ctx = Arc::new(Context {
+            stats: stats.clone(),
             journal: journal.clone(),
             runtime,
             live: live.clone(),
@@ -157,7 +162,17 @@ impl Dispatcher {
             parked: HashMap::new(),
         };
         tokio::spawn(scheduler.run(rx, stop.clone()));
-        Dispatcher { tx, tasks, stop }
+        Dispatcher {
+            tx,
+            tasks,
+            stop,
+            stats,
+        }
+    }
+
+    /// Live delivery figures (for the dashboard).
+    pub fn stats(&self) -> &FlowStats {
+        &self.stats
     }
 
     /// Queues a delivery (already in the journal) to run when it is due.
@@ -329,6 +344,7 @@ fn shed_event(mut w: Work, now_ms: u64, waiting: usize) -> Work {
 }
 
 struct Context {
+    stats: Arc<FlowStats>,
     journal: Journal,
     runtime: Arc<Runtime>,
     live: Arc<ArcSwap<Live>>,
@@ -458,6 +474,7 @@ impl Context {
         }
         metrics::histogram!("switchyard_delivery_seconds", "plugin" => work.plugin.clone())
             .record(run.elapsed.as_secs_f64());
+        self.stats.duration(&work.plugin, run.elapsed);
         let attempt = Attempt {
             at_ms,
             duration_us: run.elapsed.as_micros() as u64,
@@ -520,6 +537,7 @@ impl Context {
                 };
                 metrics::counter!("switchyard_deliveries_total", "route" => work.route.clone(), "outcome" => word)
                     .increment(1);
+                ctx.stats.outcome(&work.route, word);
                 if word == "dead" {
                     metrics::counter!("switchyard_dead_letters_total", "route" => work.route.clone())
                         .increment(1);

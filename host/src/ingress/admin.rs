@@ -42,6 +42,7 @@ pub(super) fn api(state: AppState) -> Router<AppState> {
         .route("/api/replay", post(replay_start))
         .route("/api/replay/{id}", get(replay_status))
         .route("/metrics", get(metrics_text))
+        .merge(super::dashboard::pages())
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -220,11 +221,11 @@ fn overall_status<'a>(deliveries: impl Iterator<Item = &'a DeliveryRecord>) -> &
 }
 
 /// A delivery's id in the API: `<seq>-<idx>`.
-fn delivery_id(k: DeliveryKey) -> String {
+pub(super) fn delivery_id(k: DeliveryKey) -> String {
     format!("{}-{}", k.seq, k.idx)
 }
 
-fn parse_delivery_id(id: &str) -> Result<DeliveryKey, ApiError> {
+pub(super) fn parse_delivery_id(id: &str) -> Result<DeliveryKey, ApiError> {
     id.split_once('-')
         .and_then(|(s, i)| {
             Some(DeliveryKey {

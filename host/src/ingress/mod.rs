@@ -4,6 +4,7 @@
 
 mod admin;
 pub mod cloudevents;
+mod dashboard;
 pub mod decode;
 mod query;
 pub mod serve;

@@ -508,6 +508,47 @@ impl Journal {
         }))
     }
 
+    /// The newest events (newest first) accepted before `before` (a seq,
+    /// exclusive) that `keep` accepts, at most `limit`, with their deliveries;
+    /// scans at most `scan` events, so a rare filter stays cheap.
+    pub fn recent(
+        &self,
+        before: Option<Seq>,
+        limit: usize,
+        scan: usize,
+        keep: impl Fn(&Event) -> bool,
+    ) -> Result<Vec<EventTimeline>, JournalError> {
+        let s = &*self.store;
+        let snap = s.db.read_tx();
+        let upper = before.unwrap_or(Seq::MAX).to_be_bytes();
+        let mut out = Vec::new();
+        for entry in snap.range(&s.events, ..upper).rev().take(scan) {
+            let (k, v) = entry.into_inner()?;
+            let seq = seq_from(&k)?;
+            let stored: StoredEvent = decode(&v)?;
+            if !keep(&stored.event) {
+                continue;
+            }
+            let mut deliveries = Vec::new();
+            for d in snap.prefix(&s.deliveries, seq.to_be_bytes()) {
+                let (k, v) = d.into_inner()?;
+                let (seq, idx) = delivery_from(&k)?;
+                deliveries.push((DeliveryKey { seq, idx }, decode(&v)?));
+            }
+            out.push(EventTimeline {
+                seq,
+                event: Arc::new(stored.event),
+                accepted_ms: stored.accepted_ms,
+                dedup: None,
+                deliveries,
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     /// Dead letters after `after` (exclusive), oldest event first, of one
     /// route or all.
     pub fn dead_letters(
