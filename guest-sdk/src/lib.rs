@@ -129,6 +129,9 @@ pub mod __bindings {
         pub_export_macro: true,
         default_bindings_module: "switchyard_sdk::__bindings",
         runtime_path: "switchyard_sdk::__wit_bindgen::rt",
+        // `wasi:http` (and the `wasi:io`, `wasi:clocks` it uses) from
+        // `wit/deps`, used by `http`.
+        generate_all,
     });
 }
 

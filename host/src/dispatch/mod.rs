@@ -451,7 +451,10 @@ impl Context {
         let (outcome, error) = match run.invocation {
             Invocation::Ok => (Outcome::Delivered, None),
             Invocation::Retry(delay) => {
-                let error = "plugin asked to retry".to_string();
+                let error = match &run.http_failure {
+                    Some(http) => format!("plugin asked to retry (last HTTP failure: {http})"),
+                    None => "plugin asked to retry".to_string(),
+                };
                 let (o, e) = failed(&policy, &work, error, delay, true);
                 (o, Some(e))
             }

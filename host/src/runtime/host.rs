@@ -1,13 +1,16 @@
-//! What a plugin instance can reach: `log`, `config`, `kv`, `emit`, and a
-//! WASI context with nothing granted (no files, no environment, no sockets).
+//! What a plugin instance can reach: `log`, `config`, `kv`, `emit`, a WASI
+//! context with nothing granted (no files, no environment, no sockets), and
+//! outbound `wasi:http` to its `allow_http` hosts (see `super::http`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::bindings::switchyard::plugin::{config, emit, kv, log, types};
+use super::http::{HttpHooks, HttpPolicy};
 use super::stdio::TailPipe;
 use super::{Limit, Limits, Plugin};
 use crate::event::Event;
@@ -74,6 +77,10 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub(super) limits: Limiter,
+    http: WasiHttpCtx,
+    http_policy: Arc<HttpPolicy>,
+    /// Made on the first `wasi:http` call: most deliveries make none.
+    http_hooks: Option<HttpHooks>,
 }
 
 impl HostState {
@@ -107,6 +114,9 @@ impl HostState {
             wasi,
             table: ResourceTable::new(),
             limits: Limiter::new(plugin.limits),
+            http: WasiHttpCtx::new(),
+            http_policy: plugin.http.clone(),
+            http_hooks: None,
         }
     }
 
@@ -135,6 +145,12 @@ impl HostState {
     /// The events emitted, to store if the delivery succeeds.
     pub(super) fn take_emitted(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.emitted)
+    }
+
+    /// The last outbound HTTP request failure of this delivery (refused,
+    /// timed out, ...), to explain a retry.
+    pub(super) fn http_failure(&self) -> Option<String> {
+        self.http_hooks.as_ref().and_then(HttpHooks::last_failure)
     }
 
     pub(super) fn into_kv_changes(self) -> KvChanges {
@@ -187,6 +203,20 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        let hooks = self.http_hooks.get_or_insert_with(|| {
+            HttpHooks::new(self.http_policy.clone(), &self.plugin, &self.event_id)
+        });
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            // The same table as WASI's: `wasi:http` bodies are `wasi:io` streams.
+            table: &mut self.table,
+            hooks,
         }
     }
 }

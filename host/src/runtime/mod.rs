@@ -4,6 +4,7 @@
 mod cache;
 pub mod cargo;
 mod host;
+pub mod http;
 mod stdio;
 mod wasi;
 
@@ -22,6 +23,7 @@ use crate::journal::{Journal, KvChanges};
 pub use host::{
     CAUSATION_EXTENSION, DEFAULT_MAX_HOPS, HOPS_EXTENSION, HostState, MAX_EMITS_PER_DELIVERY,
 };
+pub use http::HttpPolicy;
 
 /// The one place that generates host bindings from `wit/`.
 pub mod bindings {
@@ -29,6 +31,13 @@ pub mod bindings {
         path: "../wit",
         world: "consumer",
         exports: { default: async },
+        // `wasi:http` (and the `wasi:io`/`wasi:clocks` it uses) is
+        // implemented by wasmtime-wasi(-http): use their bindings.
+        with: {
+            "wasi:http": wasmtime_wasi_http::p2::bindings::http,
+            "wasi:io": wasmtime_wasi::p2::bindings::io,
+            "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
+        },
     });
 }
 
@@ -178,6 +187,8 @@ pub struct Plugin {
     pub config: Arc<serde_json::Map<String, serde_json::Value>>,
     /// Whether it exports `query` (world `queryable`).
     pub answers_queries: bool,
+    /// Where it may send HTTP requests (by default nowhere).
+    pub http: Arc<HttpPolicy>,
     pre: ConsumerPre<HostState>,
 }
 
@@ -214,6 +225,9 @@ pub struct DeliveryRun {
     /// The events it emitted (to store only if it succeeded).
     pub emitted: Vec<Event>,
     pub elapsed: Duration,
+    /// Its last outbound HTTP request failure (refused, timed out, ...): a
+    /// `Retry` has no text of its own, this says what probably caused it.
+    pub http_failure: Option<String>,
 }
 
 /// What a plugin's `query` answered.
@@ -375,6 +389,7 @@ impl Runtime {
             limits,
             config: Arc::new(config),
             answers_queries,
+            http: Arc::default(),
             pre,
         })
     }
@@ -440,6 +455,7 @@ impl Runtime {
             Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
             Err(e) => Invocation::Trap(describe_trap(&e, store.data())),
         };
+        let http_failure = store.data().http_failure();
         let mut state = store.into_data();
         let emitted = match invocation {
             Invocation::Ok => state.take_emitted(),
@@ -451,6 +467,7 @@ impl Runtime {
             kv,
             emitted,
             elapsed: started.elapsed(),
+            http_failure,
         }
     }
 
@@ -554,6 +571,7 @@ impl Runtime {
                 limits: plugin.limits,
                 config: plugin.config.clone(),
                 answers_queries: plugin.answers_queries,
+                http: plugin.http.clone(),
                 pre: plugin.pre.clone(),
             },
             journal: self.journal.clone(),
@@ -586,6 +604,30 @@ impl Drop for Runtime {
     }
 }
 
+impl Plugin {
+    /// The plugin with outbound HTTP allowed as `policy` says.
+    pub fn with_http(mut self, policy: HttpPolicy) -> Plugin {
+        self.http = Arc::new(policy);
+        self
+    }
+}
+
+/// Adds the `switchyard:plugin` imports. Interface by interface rather than
+/// `Consumer::add_to_linker`, which would also add `wasi:http` and want
+/// `HostState` itself to implement its host traits; wasmtime-wasi-http
+/// implements them on its own view type, added by
+/// `add_only_http_to_linker_async`. A new interface in `world consumer`
+/// needs its line here.
+fn add_plugin_interfaces(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    use bindings::switchyard::plugin::{config, emit, kv, log, types};
+    types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    log::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    config::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    kv::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    emit::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+    Ok(())
+}
+
 /// The error raised when a delivery runs past its deadline.
 #[derive(Debug)]
 struct DeadlineExceeded(Duration);
@@ -607,7 +649,8 @@ impl std::error::Error for DeadlineExceeded {}
 fn plugin_linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     wasi::add_granted(&mut linker)?;
-    bindings::Consumer::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
+    add_plugin_interfaces(&mut linker)?;
     Ok(linker)
 }
 
