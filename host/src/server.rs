@@ -477,7 +477,9 @@ async fn load_plugins(
                     })?
             }
         };
-        let plugin = runtime.load(name, &wasm, p.limits, p.config.clone())?;
+        let plugin = runtime
+            .load(name, &wasm, p.limits, p.config.clone())?
+            .with_http(p.http.clone());
         tracing::info!(plugin = %name, hash = %&plugin.hash[..12], "plugin loaded");
         out.insert(name.clone(), Arc::new(plugin));
     }

@@ -17,7 +17,8 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::rules::{Backoff, Pattern, RetryPolicy, Route, RouteTable};
-use crate::runtime::{Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
+use crate::runtime::http::{DEFAULT_HTTP_TIMEOUT, HostPattern};
+use crate::runtime::{HttpPolicy, Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
 use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource};
 
 /// The body limit of a source that does not set one: 1 MiB.
@@ -134,6 +135,8 @@ pub struct PluginConfig {
     pub wasm: WasmSource,
     pub limits: Limits,
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// `allow_http` and `http_timeout`.
+    pub http: HttpPolicy,
 }
 
 /// One problem in the file.
@@ -774,6 +777,7 @@ impl Validator {
             {
                 limits.max_tables = n;
             }
+            let http = self.http_policy(&p, &key, limits.timeout);
             let config = p
                 .config
                 .map(
@@ -792,6 +796,7 @@ impl Validator {
                         wasm,
                         limits,
                         config,
+                        http,
                     },
                 );
             }
@@ -920,6 +925,44 @@ impl Validator {
                 None
             }
         }
+    }
+
+    /// A plugin's `allow_http` and `http_timeout`; `timeout` is its
+    /// delivery deadline, which a request may not outlast.
+    fn http_policy(&mut self, p: &RawPlugin, key: &str, timeout: Duration) -> HttpPolicy {
+        let mut allow = Vec::new();
+        for entry in p.allow_http.iter().flat_map(|l| l.get_ref()) {
+            match entry.get_ref().parse::<HostPattern>() {
+                Ok(pattern) => allow.push(pattern),
+                Err(e) => self.error(
+                    Some(entry.span()),
+                    format!("{key}.allow_http"),
+                    format!(
+                        "`{}` is not a host pattern (\"host[:port]\" or \"*.domain[:port]\"): {e}",
+                        entry.get_ref()
+                    ),
+                ),
+            }
+        }
+        let timeout = match &p.http_timeout {
+            None => DEFAULT_HTTP_TIMEOUT.min(timeout),
+            Some(t) => match self.duration(t, &format!("{key}.http_timeout")) {
+                Some(d) if d > timeout => {
+                    self.error(
+                        Some(t.span()),
+                        format!("{key}.http_timeout"),
+                        format!(
+                            "`http_timeout` must not be longer than the plugin's `timeout` ({})",
+                            humantime::format_duration(timeout)
+                        ),
+                    );
+                    timeout
+                }
+                Some(d) => d,
+                None => timeout,
+            },
+        };
+        HttpPolicy { allow, timeout }
     }
 
     /// A positive count (1 to 1,000,000).
@@ -1113,5 +1156,74 @@ fn toml_to_json(v: &toml::Value) -> serde_json::Value {
                 .map(|(k, v)| (k.clone(), toml_to_json(v)))
                 .collect(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod http_tests {
+    use super::*;
+
+    fn plugin(extra: &str) -> Result<Config, ConfigErrors> {
+        let wasm = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/audit");
+        let text = format!("[[plugins]]\nname = \"p\"\nwasm = \"{wasm}\"\n{extra}\n");
+        parse(Path::new("rules.toml"), &text)
+    }
+
+    #[test]
+    fn allow_http_and_http_timeout_make_the_plugins_policy() {
+        let c = plugin(
+            "timeout = \"5s\"\nallow_http = [\"hooks.example.com\", \"*.example.org:8443\"]\nhttp_timeout = \"2s\"",
+        )
+        .unwrap();
+        let http = &c.plugins["p"].http;
+        let shown: Vec<String> = http.allow.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["hooks.example.com", "*.example.org:8443"]);
+        assert_eq!(http.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn without_allow_http_there_is_none_and_the_timeout_follows_the_deadline() {
+        let c = plugin("").unwrap();
+        assert!(c.plugins["p"].http.allow.is_empty());
+        // The default 10 s, lowered to the default delivery timeout of 1 s.
+        assert_eq!(c.plugins["p"].http.timeout, Duration::from_secs(1));
+        let c = plugin("timeout = \"1m\"").unwrap();
+        assert_eq!(c.plugins["p"].http.timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_entries_and_timeouts_are_reported_at_their_place() {
+        let e = plugin(
+            "allow_http = [\"ok.example.com\", \"https://x.com\", \"*\"]\nhttp_timeout = \"5s\"",
+        )
+        .unwrap_err();
+        let lines: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+        assert_eq!(lines.len(), 3, "{e}");
+        assert!(
+            lines[0].starts_with(
+                "rules.toml:4:33: `https://x.com` is not a host pattern (\"host[:port]\" or \"*.domain[:port]\"): write the host without a scheme"
+            ),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].ends_with("(key `plugins[0].allow_http`)"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("4:50: `*` is not a host pattern"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[1].contains("`*` alone would allow every host"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(
+            lines[2],
+            "rules.toml:5:16: `http_timeout` must not be longer than the plugin's `timeout` (1s) (key `plugins[0].http_timeout`)"
+        );
     }
 }

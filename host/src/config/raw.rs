@@ -204,6 +204,16 @@ pub struct RawPlugin {
     /// Values handed to the plugin (`switchyard_sdk::config`).
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub config: Option<Spanned<toml::Table>>,
+    /// Hosts the plugin may send HTTP requests to (`wasi:http`): "host",
+    /// "host:port", "*.domain" (every subdomain, not the domain itself) or
+    /// "*.domain:port". Without a port, only the scheme's default (80 or
+    /// 443). Without `allow_http`, no requests at all.
+    #[schemars(with = "Option<Vec<String>>")]
+    pub allow_http: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Connect, first-byte and between-bytes timeout of each HTTP request,
+    /// e.g. "2s" (default "10s" or `timeout` if shorter; at most `timeout`).
+    #[schemars(with = "Option<String>")]
+    pub http_timeout: Option<Spanned<String>>,
 }
 
 /// `[[routes]]`: which events go to which plugins. Its `match` table is
