@@ -42,9 +42,10 @@
 //! unless told `#[serde(crate = "switchyard_sdk::serde")]`). Build it with
 //! `cargo build --target wasm32-wasip2 --release`: the `.wasm` file is a component.
 //!
-//! Host calls ([`kv`], [`emit`], [`log`], [`config`]) go to the router. In a native
-//! build (`cargo test`), run the plugin through `testing::MockHost`, which keeps
-//! them in memory with the router's commit rules; outside one they panic.
+//! Host calls ([`kv`], [`emit`], [`log`], [`config`], [`http`]) go to the router. In a
+//! native build (`cargo test`), run the plugin through `testing::MockHost`, which
+//! keeps kv, emit, log and config in memory with the router's commit rules; outside
+//! one (and for `http`) they panic.
 
 #![warn(missing_docs)]
 
@@ -56,6 +57,7 @@ pub mod config;
 pub mod emit;
 mod event;
 mod failure;
+pub mod http;
 pub mod kv;
 pub mod log;
 pub mod query;
@@ -158,6 +160,18 @@ pub mod __private {
         ) -> __bindings::switchyard::plugin::types::Response {
             P::query(crate::query::Request { path, params }).into()
         }
+    }
+}
+
+/// Panics with a clear message when a host call the mock host does not cover
+/// (`http`) is made in a native build, instead of the bindings' bare
+/// `unreachable!()`.
+fn require_host(function: &str) {
+    if cfg!(not(target_arch = "wasm32")) {
+        panic!(
+            "switchyard_sdk::{function} needs the Switchyard host; it cannot be called \
+             in a native build (keep HTTP calls out of unit tests)"
+        );
     }
 }
 
