@@ -140,6 +140,11 @@ pub mod __bindings {
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
 
+/// `docs/writing-plugins.md`, whose Rust examples run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/writing-plugins.md")]
+pub struct WritingPluginsGuide;
+
 /// Glue between the generated `Guest` trait and [`Plugin`], used by [`export!`].
 #[doc(hidden)]
 pub mod __private {
