@@ -264,22 +264,18 @@ pub fn main() -> ExitCode {
             config,
             listen,
             data_dir,
-        } => {
-            telemetry::init(cli.log_format);
-            serve(config, listen, data_dir)
-        }
+        } => serve(config, listen, data_dir, cli.log_format, "info"),
         Command::Dev {
             config,
             listen,
             data_dir,
-        } => {
-            telemetry::init_with(cli.log_format, "info,plugin=debug");
-            tracing::info!(
-                "dev mode: plugin crates and .wasm files named in {} are watched; save to rebuild and swap",
-                config.display()
-            );
-            serve(config, listen, data_dir)
-        }
+        } => serve(
+            config,
+            listen,
+            data_dir,
+            cli.log_format,
+            "info,plugin=debug",
+        ),
     }
 }
 
@@ -453,7 +449,13 @@ fn match_event(
     ExitCode::SUCCESS
 }
 
-fn serve(config: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>) -> ExitCode {
+fn serve(
+    config: PathBuf,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    log_format: LogFormat,
+    level: &str,
+) -> ExitCode {
     let mut cfg = match config::load(&config) {
         Ok(c) => c,
         Err(errors) => {
@@ -461,6 +463,17 @@ fn serve(config: PathBuf, listen: Option<SocketAddr>, data_dir: Option<PathBuf>)
             return ExitCode::FAILURE;
         }
     };
+    // Spans are flushed when the guard drops, after the server stopped.
+    let _traces = telemetry::init_with(log_format, level, Some(&cfg.telemetry));
+    if level.contains("plugin=debug") {
+        tracing::info!(
+            "dev mode: plugin crates and .wasm files named in {} are watched; save to rebuild and swap",
+            config.display()
+        );
+    }
+    if let Some(endpoint) = &cfg.telemetry.otlp_endpoint {
+        tracing::info!(%endpoint, "exporting traces over OTLP/HTTP");
+    }
     if let Some(l) = listen {
         cfg.server.listen = l;
     }

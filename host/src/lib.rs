@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod scaffold;
 pub mod server;
 pub mod telemetry;
+pub mod trace;
 pub mod watch;
 
 pub use config::Config;

@@ -14,6 +14,7 @@
 //! - `switchyard_journal_commit_ops` and `switchyard_journal_commit_seconds` (histograms)
 
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -25,28 +26,89 @@ pub enum LogFormat {
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`, with plugin log lines included).
 pub fn init(format: LogFormat) {
-    init_with(format, "info");
+    init_with(format, "info", None);
+}
+
+/// Exports spans while it lives; dropping it flushes what is buffered.
+pub struct TracingGuard {
+    provider: opentelemetry_sdk::trace::SdkTracerProvider,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("warning: could not flush the last spans: {e}");
+        }
+    }
 }
 
 /// Like [`init`], with `level` as the default filter (e.g. `info,plugin=debug`
-/// for `switchyard dev`) when `RUST_LOG` is not set.
-pub fn init_with(format: LogFormat, level: &str) {
+/// for `switchyard dev`) when `RUST_LOG` is not set, and, with an OTLP
+/// endpoint in `telemetry`, spans exported there (see `crate::trace`).
+pub fn init_with(
+    format: LogFormat,
+    level: &str,
+    telemetry: Option<&crate::config::TelemetryConfig>,
+) -> Option<TracingGuard> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!(
-            "{level},wasmtime=warn,cranelift=warn,fjall=warn,lsm_tree=warn"
+            "{level},wasmtime=warn,cranelift=warn,fjall=warn,lsm_tree=warn,opentelemetry=warn"
         ))
     });
     // Colours only on a terminal: a log redirected to a file stays plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(std::io::stderr);
-    // A second init (tests) keeps the first subscriber.
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
     };
+    let (otel, guard) = match telemetry.and_then(|t| Some((t.otlp_endpoint.as_deref()?, t))) {
+        None => (None, None),
+        Some((endpoint, t)) => match otlp_provider(endpoint, &t.service_name) {
+            Ok(provider) => {
+                use opentelemetry::trace::TracerProvider as _;
+                let tracer = provider.tracer("switchyard");
+                (
+                    Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+                    Some(TracingGuard { provider }),
+                )
+            }
+            Err(e) => {
+                eprintln!("warning: cannot export traces to {endpoint}: {e}");
+                (None, None)
+            }
+        },
+    };
+    // A second init (tests) keeps the first subscriber.
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init();
+    guard
+}
+
+fn otlp_provider(
+    endpoint: &str,
+    service_name: &str,
+) -> Result<opentelemetry_sdk::trace::SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{endpoint}/v1/traces"))
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name.to_string())
+        .build();
+    Ok(opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 /// The process-wide Prometheus recorder (installed once: tests start several

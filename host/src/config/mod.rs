@@ -19,7 +19,7 @@ use toml::de::{DeTable, DeValue};
 use crate::rules::{Backoff, Pattern, RetryPolicy, Route, RouteTable};
 use crate::runtime::http::{DEFAULT_HTTP_TIMEOUT, HostPattern};
 use crate::runtime::{HttpPolicy, Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
-use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource};
+use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource, RawTelemetry};
 
 /// The body limit of a source that does not set one: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -33,6 +33,15 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     pub plugins: BTreeMap<String, PluginConfig>,
     pub routes: RouteTable,
+    pub telemetry: TelemetryConfig,
+}
+
+/// `[telemetry]`.
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP base URL, without a trailing `/`.
+    pub otlp_endpoint: Option<String>,
+    pub service_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -332,12 +341,18 @@ impl Validator {
         let mut sources = Vec::new();
         let mut plugins = Vec::new();
         let mut routes = Vec::new();
+        let mut telemetry = RawTelemetry::default();
         for (key, value) in doc.get_ref().iter() {
             let name = key.get_ref().as_ref();
             match name {
                 "server" => {
                     if let Some(s) = self.raw::<RawServer>(value.clone(), "server") {
                         server = s;
+                    }
+                }
+                "telemetry" => {
+                    if let Some(t) = self.raw::<RawTelemetry>(value.clone(), "telemetry") {
+                        telemetry = t;
                     }
                 }
                 "sources" | "plugins" | "routes" => {
@@ -361,7 +376,7 @@ impl Validator {
                 _ => self.error(
                     Some(key.span()),
                     name,
-                    format!("unknown key `{name}`; expected server, sources, plugins or routes"),
+                    format!("unknown key `{name}`; expected server, sources, plugins, routes or telemetry"),
                 ),
             }
         }
@@ -369,13 +384,44 @@ impl Validator {
         let sources = self.sources(sources, server.as_ref().map(|s| s.1));
         let plugins = self.plugins(plugins);
         let routes = self.routes(routes, &sources, &plugins);
+        let telemetry = self.telemetry(telemetry);
         Some(Config {
             file: file.to_path_buf(),
             server: server?.0,
             sources,
             plugins,
             routes,
+            telemetry,
         })
+    }
+
+    fn telemetry(&mut self, raw: RawTelemetry) -> TelemetryConfig {
+        let otlp_endpoint = raw.otlp_endpoint.and_then(|e| {
+            let url = e.get_ref().trim_end_matches('/').to_string();
+            match url.parse::<http::Uri>() {
+                Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {
+                    Some(url)
+                }
+                _ => {
+                    self.error(
+                        Some(e.span()),
+                        "telemetry.otlp_endpoint",
+                        format!(
+                            "`{}` is not an http(s) URL, e.g. \"http://127.0.0.1:4318\"",
+                            e.get_ref()
+                        ),
+                    );
+                    None
+                }
+            }
+        });
+        TelemetryConfig {
+            otlp_endpoint,
+            service_name: raw
+                .service_name
+                .map(|s| s.into_inner())
+                .unwrap_or_else(|| "switchyard".into()),
+        }
     }
 
     /// A `[[routes]]` item: its `match` compiled from the spanned tree, the rest

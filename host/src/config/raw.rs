@@ -63,6 +63,20 @@ pub struct RawServer {
     pub body_timeout: Option<Spanned<String>>,
 }
 
+/// `[telemetry]`: where traces go.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    /// OTLP/HTTP collector base URL, e.g. "http://127.0.0.1:4318": spans go to
+    /// `<url>/v1/traces` (protobuf). Without it, no spans are exported (events
+    /// still carry their `traceparent`). Read at start; a reload keeps it.
+    #[schemars(with = "Option<String>")]
+    pub otlp_endpoint: Option<Spanned<String>>,
+    /// The `service.name` of exported spans (default "switchyard").
+    #[schemars(with = "Option<String>")]
+    pub service_name: Option<Spanned<String>>,
+}
+
 /// `[[sources]]`: a webhook, `POST /webhooks/<name>`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, generate::SchemaSettings, json_schema};
 
-use super::raw::{RawPlugin, RawRoute, RawServer, RawSource};
+use super::raw::{RawPlugin, RawRoute, RawServer, RawSource, RawTelemetry};
 
 /// Switchyard's configuration: webhook sources, consumer plugins, and the
 /// routes between them.
@@ -18,6 +18,7 @@ struct RulesToml {
     sources: Option<Vec<RawSource>>,
     plugins: Option<Vec<RawPlugin>>,
     routes: Option<Vec<RouteWithMatch>>,
+    telemetry: Option<RawTelemetry>,
 }
 
 /// `[[routes]]`: which events go to which plugins.
@@ -144,7 +145,7 @@ mod tests {
     #[test]
     fn schema_describes_every_section() {
         let schema: serde_json::Value = serde_json::from_str(&rules_schema_json()).unwrap();
-        for key in ["server", "sources", "plugins", "routes"] {
+        for key in ["server", "sources", "plugins", "routes", "telemetry"] {
             assert!(schema["properties"][key].is_object(), "{key}");
         }
         assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");

@@ -30,6 +30,7 @@ use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
 use crate::server::Live;
 use stats::FlowStats;
+use tracing::Instrument;
 
 /// Longest delay a plugin may ask for with `retry(some(d))`.
 const MAX_REQUESTED_DELAY: Duration = Duration::from_secs(24 * 3600);
@@ -447,7 +448,12 @@ impl Context {
         if work.replayed {
             extra.push((REPLAYED_EXTENSION, "true".to_string()));
         }
-        let run = self.runtime.deliver_with(&plugin, &event, &extra).await;
+        let span = crate::trace::delivery_span(&event, &work.route, &work.plugin, attempt_no);
+        let run = self
+            .runtime
+            .deliver_with(&plugin, &event, &extra)
+            .instrument(span)
+            .await;
         let (outcome, error) = match run.invocation {
             Invocation::Ok => (Outcome::Delivered, None),
             Invocation::Retry(delay) => {

@@ -191,6 +191,7 @@ async fn event(
         "accepted_at": rfc3339_ms(t.accepted_ms),
         "status": overall_status(t.deliveries.iter().map(|(_, d)| d)),
         "deliveries": deliveries,
+        "trace_id": crate::trace::trace_id(&t.event),
     });
     if let Some(d) = &t.dedup {
         body["dedup"] = json!({

@@ -149,7 +149,7 @@ async fn overview(State(state): State<AppState>) -> Markup {
                     @let c = stats.route(&r.name);
                     tr {
                         td { b { (r.name) } @if let Some(k) = &r.order_key { br; span class="muted" { "order key " code { (k) } } } }
-                        td { code { (if r.match_json.is_null() { "every event".to_string() } else { r.match_json.to_string() }) } }
+                        td { code { (if r.match_json.is_null() || r.match_json.as_object().is_some_and(|m| m.is_empty()) { "every event".to_string() } else { r.match_json.to_string() }) } }
                         td { (r.to.join(", ")) }
                         td class="num" { (c.delivered) }
                         td class="num" { (c.retried) }

@@ -23,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use crate::config::{FieldFrom, SourceConfig};
 use crate::dispatch::{Dispatcher, Work};
@@ -139,7 +140,10 @@ async fn webhook(
     body: Body,
 ) -> Result<Response, ApiError> {
     let known = state.live.load().config.sources.contains_key(&source_name);
-    let result = handle_webhook(state, &source_name, headers, body).await;
+    let span = crate::trace::ingest_span(&source_name, &headers);
+    let result = handle_webhook(state, &source_name, headers, body)
+        .instrument(span)
+        .await;
     let rejected = match &result {
         Err(e) => Some(e.error),
         Ok(r) if !r.status().is_success() => Some("partly rejected batch"),
@@ -246,7 +250,8 @@ async fn handle_webhook(
         })
     };
     let accepted = match decode::decode(&rules, &headers, &body).map_err(decode_error)? {
-        decode::Request::One(d) => {
+        decode::Request::One(mut d) => {
+            crate::trace::stamp(&mut d.event, &headers);
             accept(
                 &state,
                 &live,
@@ -260,7 +265,12 @@ async fn handle_webhook(
         decode::Request::Batch(items) => {
             let items = items
                 .into_iter()
-                .map(|r| r.map(|d| (d.event, dedup(d.dedup_key))))
+                .map(|r| {
+                    r.map(|mut d| {
+                        crate::trace::stamp(&mut d.event, &headers);
+                        (d.event, dedup(d.dedup_key))
+                    })
+                })
                 .collect();
             let webhook = source.name.clone();
             return accept_batch(state, live.clone(), webhook, items).await;
@@ -298,7 +308,7 @@ async fn accept(
 ) -> Result<Accepted, ApiError> {
     let event = Arc::new(event);
     let matching = std::time::Instant::now();
-    let routes = live.config.routes.matching(&event);
+    let routes = tracing::info_span!("match").in_scope(|| live.config.routes.matching(&event));
     metrics::histogram!("switchyard_match_seconds").record(matching.elapsed().as_secs_f64());
     let planned: Vec<PlannedDelivery> = plan(&routes, &event, data);
     let route_names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
@@ -306,6 +316,7 @@ async fn accept(
     let appended = state
         .journal
         .append(event.clone(), accepted_ms, planned.clone(), dedup)
+        .instrument(tracing::info_span!("journal.append"))
         .await?;
     let seq = match appended {
         Appended::New(seq) => seq,
