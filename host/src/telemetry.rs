@@ -12,6 +12,7 @@
 //! - `switchyard_dead_letters_total{route}`
 //! - `switchyard_scheduled_deliveries` (gauge: waiting in the scheduler)
 //! - `switchyard_journal_commit_ops` and `switchyard_journal_commit_seconds` (histograms)
+//! - the rest: see `docs/operations.md` (a test keeps that list exact)
 
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;

@@ -77,14 +77,28 @@ fn check(doc: &str) -> (usize, usize) {
                 // Plugin crates named in a guide are stood in for by a fixture.
                 let body: String = body
                     .lines()
-                    .map(|l| match l.trim_start().starts_with("wasm = ") {
-                        true => format!("wasm = {:?}", fixture.display().to_string()),
-                        false => l.to_string(),
+                    .map(|l| {
+                        let t = l.trim_start();
+                        if t.starts_with("wasm = ") {
+                            format!("wasm = {:?}", fixture.display().to_string())
+                        } else if t.starts_with("data_dir = ") {
+                            format!(
+                                "data_dir = {:?}",
+                                dir.path().join("data").display().to_string()
+                            )
+                        } else {
+                            l.to_string()
+                        }
                     })
                     .collect::<Vec<_>>()
                     .join("\n");
+                // A whole file stands alone; a fragment joins the header.
+                let text = match body.contains("[server]") {
+                    true => body.clone(),
+                    false => format!("{header}\n{body}"),
+                };
                 let file = dir.path().join("rules.toml");
-                std::fs::write(&file, format!("{header}\n{body}")).unwrap();
+                std::fs::write(&file, text).unwrap();
                 let c = switchyard::config::load(&file)
                     .unwrap_or_else(|e| panic!("{doc}, block {i}:\n{body}\n{e}"));
                 routes += 1;
@@ -126,4 +140,70 @@ fn every_rules_example_loads_and_matches_as_it_says() {
 fn the_plugin_guide_config_loads() {
     let (routes, _) = check("docs/writing-plugins.md");
     assert_eq!(routes, 1);
+}
+
+#[test]
+fn the_operations_config_reference_loads() {
+    // Its `verify` names a secret variable that only needs to exist at start.
+    let (routes, _) = check("docs/operations.md");
+    assert_eq!(routes, 1);
+}
+
+/// Every metric the code records is in the table of `docs/operations.md`, and
+/// every metric there is recorded somewhere.
+#[test]
+fn the_metrics_table_lists_exactly_the_recorded_metrics() {
+    fn names(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("switchyard_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            if name != "switchyard_sdk" && name.len() > "switchyard_".len() {
+                out.insert(name.to_string());
+            }
+            rest = &tail[end..];
+        }
+        out
+    }
+    let mut code = String::new();
+    let mut stack = vec![common::repo().join("host/src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Only names passed to the `metrics` macros count: the first
+                // string after each macro call.
+                for mac in ["counter!(", "histogram!(", "gauge!("] {
+                    for (i, _) in text.match_indices(mac) {
+                        let after = &text[i + mac.len()..];
+                        if let Some(q) = after.find('"') {
+                            let name: String =
+                                after[q + 1..].chars().take_while(|c| *c != '"').collect();
+                            code.push_str(&name);
+                            code.push('\n');
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let doc = std::fs::read_to_string(common::repo().join("docs/operations.md")).unwrap();
+    let table: String = doc
+        .lines()
+        .filter(|l| l.starts_with("| `switchyard_"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (in_code, in_doc) = (names(&code), names(&table));
+    assert!(in_code.len() >= 10, "{in_code:?}");
+    assert_eq!(
+        in_code, in_doc,
+        "docs/operations.md's metrics table is out of date"
+    );
 }
