@@ -123,6 +123,18 @@ fn attempt_errors(timeline: &Value) -> Vec<String> {
 async fn plugins_reach_only_the_hosts_they_are_allowed_within_their_timeout() {
     let (addr, sink) = receiver().await;
     let t = TestServer::start(&config(addr)).await;
+    // The admin API shows each plugin's allow list and timeout.
+    let plugins = t.get_json("/api/plugins").await;
+    let slow = plugins["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["http_timeout"] == "300ms")
+        .unwrap_or_else(|| panic!("{plugins}"));
+    assert_eq!(
+        slow["allow_http"],
+        json!([format!("127.0.0.1:{}", addr.port())])
+    );
 
     // Allowed: the request arrives with the event's data as its body and
     // the envelope in ce-* headers; the delivery succeeds.

@@ -161,6 +161,8 @@ async fn plugins(State(state): State<AppState>) -> Json<Value> {
                 "kv_quota": crate::runtime::format_bytes(p.limits.kv_quota),
                 "kv_used_bytes": state.journal.kv_usage(&p.name).ok(),
                 "answers_queries": p.answers_queries,
+                "allow_http": p.http.allow.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                "http_timeout": humantime::format_duration(p.http.timeout).to_string(),
             })
         })
         .collect();
