@@ -123,9 +123,12 @@ pub fn stamp(event: &mut Event, headers: &http::HeaderMap) {
 
 /// The span of one delivery attempt, a child of the event's `traceparent`.
 pub fn delivery_span(event: &Event, route: &str, plugin: &str, attempt: u32) -> tracing::Span {
+    // The trace id is a field too, so every log line of the delivery (the
+    // plugin's own included) names it, exported or not.
     let span = tracing::info_span!(
         "deliver",
         event_id = %event.id,
+        trace_id = %trace_id(event).unwrap_or("-"),
         route = %route,
         plugin = %plugin,
         attempt,

@@ -181,6 +181,15 @@ to = ["audit"]
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 
+    // The plugin's log line names the trace (its delivery span's field).
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log_text.lines().any(|l| l.contains("plugin")
+            && l.contains(&format!("trace_id={trace}"))
+            && l.contains(&id)),
+        "no plugin log line with trace_id={trace}:\n{log_text}"
+    );
+
     let spans = spans.lock().unwrap().clone();
     let ours: Vec<&Span> = spans.iter().filter(|s| s.trace_id == trace).collect();
     let find = |name: &str| {
