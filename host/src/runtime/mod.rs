@@ -187,6 +187,8 @@ pub struct Plugin {
     pub config: Arc<serde_json::Map<String, serde_json::Value>>,
     /// Whether it exports `query` (world `queryable`).
     pub answers_queries: bool,
+    /// `switchyard_plugin_instantiate_seconds{plugin}`, resolved once.
+    instantiate_seconds: metrics::Histogram,
     /// Where it may send HTTP requests (by default nowhere).
     pub http: Arc<HttpPolicy>,
     pre: ConsumerPre<HostState>,
@@ -389,6 +391,10 @@ impl Runtime {
             limits,
             config: Arc::new(config),
             answers_queries,
+            instantiate_seconds: metrics::histogram!(
+                "switchyard_plugin_instantiate_seconds",
+                "plugin" => name.to_string()
+            ),
             http: Arc::default(),
             pre,
         })
@@ -438,6 +444,9 @@ impl Runtime {
 
         let result = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
+            plugin
+                .instantiate_seconds
+                .record(started.elapsed().as_secs_f64());
             instance
                 .call_handle(&mut store, &to_wit(event, extra))
                 .await
@@ -571,6 +580,7 @@ impl Runtime {
                 limits: plugin.limits,
                 config: plugin.config.clone(),
                 answers_queries: plugin.answers_queries,
+                instantiate_seconds: plugin.instantiate_seconds.clone(),
                 http: plugin.http.clone(),
                 pre: plugin.pre.clone(),
             },
