@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use switchyard::Event;
 use switchyard::journal::Journal;
-use switchyard::runtime::{Invocation, Limits, Runtime, RuntimeError};
+use switchyard::runtime::{Invocation, Isolation, Limits, Runtime, RuntimeError};
 
 fn event() -> Event {
     Event {
@@ -27,6 +27,11 @@ fn event() -> Event {
 /// only ever succeeds if every delivery gets a fresh instance.
 const ONCE_PER_INSTANCE: &str = "(if (i32.load8_u (i32.const 100)) (then (unreachable)))
      (i32.store8 (i32.const 100) (i32.const 1)) (i32.const 2048)";
+/// Succeeds the first time it runs in an instance, loops forever the second.
+const LOOP_SECOND_TIME: &str = "(if (i32.load8_u (i32.const 100)) (then (loop $l (br $l))))
+     (i32.store8 (i32.const 100) (i32.const 1)) (i32.const 2048)";
+/// Succeeds.
+const OK: &str = "(i32.const 2048)";
 /// Asks for 1000 more pages (64 MiB).
 const GROW: &str = "(drop (memory.grow (i32.const 1000))) (i32.const 2048)";
 
@@ -364,4 +369,193 @@ async fn table_growth_and_recursion_fail_the_delivery_with_the_reason() {
         runtime.deliver(&p, &event()).await.invocation,
         Invocation::Trap("stack overflow".into())
     );
+}
+
+fn event_with(id: &str, data: &str) -> Event {
+    Event {
+        id: id.into(),
+        data: data.as_bytes().to_vec(),
+        ..event()
+    }
+}
+
+fn reusing(timeout: Duration) -> Limits {
+    Limits {
+        timeout,
+        memory: 16 << 20,
+        isolation: Isolation::Reuse,
+        ..Limits::default()
+    }
+}
+
+#[tokio::test]
+async fn reused_instances_carry_memory_over_until_a_trap_throws_them_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(&dir.path().join("data")).unwrap();
+    let runtime = Runtime::new(&dir.path().join("cache"), journal).unwrap();
+
+    // The fixture traps the second time it runs in an instance: with reuse,
+    // the second delivery finds the first one's memory. The instance that
+    // trapped is dropped, so the third delivery gets a new one.
+    let once = common::fixture(dir.path(), "once", ONCE_PER_INSTANCE);
+    let p = runtime
+        .load(
+            "once",
+            once.as_ref(),
+            reusing(Duration::from_secs(5)),
+            Default::default(),
+        )
+        .unwrap();
+    let outcomes: Vec<Invocation> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(runtime.deliver(&p, &event()).await.invocation);
+        }
+        v
+    };
+    assert_eq!(outcomes[0], Invocation::Ok);
+    assert!(
+        matches!(&outcomes[1], Invocation::Trap(t) if t.contains("unreachable")),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[2], Invocation::Ok, "a new instance after the trap");
+    assert!(
+        matches!(&outcomes[3], Invocation::Trap(_)),
+        "and that one is reused again: {outcomes:?}"
+    );
+
+    // The default stays one fresh instance per delivery.
+    let fresh = runtime
+        .load("once", once.as_ref(), Limits::default(), Default::default())
+        .unwrap();
+    assert_eq!(fresh.limits.isolation, Isolation::InstancePerEvent);
+    for _ in 0..3 {
+        let run = runtime.deliver(&fresh, &event()).await;
+        assert_eq!(run.invocation, Invocation::Ok);
+    }
+}
+
+#[tokio::test]
+async fn reused_instances_get_a_deadline_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(&dir.path().join("data")).unwrap();
+    let runtime = Runtime::new(&dir.path().join("cache"), journal).unwrap();
+    let timeout = Duration::from_millis(50);
+
+    // Idle for longer than the timeout between calls: each call has the
+    // whole timeout, counted from its own start.
+    let ok = common::fixture(dir.path(), "ok", OK);
+    let p = runtime
+        .load("ok", ok.as_ref(), reusing(timeout), Default::default())
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            runtime.deliver(&p, &event()).await.invocation,
+            Invocation::Ok
+        );
+        tokio::time::sleep(timeout * 2).await;
+    }
+
+    // A reused instance that runs past its deadline fails that delivery and
+    // is thrown away (its memory says "loop" next time; a new one does not).
+    let looping = common::fixture(dir.path(), "loop2", LOOP_SECOND_TIME);
+    let p = runtime
+        .load(
+            "loop2",
+            looping.as_ref(),
+            reusing(timeout),
+            Default::default(),
+        )
+        .unwrap();
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Ok
+    );
+    let run = runtime.deliver(&p, &event()).await;
+    assert_eq!(
+        run.invocation,
+        Invocation::Trap("deadline of 50ms exceeded".into())
+    );
+    assert!(run.elapsed >= timeout);
+    assert_eq!(
+        runtime.deliver(&p, &event()).await.invocation,
+        Invocation::Ok
+    );
+}
+
+#[tokio::test]
+async fn reused_instances_get_fresh_host_state_and_stdio_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Journal::open(&dir.path().join("data")).unwrap();
+    let runtime = Runtime::new(&dir.path().join("cache"), journal).unwrap();
+    let wasm = switchyard::runtime::cargo::build_plugin(
+        std::path::Path::new(&common::plugin_crate("flaky")),
+        std::path::Path::new(&common::build_dir()),
+    )
+    .await
+    .unwrap();
+    let p = runtime
+        .load(
+            "flaky",
+            &wasm,
+            reusing(Duration::from_secs(5)),
+            Default::default(),
+        )
+        .unwrap();
+
+    // Each call's kv writes are its own, not the previous calls' too.
+    for id in ["a", "b", "c"] {
+        let run = runtime.deliver(&p, &event_with(id, "{}")).await;
+        assert_eq!(run.invocation, Invocation::Ok);
+        let keys: Vec<&str> = run.kv.writes.iter().map(|w| w.key.as_str()).collect();
+        assert_eq!(keys, [format!("done/{id}")]);
+    }
+    // A guest panic is explained by what it printed (captured per call) ...
+    let run = runtime
+        .deliver(&p, &event_with("d", r#"{"mode": "trap"}"#))
+        .await;
+    let Invocation::Trap(text) = run.invocation else {
+        panic!("expected a trap, got {:?}", run.invocation);
+    };
+    assert!(text.contains("flaky: trap on attempt 1"), "{text}");
+    assert!(run.kv.writes.is_empty(), "{:?}", run.kv.writes);
+    // ... and the next delivery, in a new instance, succeeds.
+    let run = runtime.deliver(&p, &event_with("e", "{}")).await;
+    assert_eq!(run.invocation, Invocation::Ok);
+    assert_eq!(run.kv.writes.len(), 1);
+}
+
+#[test]
+fn isolation_is_read_from_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = common::fixture(dir.path(), "ok", OK);
+    let file = dir.path().join("rules.toml");
+    let write = |isolation: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[server]\ndata_dir = \"data\"\n\n[[plugins]]\nname = \"p\"\nwasm = \"{wasm}\"\n{isolation}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("");
+    let config = switchyard::config::load(&file).unwrap();
+    assert_eq!(
+        config.plugins["p"].limits.isolation,
+        Isolation::InstancePerEvent
+    );
+    write("isolation = \"reuse\"");
+    let config = switchyard::config::load(&file).unwrap();
+    assert_eq!(config.plugins["p"].limits.isolation, Isolation::Reuse);
+    write("isolation = \"instance-per-event\"");
+    let config = switchyard::config::load(&file).unwrap();
+    assert_eq!(
+        config.plugins["p"].limits.isolation,
+        Isolation::InstancePerEvent
+    );
+    write("isolation = \"shared\"");
+    let err = switchyard::config::load(&file).unwrap_err().to_string();
+    assert!(err.contains("plugins[0].isolation"), "{err}");
+    assert!(err.contains("unknown isolation `shared`"), "{err}");
 }

@@ -18,7 +18,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::rules::{Backoff, Pattern, RetryPolicy, Route, RouteTable};
 use crate::runtime::http::{DEFAULT_HTTP_TIMEOUT, HostPattern};
-use crate::runtime::{HttpPolicy, Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
+use crate::runtime::{HttpPolicy, Isolation, Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
 use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource, RawTelemetry};
 
 /// The body limit of a source that does not set one: 1 MiB.
@@ -824,6 +824,19 @@ impl Validator {
                 limits.max_tables = n;
             }
             let http = self.http_policy(&p, &key, limits.timeout);
+            if let Some(i) = &p.isolation {
+                match i.get_ref().as_str() {
+                    "instance-per-event" => limits.isolation = Isolation::InstancePerEvent,
+                    "reuse" => limits.isolation = Isolation::Reuse,
+                    other => self.error(
+                        Some(i.span()),
+                        format!("{key}.isolation"),
+                        format!(
+                            "unknown isolation `{other}`; expected \"instance-per-event\" or \"reuse\""
+                        ),
+                    ),
+                }
+            }
             let config = p
                 .config
                 .map(

@@ -215,6 +215,13 @@ pub struct RawPlugin {
     /// Most wasm tables one delivery may create (default 16).
     #[schemars(with = "Option<u32>", range(min = 1, max = 1000))]
     pub max_tables: Option<Spanned<i64>>,
+    /// "instance-per-event" (the default): every delivery in a fresh
+    /// instance, so nothing in the plugin's memory carries over between
+    /// events. "reuse": instances are kept and called again (several times
+    /// cheaper per event; statics and heap carry over, host state does not;
+    /// an instance that trapped is discarded).
+    #[schemars(with = "Option<IsolationName>")]
+    pub isolation: Option<Spanned<String>>,
     /// Values handed to the plugin (`switchyard_sdk::config`).
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub config: Option<Spanned<toml::Table>>,
@@ -228,6 +235,15 @@ pub struct RawPlugin {
     /// e.g. "2s" (default "10s" or `timeout` if shorter; at most `timeout`).
     #[schemars(with = "Option<String>")]
     pub http_timeout: Option<Spanned<String>>,
+}
+
+/// How a plugin's deliveries are kept apart.
+#[derive(JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+#[allow(dead_code)]
+enum IsolationName {
+    InstancePerEvent,
+    Reuse,
 }
 
 /// `[[routes]]`: which events go to which plugins. Its `match` table is

@@ -73,8 +73,11 @@ pub struct HostState {
     emit_violation: Option<String>,
     log_bytes: usize,
     log_dropped: usize,
+    /// The guest's stdout and stderr (kept to explain a panic).
     stdio: TailPipe,
-    wasi: WasiCtx,
+    /// Built when the guest first calls a WASI function (most deliveries
+    /// never do): building it costs about as much as a whole reused call.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub(super) limits: Limiter,
     http: WasiHttpCtx,
@@ -86,10 +89,6 @@ pub struct HostState {
 impl HostState {
     pub(super) fn new(plugin: &Plugin, event_id: &str, journal: Journal) -> HostState {
         let stdio = TailPipe::new(STDIO_CAPTURE);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdio.clone())
-            .stderr(stdio.clone())
-            .build();
         HostState {
             plugin: plugin.name.clone(),
             event_id: event_id.to_string(),
@@ -111,7 +110,7 @@ impl HostState {
             log_bytes: 0,
             log_dropped: 0,
             stdio,
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limits: Limiter::new(plugin.limits),
             http: WasiHttpCtx::new(),
@@ -184,6 +183,22 @@ impl HostState {
         &self.plugin
     }
 
+    /// The journal this store reads kv from.
+    pub(super) fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// Takes over `previous`'s WASI context, resource table and stdio
+    /// capture (emptied), and its memory accounting: for the next call of the
+    /// same instance (the guest may hold handles into the table).
+    pub(super) fn keep_wasi_of(&mut self, previous: &mut HostState) {
+        self.wasi = previous.wasi.take();
+        self.table = std::mem::take(&mut previous.table);
+        self.stdio = previous.stdio.clone();
+        self.stdio.clear();
+        self.limits.carry_usage_from(&previous.limits);
+    }
+
     /// The last line the guest wrote to stdout/stderr, e.g. a panic message.
     pub(super) fn stderr_tail(&self) -> Option<String> {
         let bytes = self.stdio.contents();
@@ -200,8 +215,15 @@ impl HostState {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let stdio = &self.stdio;
+        let ctx = self.wasi.get_or_insert_with(|| {
+            WasiCtxBuilder::new()
+                .stdout(stdio.clone())
+                .stderr(stdio.clone())
+                .build()
+        });
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx,
             table: &mut self.table,
         }
     }
@@ -630,6 +652,17 @@ impl Limiter {
             _ => return None,
         };
         Some((limit, text))
+    }
+
+    /// Whether a limit was hit (the instance must not be called again).
+    pub(super) fn was_hit(&self) -> bool {
+        self.hit.is_some()
+    }
+
+    /// Starts from `previous`'s memory accounting: the same instance, called
+    /// again with fresh host state.
+    pub(super) fn carry_usage_from(&mut self, previous: &Limiter) {
+        self.memory_used = previous.memory_used;
     }
 
     /// The fuel the delivery started with, if it is metered.

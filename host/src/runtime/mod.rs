@@ -1,5 +1,6 @@
 //! The Wasm runtime: one wasmtime engine, plugins compiled once (and cached on
-//! disk), and a fresh component instance for every delivery.
+//! disk), and a fresh component instance for every delivery (or, for a plugin
+//! with `isolation = "reuse"`, instances kept between its deliveries).
 
 mod cache;
 pub mod cargo;
@@ -82,7 +83,7 @@ pub enum RuntimeError {
     },
 }
 
-/// Per-plugin limits, from `rules.toml`.
+/// Per-plugin limits and isolation, from `rules.toml`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Wall-clock deadline per delivery.
@@ -98,6 +99,8 @@ pub struct Limits {
     pub max_instances: usize,
     /// Most wasm tables a delivery may create.
     pub max_tables: usize,
+    /// Whether each delivery gets a fresh instance.
+    pub isolation: Isolation,
 }
 
 impl Default for Limits {
@@ -109,6 +112,7 @@ impl Default for Limits {
             fuel: None,
             max_instances: DEFAULT_MAX_INSTANCES,
             max_tables: DEFAULT_MAX_TABLES,
+            isolation: Isolation::default(),
         }
     }
 }
@@ -172,6 +176,27 @@ pub(crate) fn count_limit_hit(plugin: &str, limit: Limit) {
     )
     .increment(1);
 }
+/// How a plugin's deliveries are kept apart (`isolation` in `rules.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// Each delivery runs in a fresh instance: nothing one delivery leaves in
+    /// the plugin's memory (statics, heap) is seen by another. The default.
+    #[default]
+    InstancePerEvent,
+    /// Deliveries run in instances kept from earlier deliveries of the same
+    /// plugin: several times cheaper per event, but the guest's memory
+    /// (statics, heap, leaks) carries over from one event to the next. Host
+    /// state (kv reads and writes, log budget, stdio capture) is still per
+    /// delivery, the deadline still applies to each call, and an instance
+    /// that trapped or hit a limit is thrown away.
+    Reuse,
+}
+
+/// Idle instances kept per plugin with `isolation = "reuse"`: each holds a
+/// slot of the pooling allocator (memory, tables) while idle, so this bounds
+/// what idle reusable instances pin (deliveries beyond it instantiate and
+/// drop instances as the fresh path does).
+const REUSE_IDLE_PER_PLUGIN: usize = 4;
 
 /// The largest `memory` a plugin may ask for; also the pooling allocator's
 /// per-memory reservation.
@@ -192,6 +217,8 @@ pub struct Plugin {
     /// Where it may send HTTP requests (by default nowhere).
     pub http: Arc<HttpPolicy>,
     pre: ConsumerPre<HostState>,
+    /// With `isolation = "reuse"`: instances between deliveries.
+    idle: std::sync::Mutex<Vec<ReusedInstance>>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -397,6 +424,7 @@ impl Runtime {
             ),
             http: Arc::default(),
             pre,
+            idle: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -424,7 +452,8 @@ impl Runtime {
         Ok(pair)
     }
 
-    /// Runs `handle(event)` in a fresh instance of `plugin`.
+    /// Runs `handle(event)` in an instance of `plugin` (a fresh one, unless
+    /// the plugin's isolation is `reuse`).
     pub async fn deliver(&self, plugin: &Plugin, event: &Event) -> DeliveryRun {
         self.deliver_with(plugin, event, &[]).await
     }
@@ -437,11 +466,37 @@ impl Runtime {
         event: &Event,
         extra: &[(&str, String)],
     ) -> DeliveryRun {
-        let started = Instant::now();
+        match plugin.limits.isolation {
+            Isolation::InstancePerEvent => self.deliver_fresh(plugin, event, extra).await,
+            Isolation::Reuse => self.deliver_reused(plugin, event, extra).await,
+        }
+    }
+
+    /// A store for one instance of `plugin`, with its memory limiter and fuel
+    /// (each call's deadline is set by `set_deadline`).
+    fn store(&self, plugin: &Plugin, state: HostState) -> Store<HostState> {
+        let mut store = Store::new(plugin.pre.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        set_fuel(&mut store, plugin);
+        store
+    }
+
+    /// Host state for a delivery of `event`.
+    fn delivery_state(&self, plugin: &Plugin, event: &Event) -> HostState {
         let mut state = HostState::new(plugin, &event.id, self.journal.clone());
         state.set_parent(event, self.max_hops.load(Ordering::Relaxed));
-        let mut store = self.store(plugin, state, started);
+        state
+    }
 
+    async fn deliver_fresh(
+        &self,
+        plugin: &Plugin,
+        event: &Event,
+        extra: &[(&str, String)],
+    ) -> DeliveryRun {
+        let started = Instant::now();
+        let mut store = self.store(plugin, self.delivery_state(plugin, event));
+        set_deadline(&mut store, started, plugin.limits.timeout);
         let result = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
             plugin
@@ -452,49 +507,53 @@ impl Runtime {
                 .await
         }
         .await;
-
-        let invocation = match result {
-            // A refused emit (hop or count limit) fails the delivery even if
-            // the plugin went on: a loop ends in the dead letters.
-            Ok(Ok(())) => match store.data().emit_violation() {
-                Some(v) => Invocation::Reject(v.to_string()),
-                None => Invocation::Ok,
-            },
-            Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
-            Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
-            Err(e) => Invocation::Trap(describe_trap(&e, store.data())),
-        };
-        let http_failure = store.data().http_failure();
-        let mut state = store.into_data();
-        let emitted = match invocation {
-            Invocation::Ok => state.take_emitted(),
-            _ => Vec::new(),
-        };
-        let kv = state.into_kv_changes();
-        DeliveryRun {
-            invocation,
-            kv,
-            emitted,
-            elapsed: started.elapsed(),
-            http_failure,
-        }
+        let invocation = invocation(result, store.data());
+        finish(invocation, store.into_data(), started)
     }
 
-    /// A store for one call into `plugin`, with its limits and deadline.
-    fn store(&self, plugin: &Plugin, state: HostState, started: Instant) -> Store<HostState> {
-        let mut store = Store::new(plugin.pre.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        set_fuel(&mut store, plugin);
-        let timeout = plugin.limits.timeout;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if started.elapsed() >= timeout {
-                Err(wasmtime::Error::msg(DeadlineExceeded(timeout)))
-            } else {
-                Ok(wasmtime::UpdateDeadline::Yield(1))
+    async fn deliver_reused(
+        &self,
+        plugin: &Plugin,
+        event: &Event,
+        extra: &[(&str, String)],
+    ) -> DeliveryRun {
+        let started = Instant::now();
+        let idle = plugin
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        let mut reused = match idle {
+            Some(r) => r,
+            None => {
+                let mut store = self.store(plugin, self.delivery_state(plugin, event));
+                set_deadline(&mut store, started, plugin.limits.timeout);
+                match plugin.pre.instantiate_async(&mut store).await {
+                    Ok(instance) => {
+                        plugin
+                            .instantiate_seconds
+                            .record(started.elapsed().as_secs_f64());
+                        ReusedInstance { store, instance }
+                    }
+                    Err(e) => {
+                        let invocation = Invocation::Trap(describe_trap(&e, store.data()));
+                        return finish(invocation, store.into_data(), started);
+                    }
+                }
             }
-        });
-        store
+        };
+        let state = self.delivery_state(plugin, event);
+        let (run, healthy) = reused.call(plugin, state, event, extra, started).await;
+        if healthy {
+            let mut idle = plugin
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if idle.len() < REUSE_IDLE_PER_PLUGIN {
+                idle.push(reused);
+            }
+        }
+        run
     }
 
     /// Calls `query(path, params)` in a fresh instance of `plugin` whose kv
@@ -511,7 +570,8 @@ impl Runtime {
         let started = Instant::now();
         let mut state = HostState::new(plugin, "query", self.journal.clone());
         state.set_read_only();
-        let mut store = self.store(plugin, state, started);
+        let mut store = self.store(plugin, state);
+        set_deadline(&mut store, started, plugin.limits.timeout);
         let result = async {
             let instance = plugin
                 .pre
@@ -539,72 +599,95 @@ impl Runtime {
     }
 }
 
-/// One instance of a plugin whose `handle` is called again and again.
-///
-/// Exists only as the baseline of `benches/delivery.rs` (fresh instance per
-/// delivery vs. call-only); the server never uses it. A later issue may turn
-/// it into an `isolation = "reuse"` mode, which would need more than this:
-/// no per-call deadline is enforced here (the epoch callback only yields), and
-/// the host state is replaced wholesale before each call (so a guest that kept
-/// a WASI resource handle across calls would find it gone).
-#[doc(hidden)]
-pub struct ReusedInstance {
-    store: Store<HostState>,
-    instance: bindings::Consumer,
-    /// A copy of the plugin's description, for each call's `HostState`.
-    plugin: Plugin,
-    journal: Journal,
+/// Makes the store's next call fail once `timeout` has passed since
+/// `started`, yielding to the async runtime at every epoch tick until then.
+fn set_deadline(store: &mut Store<HostState>, started: Instant, timeout: Duration) {
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_callback(move |_| {
+        if started.elapsed() >= timeout {
+            Err(wasmtime::Error::msg(DeadlineExceeded(timeout)))
+        } else {
+            Ok(wasmtime::UpdateDeadline::Yield(1))
+        }
+    });
 }
 
-impl Runtime {
-    /// Instantiates `plugin` once, for [`ReusedInstance::call`]; see there.
-    #[doc(hidden)]
-    pub async fn reusable(
-        &self,
-        plugin: &Plugin,
-        event_id: &str,
-    ) -> Result<ReusedInstance, wasmtime::Error> {
-        let state = HostState::new(plugin, event_id, self.journal.clone());
-        let mut store = Store::new(plugin.pre.engine(), state);
-        store.limiter(|s| &mut s.limits);
-        set_fuel(&mut store, plugin);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(|_| Ok(wasmtime::UpdateDeadline::Yield(1)));
-        let instance = plugin.pre.instantiate_async(&mut store).await?;
-        Ok(ReusedInstance {
-            store,
-            instance,
-            plugin: Plugin {
-                name: plugin.name.clone(),
-                hash: plugin.hash.clone(),
-                limits: plugin.limits,
-                config: plugin.config.clone(),
-                answers_queries: plugin.answers_queries,
-                instantiate_seconds: plugin.instantiate_seconds.clone(),
-                http: plugin.http.clone(),
-                pre: plugin.pre.clone(),
-            },
-            journal: self.journal.clone(),
-        })
+/// What `handle` returned, or why it did not. A refused emit (hop or count
+/// limit) fails the delivery even if the plugin went on: a loop ends in the
+/// dead letters.
+fn invocation(
+    result: Result<Result<(), WitFailure>, wasmtime::Error>,
+    state: &HostState,
+) -> Invocation {
+    match result {
+        Ok(Ok(())) => match state.emit_violation() {
+            Some(v) => Invocation::Reject(v.to_string()),
+            None => Invocation::Ok,
+        },
+        Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
+        Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
+        Err(e) => Invocation::Trap(describe_trap(&e, state)),
     }
 }
 
+/// The delivery's result from its host state: kv changes, and the events it
+/// emitted if it succeeded.
+fn finish(invocation: Invocation, mut state: HostState, started: Instant) -> DeliveryRun {
+    let http_failure = state.http_failure();
+    let emitted = match invocation {
+        Invocation::Ok => state.take_emitted(),
+        _ => Vec::new(),
+    };
+    DeliveryRun {
+        invocation,
+        kv: state.into_kv_changes(),
+        emitted,
+        elapsed: started.elapsed(),
+        http_failure,
+    }
+}
+
+/// An instance of a plugin with `isolation = "reuse"`, kept between its
+/// deliveries.
+///
+/// Each call gets a fresh [`HostState`] (kv reads and writes, emits, log
+/// budget, limiter, event id) — only the WASI context and its resource table
+/// carry over, since the guest may hold handles into them (e.g. its stdout
+/// stream). The deadline is set again for each call. An instance whose call
+/// trapped (a trap, the deadline, a limit) is dropped, never called again:
+/// wasmtime does not allow re-entering a store that trapped, and its memory
+/// may be half-updated.
+struct ReusedInstance {
+    store: Store<HostState>,
+    instance: bindings::Consumer,
+}
+
 impl ReusedInstance {
-    /// Calls `handle(event)` in the same instance as the previous calls, with
-    /// fresh host state (so kv writes do not pile up across calls).
-    #[doc(hidden)]
-    pub async fn call(&mut self, event: &Event) -> Invocation {
-        *self.store.data_mut() = HostState::new(&self.plugin, &event.id, self.journal.clone());
-        match self
+    /// Calls `handle(event)` with `state`; returns the delivery's result and
+    /// whether the instance may be called again.
+    async fn call(
+        &mut self,
+        plugin: &Plugin,
+        mut state: HostState,
+        event: &Event,
+        extra: &[(&str, String)],
+        started: Instant,
+    ) -> (DeliveryRun, bool) {
+        state.keep_wasi_of(self.store.data_mut());
+        *self.store.data_mut() = state;
+        set_deadline(&mut self.store, started, plugin.limits.timeout);
+        set_fuel(&mut self.store, plugin);
+        let result = self
             .instance
-            .call_handle(&mut self.store, &to_wit(event, &[]))
-            .await
-        {
-            Ok(Ok(())) => Invocation::Ok,
-            Ok(Err(WitFailure::Retry(delay))) => Invocation::Retry(delay.map(Duration::from_nanos)),
-            Ok(Err(WitFailure::Reject(reason))) => Invocation::Reject(reason),
-            Err(e) => Invocation::Trap(describe_trap(&e, self.store.data())),
-        }
+            .call_handle(&mut self.store, &to_wit(event, extra))
+            .await;
+        let healthy = result.is_ok() && !self.store.data().limits.was_hit();
+        let invocation = invocation(result, self.store.data());
+        // Take this call's state out; the one left keeps the WASI context.
+        let mut next = HostState::new(plugin, "", self.store.data().journal().clone());
+        next.keep_wasi_of(self.store.data_mut());
+        let done = std::mem::replace(self.store.data_mut(), next);
+        (finish(invocation, done, started), healthy)
     }
 }
 

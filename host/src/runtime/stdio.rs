@@ -51,6 +51,13 @@ impl TailPipe {
         tail.buf[tail.buf.len().saturating_sub(tail.capacity)..].to_vec()
     }
 
+    /// Forgets what was written (for the next call of a reused instance).
+    pub fn clear(&self) {
+        let mut tail = self.lock();
+        tail.buf.clear();
+        tail.written = 0;
+    }
+
     /// How many bytes were written but not kept.
     pub fn dropped(&self) -> u64 {
         let tail = self.lock();
