@@ -1,6 +1,12 @@
 //! Compiled components cached on disk, keyed by the component's hash and the
 //! engine's configuration. A cache file carries a checksum of its own bytes: a
 //! corrupt or mismatched entry is compiled again, never trusted.
+//!
+//! A loaded component is a read-only mapping of its cache file (wasmtime's
+//! `deserialize_file`), not a copy on the heap: its code and data pages are
+//! the page cache's (shared by plugins with the same bytes, reclaimable), and
+//! an idle plugin's private memory is its metadata, not a copy of its whole
+//! artifact ("Idle memory per plugin" in `docs/benchmarks.md`).
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -9,7 +15,11 @@ use sha2::{Digest, Sha256};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-const MAGIC: &[u8; 8] = b"SWYDCW01";
+/// Ends a cache file, after the payload (wasmtime's serialized component)
+/// and the payload's sha256. At the end, not the start, so that the file
+/// itself is a loadable artifact for `Component::deserialize_file` (which
+/// ignores bytes after the ELF sections).
+const MAGIC: &[u8; 8] = b"SWYDCW02";
 
 /// Returns the component for `wasm` and the hex sha256 of `wasm`.
 pub fn load_or_compile(
@@ -26,8 +36,11 @@ pub fn load_or_compile(
     if let Err(e) = store(&component, &path) {
         // A cache that cannot be written only costs a compile next time.
         tracing::warn!(path = %path.display(), error = %e, "cannot write compiled component to cache");
+        return Ok((component, hash));
     }
-    Ok((component, hash))
+    // Run from the file just written, as after a restart: the compiled copy
+    // on the heap is freed.
+    Ok((load(engine, &path).unwrap_or(component), hash))
 }
 
 /// Deletes the temporary files of writes that a killed process left behind
@@ -57,15 +70,18 @@ fn entry_path(engine: &Engine, cache_dir: &Path, wasm_hash: &str) -> PathBuf {
 
 fn load(engine: &Engine, path: &Path) -> Option<Component> {
     let bytes = std::fs::read(path).ok()?;
-    let payload = verified_payload(&bytes);
-    if payload.is_none() {
+    if verified_payload(&bytes).is_none() {
         tracing::warn!(path = %path.display(), "corrupt compiled component in cache; recompiling");
         return None;
     }
-    // SAFETY: the bytes are ones this host wrote with `Component::serialize`
+    drop(bytes);
+    // SAFETY: the file holds bytes this host wrote with `Component::serialize`
     // for an engine of the same configuration (the file name says so), and
-    // their checksum matches, so they are not truncated or altered.
-    match unsafe { Component::deserialize(engine, payload?) } {
+    // their checksum matches, so they are not truncated or altered. Cache
+    // files are never written in place, only replaced by a rename (see
+    // `store`), and only by this process (the data dir's lock), so the file
+    // mapped is the one just checked, and it does not change while mapped.
+    match unsafe { Component::deserialize_file(engine, path) } {
         Ok(c) => Some(c),
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "unusable compiled component in cache; recompiling");
@@ -75,11 +91,8 @@ fn load(engine: &Engine, path: &Path) -> Option<Component> {
 }
 
 fn verified_payload(bytes: &[u8]) -> Option<&[u8]> {
-    let rest = bytes.strip_prefix(MAGIC)?;
-    if rest.len() < 32 {
-        return None;
-    }
-    let (sum, payload) = rest.split_at(32);
+    let rest = bytes.strip_suffix(MAGIC)?;
+    let (payload, sum) = rest.split_at_checked(rest.len().checked_sub(32)?)?;
     (Sha256::digest(payload).as_slice() == sum).then_some(payload)
 }
 
@@ -88,10 +101,10 @@ fn store(component: &Component, path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 32 + payload.len());
+    let mut bytes = payload;
+    let sum = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&sum);
     bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&Sha256::digest(&payload));
-    bytes.extend_from_slice(&payload);
     // Write then rename, so a reader never sees half a file.
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, &bytes)?;
@@ -105,15 +118,17 @@ mod tests {
 
     #[test]
     fn payload_checksum_rejects_tampering() {
-        let mut bytes = MAGIC.to_vec();
+        let mut bytes = b"hello".to_vec();
         bytes.extend_from_slice(&Sha256::digest(b"hello"));
-        bytes.extend_from_slice(b"hello");
+        bytes.extend_from_slice(MAGIC);
         assert_eq!(verified_payload(&bytes), Some(&b"hello"[..]));
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        assert_eq!(verified_payload(&bytes), None);
+        let mut flipped = bytes.clone();
+        flipped[0] ^= 1;
+        assert_eq!(verified_payload(&flipped), None);
         assert_eq!(verified_payload(b"SWYD"), None);
-        assert_eq!(verified_payload(&bytes[..40]), None);
+        assert_eq!(verified_payload(MAGIC), None);
+        assert_eq!(verified_payload(&bytes[1..]), None);
+        assert_eq!(verified_payload(&bytes[..bytes.len() - 1]), None);
     }
 
     #[test]

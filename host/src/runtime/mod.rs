@@ -305,6 +305,13 @@ pub fn engine_config() -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
+    // Smaller compiled artifacts, which every loaded plugin maps: no ELF
+    // symbol table (for `objdump` only) and no `.eh_frame` (for native
+    // debuggers and profilers only; wasmtime's own traps and backtraces do
+    // not use it, and registering it with the system unwinder costs time at
+    // each load). See "Idle memory per plugin" in docs/benchmarks.md.
+    config.debug_symbols(false);
+    config.native_unwind_info(false);
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(1000);
     pool.total_core_instances(4000);
@@ -319,8 +326,12 @@ pub fn engine_config() -> Config {
     pool.linear_memory_keep_resident(1 << 20);
     pool.table_keep_resident(64 << 10);
     pool.pagemap_scan(wasmtime::Enabled::Auto);
-    // Fewer, larger madvise calls for what is decommitted.
-    pool.decommit_batch_size(16);
+    // `decommit_batch_size` stays 1 (wasmtime's default): with the slot
+    // reset by `pagemap_scan` there is nothing to decommit after a typical
+    // delivery, but a batch size above 1 still parked every freed slot in a
+    // shared queue (behind a lock) until 16 had gathered, then made a
+    // `process_madvise` call for empty ranges (measured in
+    // `benches/instances.rs`).
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
 }
