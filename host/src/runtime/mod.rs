@@ -339,9 +339,20 @@ pub fn engine_config() -> Config {
 impl Runtime {
     /// Sets up the engine; compiled artifacts are cached in `cache_dir`.
     pub fn new(cache_dir: &Path, journal: Journal) -> Result<Runtime, RuntimeError> {
+        Self::with_config(cache_dir, journal, &engine_config())
+    }
+
+    /// Like [`Runtime::new`], with another engine configuration: for the
+    /// benchmarks that compare pooling settings side by side in one process.
+    #[doc(hidden)]
+    pub fn with_config(
+        cache_dir: &Path,
+        journal: Journal,
+        config: &Config,
+    ) -> Result<Runtime, RuntimeError> {
         cache::sweep(cache_dir);
         let engine_err = |e: wasmtime::Error| RuntimeError::Engine(format!("{e:#}"));
-        let engine = Engine::new(&engine_config()).map_err(engine_err)?;
+        let engine = Engine::new(config).map_err(engine_err)?;
 
         let linker = plugin_linker(&engine).map_err(engine_err)?;
 
@@ -374,6 +385,13 @@ impl Runtime {
             ticker_stop,
             max_hops: AtomicU32::new(DEFAULT_MAX_HOPS),
         })
+    }
+
+    /// The engine every plugin runs on (for benchmarks that use wasmtime
+    /// directly on the same engine).
+    #[doc(hidden)]
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Loads a component from `wasm`: compiled, or taken from the on-disk cache.
