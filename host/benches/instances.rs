@@ -178,6 +178,7 @@ fn setup(name: &str, wasm: &Path, config: &Config, isolation: Isolation) -> Setu
         timeout: Duration::from_millis(500),
         memory: 16 << 20,
         isolation,
+        ..Limits::default()
     };
     let plugin = runtime
         .load("audit", wasm, limits, Default::default())
