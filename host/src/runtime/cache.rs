@@ -71,7 +71,13 @@ fn entry_path(engine: &Engine, cache_dir: &Path, wasm_hash: &str) -> PathBuf {
 fn load(engine: &Engine, path: &Path) -> Option<Component> {
     let bytes = std::fs::read(path).ok()?;
     if verified_payload(&bytes).is_none() {
-        tracing::warn!(path = %path.display(), "corrupt compiled component in cache; recompiling");
+        // The first format put its tag at the start; an entry of it is not
+        // corrupt, just older than this binary.
+        if bytes.starts_with(b"SWYDCW01") {
+            tracing::info!(path = %path.display(), "compiled component in an older cache format; recompiling");
+        } else {
+            tracing::warn!(path = %path.display(), "corrupt compiled component in cache; recompiling");
+        }
         return None;
     }
     drop(bytes);
