@@ -41,37 +41,12 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 /// The server binary's allocator (`src/main.rs`), so that allocation costs
 /// as much here as in the server.
+mod common;
+
+use common::{event, median, repo};
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ has a parent")
-        .to_path_buf()
-}
-
-/// An event like the ones `POST /webhooks/shop` produces (as in `delivery.rs`).
-fn event() -> Event {
-    let data = serde_json::json!({
-        "kind": "order.created",
-        "customer": "c-1042",
-        "order": "o-77812",
-        "total": 129.5,
-        "currency": "EUR",
-        "items": [{"sku": "A-1", "qty": 2}, {"sku": "B-7", "qty": 1}],
-    });
-    Event {
-        id: "0199a0b2-5c3e-7a41-9d2e-3f1c2b4a5d6e".into(),
-        source: "shop".into(),
-        ty: "order.created".into(),
-        subject: Some("c-1042".into()),
-        time: "2025-01-01T00:00:00.000Z".into(),
-        datacontenttype: "application/json".into(),
-        data: serde_json::to_vec(&data).expect("json"),
-        extensions: Default::default(),
-    }
-}
 
 /// The settings this bench varies. `BEFORE` is the engine configuration of
 /// commit 127e0ff (before this work), field for field.
@@ -232,12 +207,6 @@ fn selected(name: &str) -> bool {
         Ok(only) => only.split('|').any(|part| name.contains(part)),
         Err(_) => true,
     }
-}
-
-fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn load_average() -> String {

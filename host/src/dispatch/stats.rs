@@ -46,7 +46,15 @@ impl FlowStats {
     /// Counts a committed outcome: "delivered", "retry" or "dead".
     pub fn outcome(&self, route: &str, outcome: &str) {
         let mut inner = self.lock();
-        let c = inner.routes.entry(route.to_string()).or_default();
+        // Look up before inserting: no allocation per delivery once known.
+        if !inner.routes.contains_key(route) {
+            inner
+                .routes
+                .insert(route.to_string(), RouteCounts::default());
+        }
+        let Some(c) = inner.routes.get_mut(route) else {
+            return;
+        };
         match outcome {
             "delivered" => c.delivered += 1,
             "retry" => c.retried += 1,
@@ -57,7 +65,14 @@ impl FlowStats {
     /// Records how long a delivery to `plugin` took.
     pub fn duration(&self, plugin: &str, d: Duration) {
         let mut inner = self.lock();
-        let ring = inner.plugins.entry(plugin.to_string()).or_default();
+        if !inner.plugins.contains_key(plugin) {
+            inner
+                .plugins
+                .insert(plugin.to_string(), VecDeque::with_capacity(SAMPLES));
+        }
+        let Some(ring) = inner.plugins.get_mut(plugin) else {
+            return;
+        };
         if ring.len() == SAMPLES {
             ring.pop_front();
         }
