@@ -347,6 +347,10 @@ async fn queries_answer_from_state_with_read_only_kv() {
     assert_eq!(t.kv("probe", "k").await, None);
     let (status, _) = t.get("/query/nope/x").await;
     assert_eq!(status, 404);
+    // An answer HTTP cannot carry (a header injection attempt) is refused.
+    let (status, body) = t.get("/query/probe/bad-answer").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("cannot carry"), "{body}");
 
     // Query metrics are counted per plugin.
     let (_, metrics) = t.get("/metrics").await;

@@ -44,8 +44,21 @@ pub async fn query(
         .increment(1);
     match result {
         Ok(r) => {
-            let status = StatusCode::from_u16(r.status).unwrap_or(StatusCode::BAD_GATEWAY);
-            Ok((status, [(header::CONTENT_TYPE, r.content_type)], r.body).into_response())
+            // A plugin's answer is untrusted: an impossible status or media
+            // type is its error, said as such (not a bare 500).
+            let status = StatusCode::from_u16(r.status).ok();
+            let content_type = header::HeaderValue::from_str(&r.content_type).ok();
+            let (Some(status), Some(content_type)) = (status, content_type) else {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "query failed",
+                    format!(
+                        "plugin `{plugin}` answered with status {} and content type {:?}, which HTTP cannot carry",
+                        r.status, r.content_type
+                    ),
+                ));
+            };
+            Ok((status, [(header::CONTENT_TYPE, content_type)], r.body).into_response())
         }
         Err(e @ QueryError::NoQuery(_)) => Err(ApiError::new(
             StatusCode::NOT_FOUND,

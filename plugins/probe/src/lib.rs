@@ -21,7 +21,8 @@
 //! under `seen/<event id>`.
 //!
 //! Queries: `kv/<key>` answers the value under a key (404 if none);
-//! `write/<key>` tries to write (and answers the error a query gets).
+//! `write/<key>` tries to write (and answers the error a query gets);
+//! `bad-answer` answers a content type with a line break in it.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -170,6 +171,12 @@ impl Plugin for Probe {
             ["write", key @ ..] => match kv::set(&key.join("/"), b"x") {
                 Ok(()) => Response::json(&"written"),
                 Err(e) => Response::error(409, &e.to_string()),
+            },
+            // An answer HTTP cannot carry, for the host's check.
+            ["bad-answer"] => Response {
+                status: 200,
+                content_type: "text/plain\nx-injected: 1".into(),
+                body: b"?".to_vec(),
             },
             _ => Response::not_found("try kv/<key> or write/<key>"),
         }
