@@ -284,7 +284,8 @@ pub struct Runtime {
     linker: Linker<HostState>,
     /// The engine (and its linker) for plugins that set `fuel`, made when
     /// the first of them loads. Fuel metering is compiled into the code and
-    /// slowed a CPU-bound wasm loop by 15–27 % on this project's 2-core
+    /// slowed a CPU-bound wasm loop by 15–27 % in an ad-hoc run (not yet a
+    /// bench in `docs/benchmarks.md`) on this project's 2-core
     /// machine (a tiny call: from noise to +20 %), so it lives on an engine
     /// of its own and plugins without `fuel` do not pay for it. The second
     /// engine's pooling allocator reserves address space of its own, only
