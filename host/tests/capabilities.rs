@@ -230,6 +230,9 @@ async fn emitted_events_are_routed_with_causation_and_hops_only_when_acknowledge
     assert_eq!(ctl["event"]["subject"], "sub");
     assert_eq!(ctl["event"]["causationid"], parent.as_str(), "{ctl}");
     assert_eq!(ctl["event"]["hops"], "1");
+    // It continues its cause's trace.
+    assert_eq!(ctl["trace_id"], tl["trace_id"], "{ctl}");
+    assert!(ctl["trace_id"].as_str().is_some_and(|t| t.len() == 32));
     assert_eq!(ctl["deliveries"][0]["route"], "chain");
     assert_eq!(ctl["deliveries"][0]["status"], "delivered");
     assert_eq!(t.kv("probe", "children").await.as_deref(), Some("1"));

@@ -66,6 +66,9 @@ pub struct HostState {
     read_only: bool,
     /// The event being handled (for emitted events' `causationid` and hops).
     parent: Option<(String, u32)>,
+    /// The trace context of the event being handled, which emitted events
+    /// continue (`traceparent`, `tracestate`).
+    parent_trace: Vec<(String, String)>,
     max_hops: u32,
     emitted: Vec<Event>,
     /// Why an emit was refused for a limit: the delivery is dead-lettered even
@@ -104,6 +107,7 @@ impl HostState {
             kv_quota: plugin.limits.kv_quota,
             read_only: false,
             parent: None,
+            parent_trace: Vec::new(),
             max_hops: DEFAULT_MAX_HOPS,
             emitted: Vec::new(),
             emit_violation: None,
@@ -128,6 +132,10 @@ impl HostState {
             .and_then(|h| h.parse().ok())
             .unwrap_or(0);
         self.parent = Some((event.id.clone(), hops));
+        self.parent_trace = [crate::trace::TRACEPARENT, crate::trace::TRACESTATE]
+            .iter()
+            .filter_map(|k| Some((k.to_string(), event.extensions.get(*k)?.clone())))
+            .collect();
         self.max_hops = max_hops;
     }
 
@@ -570,6 +578,8 @@ impl emit::Host for HostState {
         let mut extensions = std::collections::BTreeMap::new();
         extensions.insert(CAUSATION_EXTENSION.to_string(), parent_id);
         extensions.insert(HOPS_EXTENSION.to_string(), (parent_hops + 1).to_string());
+        // A derived event belongs to its cause's trace.
+        extensions.extend(self.parent_trace.iter().cloned());
         self.emitted.push(Event {
             id: id.clone(),
             source: format!("plugin/{}", self.plugin),
