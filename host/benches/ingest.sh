@@ -10,6 +10,10 @@
 #                without waiting for the disk (what durability costs)
 #   verified     as `no-routes`, with Standard Webhooks verification (v1 HMAC)
 #                of every request (what verification costs)
+#   nats         as `switchyard`, on the NATS JetStream engine (`[engine] kind =
+#                "nats"`), against a nats-server started for the run (file
+#                store, default sync settings)
+#   nats-no-routes  as `no-routes`, on the NATS engine
 #
 # Then, for each server but `nofsync`, the latency of the 202 at half the
 # throughput it just reached, at a fixed rate: with `oha -q --latency-correction`
@@ -33,7 +37,7 @@ CONNS="${CONNS:-16 64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 WRK_THREADS="${WRK_THREADS:-2}"
-VARIANTS="${VARIANTS:-bare switchyard nofsync no-routes verified}"
+VARIANTS="${VARIANTS:-bare switchyard nofsync no-routes verified nats nats-no-routes}"
 
 command -v wrk >/dev/null || {
 	echo "wrk is not installed: apt-get install -y wrk" >&2
@@ -60,6 +64,7 @@ done
 
 TMP="$(mktemp -d -t switchyard-ingest.XXXXXX)"
 SERVER_PID=""
+NATS_PID=""
 stop_server() {
 	if [[ -n "$SERVER_PID" ]]; then
 		kill -TERM "$SERVER_PID" 2>/dev/null || true
@@ -70,6 +75,12 @@ stop_server() {
 		kill -KILL "$SERVER_PID" 2>/dev/null || true
 		wait "$SERVER_PID" 2>/dev/null || true
 		SERVER_PID=""
+	fi
+	# After the host, which drains first.
+	if [[ -n "$NATS_PID" ]]; then
+		kill -TERM "$NATS_PID" 2>/dev/null || true
+		wait "$NATS_PID" 2>/dev/null || true
+		NATS_PID=""
 	fi
 }
 cleanup() {
@@ -109,7 +120,7 @@ wait_ready() {
 
 # Writes a config for the real server and prints its path.
 write_config() {
-	local dir="$1" port="$2" routes="$3" fsync="$4" verify="${5:-no}"
+	local dir="$1" port="$2" routes="$3" fsync="$4" verify="${5:-no}" nats_url="${6:-}"
 	mkdir -p "$dir"
 	cat >"$dir/rules.toml" <<EOF
 [server]
@@ -130,6 +141,9 @@ wasm = "$REPO/plugins/audit"
 timeout = "500ms"
 memory = "16MiB"
 EOF
+	if [[ -n "$nats_url" ]]; then
+		printf '\n[engine]\nkind = "nats"\nurl = "%s"\n' "$nats_url" >>"$dir/rules.toml"
+	fi
 	if [[ "$routes" == yes ]]; then
 		cat >>"$dir/rules.toml" <<EOF
 
@@ -152,13 +166,29 @@ start_server() {
 	bare)
 		"$BARE" "127.0.0.1:$port" 2>"$LOG" &
 		;;
-	switchyard | no-routes | nofsync | verified)
-		local routes=yes fsync=true verify=no
-		[[ "$variant" == no-routes || "$variant" == verified ]] && routes=no
+	switchyard | no-routes | nofsync | verified | nats | nats-no-routes)
+		local routes=yes fsync=true verify=no nats_url=""
+		[[ "$variant" == *no-routes || "$variant" == verified ]] && routes=no
 		[[ "$variant" == nofsync ]] && fsync=false
 		[[ "$variant" == verified ]] && verify=yes
+		if [[ "$variant" == nats* ]]; then
+			command -v nats-server >/dev/null || {
+				echo "nats-server is not installed: apt-get install -y nats-server" >&2
+				exit 1
+			}
+			local nport
+			nport="$(free_port)"
+			mkdir -p "$TMP/$run/js"
+			nats-server -js -a 127.0.0.1 -p "$nport" -sd "$TMP/$run/js" >"$TMP/$run.nats.log" 2>&1 &
+			NATS_PID=$!
+			nats_url="nats://127.0.0.1:$nport"
+			for _ in $(seq 1 100); do
+				(echo >"/dev/tcp/127.0.0.1/$nport") 2>/dev/null && break
+				sleep 0.1
+			done
+		fi
 		local cfg
-		cfg="$(write_config "$TMP/$run" "$port" "$routes" "$fsync" "$verify")"
+		cfg="$(write_config "$TMP/$run" "$port" "$routes" "$fsync" "$verify" "$nats_url")"
 		# Default logging (info, plugin lines included), as a user would run it.
 		"$SWITCHYARD" serve --config "$cfg" >"$LOG" 2>&1 &
 		;;
@@ -220,12 +250,12 @@ for c in $CONNS; do
 		sign_env "$variant"
 		start_server "$variant" "$run"
 		wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -s "$HERE/ingest.lua" "$URL" >/dev/null
-		[[ "$variant" == switchyard || "$variant" == nofsync ]] && wait_drained >/dev/null
+		[[ "$variant" == switchyard || "$variant" == nofsync || "$variant" == nats ]] && wait_drained >/dev/null
 		before="$(deliveries)"
 		out="$(wrk -t"$WRK_THREADS" -c"$c" -d"${DURATION}s" --latency -s "$HERE/ingest.lua" "$URL")"
 		line="$(grep '^RESULT' <<<"$out")"
 		extra=""
-		if [[ "$variant" == switchyard || "$variant" == nofsync ]]; then
+		if [[ "$variant" == switchyard || "$variant" == nofsync || "$variant" == nats ]]; then
 			during=$(($(deliveries) - before))
 			drain="$(wait_drained)"
 			after=$(($(deliveries) - before))
@@ -254,7 +284,7 @@ for c in $CONNS; do
 			half_rps="$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$lat")"
 			half_bad="$(awk '/^[ \t]+\[[0-9]+\]/ && $1 != "[202]" { n += $2 } END { print n + 0 }' <<<"$lat")"
 			extra="$extra half_rps=$half_rps half_p50_ms=$half_p50 half_p99_ms=$half_p99 half_non202=$half_bad"
-			[[ "$variant" == switchyard ]] && wait_drained >/dev/null
+			[[ "$variant" == switchyard || "$variant" == nats ]] && wait_drained >/dev/null
 		fi
 		stop_server
 		echo "$run $line$extra" | tee -a "$RESULTS"

@@ -10,12 +10,14 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, WasmSource};
-use crate::dispatch::{Dispatcher, Work};
+use crate::config::{Config, EngineConfig, WasmSource};
+use crate::dispatch::nats::NatsDispatcher;
+use crate::dispatch::{Backend, Dispatcher, Work};
 use crate::event::now_ms;
 use crate::ingress::verify::{SecretError, Verifier};
 use crate::ingress::{self, AppState};
-use crate::journal::{Journal, JournalError};
+use crate::journal::nats::{NatsJournal, StreamLimits};
+use crate::journal::{Journal, JournalError, KvStore};
 use crate::runtime::{Plugin, Runtime, RuntimeError, cargo};
 use crate::watch::ConfigWatcher;
 
@@ -141,10 +143,9 @@ pub struct Server {
     /// The admin API's own address, with `[server] admin_listen`.
     admin_addr: Option<SocketAddr>,
     admin_http: Option<JoinHandle<()>>,
-    journal: Journal,
+    backend: Backend,
     live: Arc<ArcSwap<Live>>,
     reloader: Arc<Reloader>,
-    dispatcher: Dispatcher,
     /// Cancelled when shutdown begins: webhooks answer 503 from then on.
     draining: CancellationToken,
     /// Cancelled when shutdown ends: HTTP, watcher and compaction stop.
@@ -233,13 +234,54 @@ impl Server {
         // Installed before anything records a metric.
         let _ = crate::telemetry::metrics();
         let data_dir = config.server.data_dir.clone();
-        let journal = Journal::open_with(&data_dir, config.server.fsync)?;
-        if !config.server.fsync {
-            tracing::warn!("[server] fsync = false: a crash may lose events already answered 202");
-        }
-        let runtime = Arc::new(Runtime::new(&data_dir.join("cache"), journal.clone())?);
         let workers = config.server.workers;
         let config_file = config.file.clone();
+        let stop = CancellationToken::new();
+        let draining = CancellationToken::new();
+        // The engine: its store first (the runtime reads plugin kv from it),
+        // then, once the plugins are loaded, its dispatcher.
+        enum Store {
+            Embedded(Journal),
+            Nats(NatsJournal),
+        }
+        let store = match &config.engine {
+            EngineConfig::Embedded => {
+                let journal = Journal::open_with(&data_dir, config.server.fsync)?;
+                if !config.server.fsync {
+                    tracing::warn!(
+                        "[server] fsync = false: a crash may lose events already answered 202"
+                    );
+                }
+                Store::Embedded(journal)
+            }
+            EngineConfig::Nats(nats) => {
+                let dedup_window = config
+                    .sources
+                    .values()
+                    .filter(|s| s.dedup_from.is_some())
+                    .map(|s| s.dedup_window)
+                    .max()
+                    .unwrap_or(crate::config::DEFAULT_DEDUP_WINDOW);
+                let limits = StreamLimits {
+                    retention: config.server.retention,
+                    dedup_window,
+                };
+                let journal = NatsJournal::connect(nats, limits).await?;
+                tracing::info!(url = %nats.url, stream = %nats.stream, "engine: NATS JetStream");
+                if nats.replicas < 3 {
+                    tracing::warn!(
+                        replicas = nats.replicas,
+                        "with fewer than 3 replicas, a 202 survives power loss only if the NATS server runs with `sync_interval: always` (see docs/nats.md)"
+                    );
+                }
+                Store::Nats(journal)
+            }
+        };
+        let kv: Arc<dyn KvStore> = match &store {
+            Store::Embedded(j) => Arc::new(j.clone()),
+            Store::Nats(j) => Arc::new(j.clone()),
+        };
+        let runtime = Arc::new(Runtime::new(&data_dir.join("cache"), kv)?);
         let live = Live::load(&runtime, config).await?;
         let live = Arc::new(ArcSwap::from_pointee(live));
         let reloader = Arc::new(Reloader {
@@ -248,16 +290,41 @@ impl Server {
             failure: ArcSwap::from_pointee(None),
             lock: tokio::sync::Mutex::new(()),
         });
-
-        let stop = CancellationToken::new();
-        let draining = CancellationToken::new();
-        let dispatcher = Dispatcher::start(journal.clone(), runtime.clone(), live.clone(), workers);
-        // Whatever was accepted but not finished before the last stop.
-        let due = journal.due_deliveries()?;
-        if !due.is_empty() {
-            tracing::info!(count = due.len(), "resuming unfinished deliveries");
-        }
-        dispatcher.enqueue_all(due.into_iter().map(|d| Work::from_due(d, None)).collect());
+        let backend = match store {
+            Store::Embedded(journal) => {
+                let dispatcher =
+                    Dispatcher::start(journal.clone(), runtime.clone(), live.clone(), workers);
+                // Whatever was accepted but not finished before the last stop.
+                let due = journal.due_deliveries()?;
+                if !due.is_empty() {
+                    tracing::info!(count = due.len(), "resuming unfinished deliveries");
+                }
+                dispatcher.enqueue_all(due.into_iter().map(|d| Work::from_due(d, None)).collect());
+                tokio::spawn(compact_periodically(
+                    journal.clone(),
+                    live.clone(),
+                    stop.clone(),
+                ));
+                Backend::Embedded {
+                    journal,
+                    dispatcher,
+                }
+            }
+            Store::Nats(journal) => {
+                // Unfinished deliveries wait in the consumers: nothing to resume.
+                let dispatcher =
+                    NatsDispatcher::start(journal.clone(), runtime.clone(), live.clone(), workers);
+                tokio::spawn(expire_kv_periodically(
+                    journal.clone(),
+                    live.clone(),
+                    stop.clone(),
+                ));
+                Backend::Nats {
+                    journal,
+                    dispatcher,
+                }
+            }
+        };
 
         let admin_listener = match live.load().config.server.admin_listen {
             None => None,
@@ -281,8 +348,7 @@ impl Server {
         let state = AppState {
             live: live.clone(),
             reloader: reloader.clone(),
-            journal: journal.clone(),
-            dispatcher: dispatcher.clone(),
+            backend: backend.clone(),
             runtime: runtime.clone(),
             admin_open: ingress::is_loopback(&admin_addr.unwrap_or(addr)),
             admin_token,
@@ -314,11 +380,6 @@ impl Server {
             stop.clone(),
             drain,
         ));
-        tokio::spawn(compact_periodically(
-            journal.clone(),
-            live.clone(),
-            stop.clone(),
-        ));
         let watcher = match ConfigWatcher::start(
             &config_file,
             live.clone(),
@@ -339,10 +400,9 @@ impl Server {
             addr,
             admin_addr,
             admin_http,
-            journal,
+            backend,
             live,
             reloader,
-            dispatcher,
             draining,
             stop,
             http,
@@ -368,8 +428,14 @@ impl Server {
         self.admin_addr
     }
 
-    pub fn journal(&self) -> &Journal {
-        &self.journal
+    /// The embedded journal (`None` on the NATS engine).
+    pub fn journal(&self) -> Option<&Journal> {
+        self.backend.embedded().map(|(j, _)| j)
+    }
+
+    /// The engine this server runs on.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// Graceful shutdown: webhooks answer 503 from now on; deliveries in
@@ -378,7 +444,7 @@ impl Server {
     pub async fn shutdown(self) {
         self.draining.cancel();
         let grace = self.live.load().config.server.shutdown_grace;
-        if self.dispatcher.drain(grace).await {
+        if self.backend.drain(grace).await {
             tracing::info!("deliveries in flight finished");
         } else {
             tracing::warn!(
@@ -386,7 +452,9 @@ impl Server {
                 "deliveries still running at the end of the grace period will run again after restart"
             );
         }
-        if let Err(e) = self.journal.flush().await {
+        if let Some((journal, _)) = self.backend.embedded()
+            && let Err(e) = journal.flush().await
+        {
             tracing::error!(error = %e, "journal flush at shutdown failed");
         }
         self.stop.cancel();
@@ -454,6 +522,27 @@ async fn compact_periodically(journal: Journal, live: Arc<ArcSwap<Live>>, stop: 
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Deletes plugin kv entries whose TTL ran out, on the NATS engine (where
+/// expiry is checked on read, but the entries would stay).
+async fn expire_kv_periodically(
+    journal: NatsJournal,
+    live: Arc<ArcSwap<Live>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(COMPACTION_INTERVAL / 5) => {}
+        }
+        let plugins: Vec<String> = live.load().plugins.keys().cloned().collect();
+        for plugin in plugins {
+            if let Err(e) = journal.expire_kv(&plugin, COMPACTION_STEP).await {
+                tracing::debug!(%plugin, error = %e, "kv expiry sweep failed; trying again later");
+            }
         }
     }
 }

@@ -19,7 +19,7 @@ use toml::de::{DeTable, DeValue};
 use crate::rules::{Backoff, Pattern, RetryPolicy, Route, RouteTable};
 use crate::runtime::http::{DEFAULT_HTTP_TIMEOUT, HostPattern};
 use crate::runtime::{HttpPolicy, Isolation, Limits, MAX_PLUGIN_INSTANCES, MAX_PLUGIN_MEMORY};
-use raw::{RawPlugin, RawRetry, RawRoute, RawServer, RawSource, RawTelemetry};
+use raw::{RawEngine, RawPlugin, RawRetry, RawRoute, RawServer, RawSource, RawTelemetry};
 
 /// The body limit of a source that does not set one: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
@@ -34,6 +34,25 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     pub routes: RouteTable,
     pub telemetry: TelemetryConfig,
+    pub engine: EngineConfig,
+}
+
+/// `[engine]`: which backend keeps events, deliveries, dedup and kv.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum EngineConfig {
+    /// One store in `data_dir`.
+    #[default]
+    Embedded,
+    /// NATS JetStream.
+    Nats(NatsConfig),
+}
+
+/// `[engine] kind = "nats"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsConfig {
+    pub url: String,
+    pub stream: String,
+    pub replicas: usize,
 }
 
 /// `[telemetry]`.
@@ -342,6 +361,7 @@ impl Validator {
         let mut plugins = Vec::new();
         let mut routes = Vec::new();
         let mut telemetry = RawTelemetry::default();
+        let mut engine = RawEngine::default();
         for (key, value) in doc.get_ref().iter() {
             let name = key.get_ref().as_ref();
             match name {
@@ -353,6 +373,11 @@ impl Validator {
                 "telemetry" => {
                     if let Some(t) = self.raw::<RawTelemetry>(value.clone(), "telemetry") {
                         telemetry = t;
+                    }
+                }
+                "engine" => {
+                    if let Some(e) = self.raw::<RawEngine>(value.clone(), "engine") {
+                        engine = e;
                     }
                 }
                 "sources" | "plugins" | "routes" => {
@@ -376,7 +401,7 @@ impl Validator {
                 _ => self.error(
                     Some(key.span()),
                     name,
-                    format!("unknown key `{name}`; expected server, sources, plugins, routes or telemetry"),
+                    format!("unknown key `{name}`; expected server, sources, plugins, routes, telemetry or engine"),
                 ),
             }
         }
@@ -385,6 +410,7 @@ impl Validator {
         let plugins = self.plugins(plugins);
         let routes = self.routes(routes, &sources, &plugins);
         let telemetry = self.telemetry(telemetry);
+        let engine = self.engine(engine);
         Some(Config {
             file: file.to_path_buf(),
             server: server?.0,
@@ -392,7 +418,87 @@ impl Validator {
             plugins,
             routes,
             telemetry,
+            engine,
         })
+    }
+
+    fn engine(&mut self, raw: RawEngine) -> EngineConfig {
+        let kind = raw
+            .kind
+            .as_ref()
+            .map(|k| k.get_ref().as_str())
+            .unwrap_or("embedded");
+        match kind {
+            "embedded" => {
+                for (key, span) in [
+                    ("url", raw.url.as_ref().map(|s| s.span())),
+                    ("stream", raw.stream.as_ref().map(|s| s.span())),
+                    ("replicas", raw.replicas.as_ref().map(|s| s.span())),
+                ] {
+                    if let Some(span) = span {
+                        self.error(
+                            Some(span),
+                            format!("engine.{key}"),
+                            format!("`{key}` applies only to kind = \"nats\""),
+                        );
+                    }
+                }
+                EngineConfig::Embedded
+            }
+            "nats" => {
+                let url = raw
+                    .url
+                    .map(|u| u.into_inner())
+                    .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+                let stream = match raw.stream {
+                    Some(s) => {
+                        let ok = !s.get_ref().is_empty()
+                            && s.get_ref().len() <= 32
+                            && s.get_ref()
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                        if !ok {
+                            self.error(
+                                Some(s.span()),
+                                "engine.stream",
+                                format!(
+                                    "`{}` is not a stream name: 1 to 32 of A-Z, a-z, 0-9, _ and -",
+                                    s.get_ref()
+                                ),
+                            );
+                        }
+                        s.into_inner()
+                    }
+                    None => "SWITCHYARD".into(),
+                };
+                let replicas = match raw.replicas {
+                    Some(r) if !(1..=5).contains(r.get_ref()) => {
+                        self.error(
+                            Some(r.span()),
+                            "engine.replicas",
+                            "`replicas` must be between 1 and 5",
+                        );
+                        1
+                    }
+                    Some(r) => *r.get_ref() as usize,
+                    None => 1,
+                };
+                EngineConfig::Nats(NatsConfig {
+                    url,
+                    stream,
+                    replicas,
+                })
+            }
+            other => {
+                let span = raw.kind.as_ref().map(|k| k.span());
+                self.error(
+                    span,
+                    "engine.kind",
+                    format!("unknown engine `{other}`; expected \"embedded\" or \"nats\""),
+                );
+                EngineConfig::Embedded
+            }
+        }
     }
 
     fn telemetry(&mut self, raw: RawTelemetry) -> TelemetryConfig {

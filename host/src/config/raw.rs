@@ -77,6 +77,30 @@ pub struct RawTelemetry {
     pub service_name: Option<Spanned<String>>,
 }
 
+/// `[engine]`: where events, deliveries, dedup and plugin kv are kept.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngine {
+    /// "embedded" (the default: one store in `data_dir`) or "nats" (NATS
+    /// JetStream, shared by several hosts).
+    #[schemars(with = "Option<String>", regex(pattern = r"^(embedded|nats)$"))]
+    pub kind: Option<Spanned<String>>,
+    /// With "nats": the server URL(s), comma-separated, e.g.
+    /// "nats://127.0.0.1:4222" (the default). Credentials come from the
+    /// environment: SWITCHYARD_NATS_TOKEN, or SWITCHYARD_NATS_USER and
+    /// SWITCHYARD_NATS_PASSWORD.
+    #[schemars(with = "Option<String>")]
+    pub url: Option<Spanned<String>>,
+    /// With "nats": the name of the events stream (default "SWITCHYARD"); the
+    /// dead-letter stream, consumers and kv buckets are named after it.
+    #[schemars(with = "Option<String>", regex(pattern = r"^[A-Za-z0-9_-]{1,32}$"))]
+    pub stream: Option<Spanned<String>>,
+    /// With "nats": replicas of every stream and bucket (default 1; 3 on a
+    /// cluster so that losing a server loses nothing).
+    #[schemars(with = "Option<u32>", range(min = 1, max = 5))]
+    pub replicas: Option<Spanned<i64>>,
+}
+
 /// `[[sources]]`: a webhook, `POST /webhooks/<name>`.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -6,7 +6,7 @@ use std::borrow::Cow;
 
 use schemars::{JsonSchema, Schema, SchemaGenerator, generate::SchemaSettings, json_schema};
 
-use super::raw::{RawPlugin, RawRoute, RawServer, RawSource, RawTelemetry};
+use super::raw::{RawEngine, RawPlugin, RawRoute, RawServer, RawSource, RawTelemetry};
 
 /// Switchyard's configuration: webhook sources, consumer plugins, and the
 /// routes between them.
@@ -19,6 +19,7 @@ struct RulesToml {
     plugins: Option<Vec<RawPlugin>>,
     routes: Option<Vec<RouteWithMatch>>,
     telemetry: Option<RawTelemetry>,
+    engine: Option<RawEngine>,
 }
 
 /// `[[routes]]`: which events go to which plugins.
@@ -145,7 +146,14 @@ mod tests {
     #[test]
     fn schema_describes_every_section() {
         let schema: serde_json::Value = serde_json::from_str(&rules_schema_json()).unwrap();
-        for key in ["server", "sources", "plugins", "routes", "telemetry"] {
+        for key in [
+            "server",
+            "sources",
+            "plugins",
+            "routes",
+            "telemetry",
+            "engine",
+        ] {
             assert!(schema["properties"][key].is_object(), "{key}");
         }
         assert_eq!(schema["$schema"], "http://json-schema.org/draft-07/schema#");

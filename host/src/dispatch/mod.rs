@@ -8,6 +8,7 @@
 //! route with an `order_key`, while an earlier delivery with the same key is
 //! not final (the journal's order index says which one is first).
 
+pub mod nats;
 pub mod replay;
 pub mod stats;
 
@@ -22,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::event::{Event, now_ms};
+use crate::journal::nats::NatsJournal;
 use crate::journal::{
-    Attempt, DeliveryKey, DueDelivery, Emitted, Journal, KvChanges, Outcome, PlannedDelivery,
-    Settled, Settlement,
+    Attempt, DeliveryKey, DueDelivery, Emitted, EventStore, Journal, JournalError, KvChanges,
+    Outcome, PlannedDelivery, RedriveSelect, Settled, Settlement,
 };
 use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
@@ -197,6 +199,77 @@ impl Dispatcher {
         self.stop.cancel();
         self.tasks.close();
         tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+}
+
+/// The engine a server runs on: its store and its dispatcher.
+#[derive(Clone)]
+pub enum Backend {
+    /// One store in `data_dir`, deliveries scheduled in this process.
+    Embedded {
+        journal: Journal,
+        dispatcher: Dispatcher,
+    },
+    /// NATS JetStream, deliveries shared with the other hosts.
+    Nats {
+        journal: NatsJournal,
+        dispatcher: nats::NatsDispatcher,
+    },
+}
+
+impl Backend {
+    /// Events, timelines and dead letters, whichever the engine.
+    pub fn store(&self) -> &dyn EventStore {
+        match self {
+            Backend::Embedded { journal, .. } => journal,
+            Backend::Nats { journal, .. } => journal,
+        }
+    }
+
+    /// The embedded journal, for what only it offers (replay jobs, stats).
+    pub fn embedded(&self) -> Option<(&Journal, &Dispatcher)> {
+        match self {
+            Backend::Embedded {
+                journal,
+                dispatcher,
+            } => Some((journal, dispatcher)),
+            Backend::Nats { .. } => None,
+        }
+    }
+
+    /// Live delivery figures of this host.
+    pub fn stats(&self) -> &FlowStats {
+        match self {
+            Backend::Embedded { dispatcher, .. } => dispatcher.stats(),
+            Backend::Nats { dispatcher, .. } => dispatcher.stats(),
+        }
+    }
+
+    /// Queues deliveries just planned (the NATS engine's consumers find them
+    /// in the stream themselves).
+    pub fn enqueue_all(&self, work: Vec<Work>) {
+        if let Backend::Embedded { dispatcher, .. } = self {
+            dispatcher.enqueue_all(work);
+        }
+    }
+
+    /// Delivers dead letters again, with a fresh retry budget.
+    pub async fn redrive(&self, select: RedriveSelect) -> Result<Vec<DeliveryKey>, JournalError> {
+        match self {
+            Backend::Embedded {
+                journal,
+                dispatcher,
+            } => replay::redrive(journal, dispatcher, select).await,
+            Backend::Nats { journal, .. } => journal.redrive(select).await,
+        }
+    }
+
+    /// Stops dispatching; waits up to `grace` for deliveries in flight.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        match self {
+            Backend::Embedded { dispatcher, .. } => dispatcher.drain(grace).await,
+            Backend::Nats { dispatcher, .. } => dispatcher.drain(grace).await,
+        }
     }
 }
 
@@ -388,6 +461,138 @@ fn failed(
     (Outcome::Retry { due_ms }, error)
 }
 
+/// What one attempt at a delivery gave, for the engine to commit.
+pub(crate) struct Attempted {
+    pub outcome: Outcome,
+    pub attempt: Attempt,
+    pub kv: KvChanges,
+    pub emitted: Vec<Emitted>,
+}
+
+/// Runs one attempt at a delivery with the plugin and rules in force, and
+/// says what to record: shared by both engines' dispatchers.
+pub(crate) async fn run_attempt(
+    runtime: &Runtime,
+    stats: &FlowStats,
+    live: &Live,
+    work: &Work,
+    event: &Arc<Event>,
+) -> Attempted {
+    let policy = live
+        .config
+        .routes
+        .get(&work.route)
+        .map(|r| r.retry)
+        .unwrap_or_default();
+    let attempt_no = work.attempts + 1;
+    let at_ms = now_ms();
+    let Some(plugin) = live.plugins.get(&work.plugin).cloned() else {
+        // Retryable: a reload may bring the plugin back.
+        let error = format!("plugin `{}` is not configured", work.plugin);
+        let (outcome, error) = failed(&policy, work, error, None, true);
+        let attempt = Attempt {
+            at_ms,
+            duration_us: 0,
+            error: Some(error),
+            plugin_hash: None,
+            emitted: Vec::new(),
+        };
+        return Attempted {
+            outcome,
+            attempt,
+            kv: KvChanges::default(),
+            emitted: Vec::new(),
+        };
+    };
+
+    if work.conflicts >= MAX_CONFLICT_RERUNS {
+        // Constant conflicts: count it as a failed attempt and back off.
+        let error = "kv writes kept conflicting with concurrent deliveries".to_string();
+        let (outcome, error) = failed(&policy, work, error, None, true);
+        let attempt = Attempt {
+            at_ms,
+            duration_us: 0,
+            error: Some(error),
+            plugin_hash: Some(plugin.hash.clone()),
+            emitted: Vec::new(),
+        };
+        return Attempted {
+            outcome,
+            attempt,
+            kv: KvChanges::default(),
+            emitted: Vec::new(),
+        };
+    }
+
+    let mut extra = vec![(ATTEMPT_EXTENSION, attempt_no.to_string())];
+    if work.replayed {
+        extra.push((REPLAYED_EXTENSION, "true".to_string()));
+    }
+    let span = crate::trace::delivery_span(event, &work.route, &work.plugin, attempt_no);
+    let run = runtime
+        .deliver_with(&plugin, event, &extra)
+        .instrument(span)
+        .await;
+    let (outcome, error) = match run.invocation {
+        Invocation::Ok => (Outcome::Delivered, None),
+        Invocation::Retry(delay) => {
+            let error = match &run.http_failure {
+                Some(http) => format!("plugin asked to retry (last HTTP failure: {http})"),
+                None => "plugin asked to retry".to_string(),
+            };
+            let (o, e) = failed(&policy, work, error, delay, true);
+            (o, Some(e))
+        }
+        Invocation::Reject(reason) => (Outcome::Dead, Some(format!("rejected: {reason}"))),
+        Invocation::Trap(text) => {
+            let (o, e) = failed(&policy, work, text, None, true);
+            (o, Some(e))
+        }
+    };
+    if let Some(e) = &error {
+        tracing::warn!(
+            event_id = %event.id, route = %work.route, plugin = %work.plugin,
+            attempt = attempt_no, error = %e, "delivery failed"
+        );
+    } else {
+        tracing::debug!(
+            event_id = %event.id, route = %work.route, plugin = %work.plugin,
+            elapsed = ?run.elapsed, "delivered"
+        );
+    }
+    metrics::histogram!("switchyard_delivery_seconds", "plugin" => work.plugin.clone())
+        .record(run.elapsed.as_secs_f64());
+    stats.duration(&work.plugin, run.elapsed);
+    let attempt = Attempt {
+        at_ms,
+        duration_us: run.elapsed.as_micros() as u64,
+        error,
+        plugin_hash: Some(plugin.hash.clone()),
+        emitted: run.emitted.iter().map(|e| e.id.clone()).collect(),
+    };
+    // Derived events are routed now, by the rules in force, and stored
+    // in the same commit as the acknowledgement.
+    let emitted: Vec<Emitted> = run
+        .emitted
+        .into_iter()
+        .map(|e| {
+            let e = Arc::new(e);
+            let routes = live.config.routes.matching(&e);
+            let deliveries = crate::ingress::plan(&routes, &e, None);
+            Emitted {
+                event: e,
+                deliveries,
+            }
+        })
+        .collect();
+    Attempted {
+        outcome,
+        attempt,
+        kv: run.kv,
+        emitted,
+    }
+}
+
 impl Context {
     async fn deliver(self: &Arc<Self>, work: Work) {
         let event = match &work.event {
@@ -408,105 +613,8 @@ impl Context {
             },
         };
         let live = self.live.load_full();
-        let policy = live
-            .config
-            .routes
-            .get(&work.route)
-            .map(|r| r.retry)
-            .unwrap_or_default();
-        let attempt_no = work.attempts + 1;
-        let at_ms = now_ms();
-        let Some(plugin) = live.plugins.get(&work.plugin).cloned() else {
-            // Retryable: a reload may bring the plugin back.
-            let error = format!("plugin `{}` is not configured", work.plugin);
-            let (outcome, error) = failed(&policy, &work, error, None, true);
-            let attempt = Attempt {
-                at_ms,
-                duration_us: 0,
-                error: Some(error),
-                plugin_hash: None,
-                emitted: Vec::new(),
-            };
-            return self.settle_later(work, event, attempt, outcome, KvChanges::default(), vec![]);
-        };
-
-        if work.conflicts >= MAX_CONFLICT_RERUNS {
-            // Constant conflicts: count it as a failed attempt and back off.
-            let error = "kv writes kept conflicting with concurrent deliveries".to_string();
-            let (outcome, error) = failed(&policy, &work, error, None, true);
-            let attempt = Attempt {
-                at_ms,
-                duration_us: 0,
-                error: Some(error),
-                plugin_hash: Some(plugin.hash.clone()),
-                emitted: Vec::new(),
-            };
-            return self.settle_later(work, event, attempt, outcome, KvChanges::default(), vec![]);
-        }
-
-        let mut extra = vec![(ATTEMPT_EXTENSION, attempt_no.to_string())];
-        if work.replayed {
-            extra.push((REPLAYED_EXTENSION, "true".to_string()));
-        }
-        let span = crate::trace::delivery_span(&event, &work.route, &work.plugin, attempt_no);
-        let run = self
-            .runtime
-            .deliver_with(&plugin, &event, &extra)
-            .instrument(span)
-            .await;
-        let (outcome, error) = match run.invocation {
-            Invocation::Ok => (Outcome::Delivered, None),
-            Invocation::Retry(delay) => {
-                let error = match &run.http_failure {
-                    Some(http) => format!("plugin asked to retry (last HTTP failure: {http})"),
-                    None => "plugin asked to retry".to_string(),
-                };
-                let (o, e) = failed(&policy, &work, error, delay, true);
-                (o, Some(e))
-            }
-            Invocation::Reject(reason) => (Outcome::Dead, Some(format!("rejected: {reason}"))),
-            Invocation::Trap(text) => {
-                let (o, e) = failed(&policy, &work, text, None, true);
-                (o, Some(e))
-            }
-        };
-        if let Some(e) = &error {
-            tracing::warn!(
-                event_id = %event.id, route = %work.route, plugin = %work.plugin,
-                attempt = attempt_no, error = %e, "delivery failed"
-            );
-        } else {
-            tracing::debug!(
-                event_id = %event.id, route = %work.route, plugin = %work.plugin,
-                elapsed = ?run.elapsed, "delivered"
-            );
-        }
-        metrics::histogram!("switchyard_delivery_seconds", "plugin" => work.plugin.clone())
-            .record(run.elapsed.as_secs_f64());
-        self.stats.duration(&work.plugin, run.elapsed);
-        let attempt = Attempt {
-            at_ms,
-            duration_us: run.elapsed.as_micros() as u64,
-            error,
-            plugin_hash: Some(plugin.hash.clone()),
-            emitted: run.emitted.iter().map(|e| e.id.clone()).collect(),
-        };
-        // Derived events are routed now, by the rules in force, and stored
-        // in the same commit as the acknowledgement.
-        let emitted: Vec<Emitted> = run
-            .emitted
-            .into_iter()
-            .map(|e| {
-                let e = Arc::new(e);
-                let routes = live.config.routes.matching(&e);
-                let deliveries = crate::ingress::plan(&routes, &e, None);
-                Emitted {
-                    event: e,
-                    deliveries,
-                }
-            })
-            .collect();
-        self.settle_later(work, event, attempt, outcome, run.kv, emitted);
+        let a = run_attempt(&self.runtime, &self.stats, &live, &work, &event).await;
+        self.settle_later(work, event, a.attempt, a.outcome, a.kv, a.emitted);
     }
 
     /// Commits an attempt's result in the background, so the worker is free

@@ -159,7 +159,7 @@ async fn plugins(State(state): State<AppState>) -> Json<Value> {
                 "max_instances": p.limits.max_instances,
                 "max_tables": p.limits.max_tables,
                 "kv_quota": crate::runtime::format_bytes(p.limits.kv_quota),
-                "kv_used_bytes": state.journal.kv_usage(&p.name).ok(),
+                "kv_used_bytes": state.backend.store().kv_usage(&p.name).ok(),
                 "answers_queries": p.answers_queries,
                 "allow_http": p.http.allow.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
                 "http_timeout": humantime::format_duration(p.http.timeout).to_string(),
@@ -175,7 +175,12 @@ async fn event(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let timeline = state.journal.timeline(&id).map_err(ApiError::from)?;
+    let timeline = state
+        .backend
+        .store()
+        .timeline(&id)
+        .await
+        .map_err(ApiError::from)?;
     let Some(t) = timeline else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -325,8 +330,10 @@ async fn dlq_list(
         None => None,
     };
     let page = state
-        .journal
+        .backend
+        .store()
         .dead_letters(q.route.as_deref(), after, limit)
+        .await
         .map_err(ApiError::from)?;
     let items: Vec<Value> = page
         .items
@@ -344,7 +351,13 @@ async fn dlq_show(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let key = parse_delivery_id(&id)?;
-    match state.journal.dead_letter(key).map_err(ApiError::from)? {
+    match state
+        .backend
+        .store()
+        .dead_letter(key)
+        .await
+        .map_err(ApiError::from)?
+    {
         Some(d) => Ok(Json(dead_letter_json(&d, true))),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -359,13 +372,11 @@ async fn dlq_redrive_one(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let key = parse_delivery_id(&id)?;
-    let keys = replay::redrive(
-        &state.journal,
-        &state.dispatcher,
-        RedriveSelect::Keys(vec![key]),
-    )
-    .await
-    .map_err(ApiError::from)?;
+    let keys = state
+        .backend
+        .redrive(RedriveSelect::Keys(vec![key]))
+        .await
+        .map_err(ApiError::from)?;
     if keys.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -409,7 +420,9 @@ async fn dlq_redrive_many(
             ));
         }
     };
-    let keys = replay::redrive(&state.journal, &state.dispatcher, select)
+    let keys = state
+        .backend
+        .redrive(select)
         .await
         .map_err(ApiError::from)?;
     Ok(redriven(keys))
@@ -475,7 +488,8 @@ async fn replay_start(
         route: body.route,
         source: body.source,
     };
-    let job = replay::replay(&state.journal, &state.dispatcher, &state.live, spec)
+    let (journal, dispatcher) = embedded_only(&state, "replay")?;
+    let job = replay::replay(journal, dispatcher, &state.live, spec)
         .await
         .map_err(|e| match e {
             ReplayError::Journal(j) => ApiError::from(j),
@@ -488,7 +502,8 @@ async fn replay_status(
     State(state): State<AppState>,
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.journal.replay_job(id).map_err(ApiError::from)? {
+    let (journal, _) = embedded_only(&state, "replay")?;
+    match journal.replay_job(id).map_err(ApiError::from)? {
         Some(job) => Ok(Json(replay_json(&state, &job)?)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -498,11 +513,26 @@ async fn replay_status(
     }
 }
 
+/// The embedded engine, or a 501 naming what the NATS engine lacks.
+fn embedded_only<'a>(
+    state: &'a AppState,
+    what: &str,
+) -> Result<(&'a crate::journal::Journal, &'a crate::dispatch::Dispatcher), ApiError> {
+    state.backend.embedded().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "not available",
+            format!("{what} is not available on the nats engine yet"),
+        )
+    })
+}
+
 /// A replay with its progress, counted from its deliveries' records.
 fn replay_json(state: &AppState, job: &ReplayJob) -> Result<Value, ApiError> {
+    let (journal, _) = embedded_only(state, "replay")?;
     let (mut delivered, mut dead, mut pending) = (0u64, 0u64, 0u64);
     for &k in &job.deliveries {
-        match state.journal.delivery(k).map_err(ApiError::from)? {
+        match journal.delivery(k).map_err(ApiError::from)? {
             Some(d) if d.status == DeliveryStatus::Delivered => delivered += 1,
             Some(d) if d.status == DeliveryStatus::Dead => dead += 1,
             Some(_) => pending += 1,
@@ -539,7 +569,11 @@ async fn kv_get(
             format!("no plugin named `{name}`"),
         ));
     }
-    let value = state.journal.kv_get(&name, &key).map_err(ApiError::from)?;
+    let value = state
+        .backend
+        .store()
+        .kv_get(&name, &key)
+        .map_err(ApiError::from)?;
     let Some(value) = value else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

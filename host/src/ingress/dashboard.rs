@@ -13,7 +13,6 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use super::admin::{delivery_id, parse_delivery_id};
 use super::{ApiError, AppState};
-use crate::dispatch::replay;
 use crate::event::{Event, rfc3339_ms};
 use crate::journal::{DeliveryRecord, DeliveryStatus, EventTimeline, RedriveSelect};
 
@@ -127,7 +126,7 @@ fn event_link(id: &str) -> Markup {
 
 async fn overview(State(state): State<AppState>) -> Markup {
     let live = state.live.load_full();
-    let stats = state.dispatcher.stats();
+    let stats = state.backend.stats();
     let mut plugins: Vec<_> = live.plugins.values().cloned().collect();
     plugins.sort_by(|a, b| a.name.cmp(&b.name));
     let failure = state.reloader.failure();
@@ -169,7 +168,7 @@ async fn overview(State(state): State<AppState>) -> Markup {
                              @if let Some(f) = p.limits.fuel { ", fuel " (f) } }
                         td class="num" { @if let Some(x) = pct { (format!("{:.2} ms", x.p50_ms)) } @else { "–" } }
                         td class="num" { @if let Some(x) = pct { (format!("{:.2} ms", x.p99_ms)) } @else { "–" } }
-                        td class="num" { (state.journal.kv_usage(&p.name).map(|b| format!("{b} B")).unwrap_or_default())
+                        td class="num" { (state.backend.store().kv_usage(&p.name).map(|b| format!("{b} B")).unwrap_or_default())
                             " / " (crate::runtime::format_bytes(p.limits.kv_quota)) }
                     }
                 }
@@ -205,8 +204,10 @@ async fn events(
     // An exact id goes straight to its timeline.
     if !query.is_empty()
         && state
-            .journal
-            .event_seq(&query)
+            .backend
+            .store()
+            .timeline(&query)
+            .await
             .map_err(ApiError::from)?
             .is_some()
     {
@@ -218,8 +219,10 @@ async fn events(
         .map(str::to_string)
         .collect();
     let list = state
-        .journal
-        .recent(q.before, PAGE, SCAN, |e| matches_query(e, &words))
+        .backend
+        .store()
+        .recent(q.before, PAGE, SCAN, &|e| matches_query(e, &words))
+        .await
         .map_err(ApiError::from)?;
     let next = (list.len() == PAGE)
         .then(|| list.last().map(|t| t.seq))
@@ -259,7 +262,13 @@ async fn event(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Some(t) = state.journal.timeline(&id).map_err(ApiError::from)? else {
+    let Some(t) = state
+        .backend
+        .store()
+        .timeline(&id)
+        .await
+        .map_err(ApiError::from)?
+    else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown event",
@@ -340,8 +349,10 @@ async fn dead_letters(
     Query(q): Query<DlqQuery>,
 ) -> Result<Markup, ApiError> {
     let page_of = state
-        .journal
+        .backend
+        .store()
         .dead_letters(q.route.as_deref(), None, 200)
+        .await
         .map_err(ApiError::from)?;
     Ok(page(
         "Dead letters",
@@ -373,17 +384,17 @@ async fn redrive(
 ) -> Result<Response, ApiError> {
     let key = parse_delivery_id(&id)?;
     let event_id = state
-        .journal
-        .event(key.seq)
+        .backend
+        .store()
+        .dead_letter(key)
+        .await
         .map_err(ApiError::from)?
-        .map(|e| e.id.clone());
-    replay::redrive(
-        &state.journal,
-        &state.dispatcher,
-        RedriveSelect::Keys(vec![key]),
-    )
-    .await
-    .map_err(ApiError::from)?;
+        .map(|d| d.event.id.clone());
+    state
+        .backend
+        .redrive(RedriveSelect::Keys(vec![key]))
+        .await
+        .map_err(ApiError::from)?;
     let to = match event_id {
         Some(id) => format!("/ui/events/{id}"),
         None => "/ui/dlq".to_string(),

@@ -26,9 +26,9 @@ use serde_json::{Value, json};
 use tracing::Instrument;
 
 use crate::config::{FieldFrom, SourceConfig};
-use crate::dispatch::{Dispatcher, Work};
+use crate::dispatch::{Backend, Work};
 use crate::event::{Event, now_ms};
-use crate::journal::{Appended, DedupKey, Journal, JournalError, PlannedDelivery};
+use crate::journal::{Appended, DedupKey, JournalError, PlannedDelivery};
 use crate::server::Live;
 use decode::DecodeError;
 
@@ -37,8 +37,8 @@ use decode::DecodeError;
 pub struct AppState {
     pub live: Arc<ArcSwap<Live>>,
     pub reloader: Arc<crate::server::Reloader>,
-    pub journal: Journal,
-    pub dispatcher: Dispatcher,
+    /// The engine: events, timelines, dead letters, deliveries.
+    pub backend: Backend,
     /// Runs plugins' queries (`GET /query/...`).
     pub runtime: Arc<crate::runtime::Runtime>,
     /// Whether the admin API needs a bearer token (not bound to loopback).
@@ -314,7 +314,8 @@ async fn accept(
     let route_names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     let accepted_ms = now_ms();
     let appended = state
-        .journal
+        .backend
+        .store()
         .append(event.clone(), accepted_ms, planned.clone(), dedup)
         .instrument(tracing::info_span!("journal.append"))
         .await?;
@@ -351,7 +352,7 @@ async fn accept(
             event: Some(event.clone()),
         })
         .collect();
-    state.dispatcher.enqueue_all(work);
+    state.backend.enqueue_all(work);
     metrics::counter!("switchyard_events_accepted_total", "source" => webhook.to_string())
         .increment(1);
     tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");

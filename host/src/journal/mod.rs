@@ -1,11 +1,15 @@
 //! The durable journal: accepted events, their planned deliveries, and plugin
-//! key-value state, all in one store so that they change together.
+//! key-value state.
 //!
-//! Writes go through one writer that commits whatever is queued in a single
-//! transaction (group commit): concurrent requests share an fsync instead of
-//! paying one each. Reads go straight to the store.
+//! Two backends: `embedded` keeps everything in one store so that it changes
+//! together, with one writer that commits whatever is queued in a single
+//! transaction (group commit); `nats` keeps it in NATS JetStream, shared by
+//! several hosts. What both offer behind one interface is a trait per
+//! capability: [`EventStore`] (events, dedup, timelines, dead letters) and
+//! [`KvStore`] (plugin state as plugins read it).
 
 mod embedded;
+pub mod nats;
 
 use std::sync::Arc;
 
@@ -36,6 +40,10 @@ pub enum JournalError {
     /// The writer has stopped (shutdown, or a fatal store error).
     #[error("journal writer has stopped")]
     Closed,
+    /// The engine's server could not be reached or did not answer in time
+    /// (NATS down, no JetStream): the caller should answer 503.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
     /// The data directory could not be prepared.
     #[error("cannot open journal at {path}: {source}")]
     Open {
@@ -350,4 +358,128 @@ pub struct JournalStats {
     pub due: u64,
     pub dead: u64,
     pub kv_entries: u64,
+}
+
+/// Plugin key-value state as plugins read it while they run. Writes are not
+/// here: they commit with the delivery that made them (see [`Settlement`]).
+pub trait KvStore: Send + Sync {
+    /// A plugin's value under `key`, as last committed (absent once its TTL
+    /// has run out).
+    fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError>;
+    /// Up to `limit` of a plugin's keys that start with `prefix`, after
+    /// `after` if given, in byte order; expired keys are left out.
+    fn kv_list(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, JournalError>;
+    /// The bytes a plugin's kv entries take, for its quota.
+    fn kv_usage(&self, plugin: &str) -> Result<u64, JournalError>;
+}
+
+/// Which events a listing keeps.
+pub type EventFilter<'a> = dyn for<'e> Fn(&'e Event) -> bool + Send + Sync + 'a;
+
+/// Accepted events as the HTTP side sees them: appending (with dedup), and
+/// reading back timelines and dead letters.
+#[async_trait::async_trait]
+pub trait EventStore: KvStore {
+    /// Durably stores an event with its planned deliveries; returns once they
+    /// are committed. With a dedup key seen within its window, stores nothing
+    /// and names the event first accepted under it.
+    async fn append(
+        &self,
+        event: Arc<Event>,
+        accepted_ms: u64,
+        deliveries: Vec<PlannedDelivery>,
+        dedup: Option<DedupKey>,
+    ) -> Result<Appended, JournalError>;
+    /// An event and its deliveries, by event id.
+    async fn timeline(&self, id: &str) -> Result<Option<EventTimeline>, JournalError>;
+    /// The newest events (newest first) accepted before `before` (exclusive)
+    /// that `keep` accepts, at most `limit`, scanning at most `scan`.
+    async fn recent(
+        &self,
+        before: Option<Seq>,
+        limit: usize,
+        scan: usize,
+        keep: &EventFilter<'_>,
+    ) -> Result<Vec<EventTimeline>, JournalError>;
+    /// Dead letters after `after` (exclusive), oldest first, of one route or all.
+    async fn dead_letters(
+        &self,
+        route: Option<&str>,
+        after: Option<DeliveryKey>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, JournalError>;
+    /// One dead letter.
+    async fn dead_letter(&self, key: DeliveryKey) -> Result<Option<DeadLetter>, JournalError>;
+}
+
+impl From<Journal> for Arc<dyn KvStore> {
+    fn from(j: Journal) -> Arc<dyn KvStore> {
+        Arc::new(j)
+    }
+}
+
+impl From<nats::NatsJournal> for Arc<dyn KvStore> {
+    fn from(j: nats::NatsJournal) -> Arc<dyn KvStore> {
+        Arc::new(j)
+    }
+}
+
+impl KvStore for Journal {
+    fn kv_get(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        Journal::kv_get(self, plugin, key)
+    }
+    fn kv_list(
+        &self,
+        plugin: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, JournalError> {
+        Journal::kv_list(self, plugin, prefix, after, limit)
+    }
+    fn kv_usage(&self, plugin: &str) -> Result<u64, JournalError> {
+        Journal::kv_usage(self, plugin)
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for Journal {
+    async fn append(
+        &self,
+        event: Arc<Event>,
+        accepted_ms: u64,
+        deliveries: Vec<PlannedDelivery>,
+        dedup: Option<DedupKey>,
+    ) -> Result<Appended, JournalError> {
+        Journal::append(self, event, accepted_ms, deliveries, dedup).await
+    }
+    async fn timeline(&self, id: &str) -> Result<Option<EventTimeline>, JournalError> {
+        Journal::timeline(self, id)
+    }
+    async fn recent(
+        &self,
+        before: Option<Seq>,
+        limit: usize,
+        scan: usize,
+        keep: &EventFilter<'_>,
+    ) -> Result<Vec<EventTimeline>, JournalError> {
+        Journal::recent(self, before, limit, scan, |e| keep(e))
+    }
+    async fn dead_letters(
+        &self,
+        route: Option<&str>,
+        after: Option<DeliveryKey>,
+        limit: usize,
+    ) -> Result<DeadLetterPage, JournalError> {
+        Journal::dead_letters(self, route, after, limit)
+    }
+    async fn dead_letter(&self, key: DeliveryKey) -> Result<Option<DeadLetter>, JournalError> {
+        Journal::dead_letter(self, key)
+    }
 }

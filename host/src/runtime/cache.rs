@@ -44,8 +44,9 @@ pub fn load_or_compile(
 }
 
 /// Deletes the temporary files of writes that a killed process left behind
-/// (`<entry>.tmp<pid>`). Call it before this process writes any: the data dir,
-/// and with it the cache, belongs to one process at a time (the journal's lock).
+/// (`<entry>.tmp<pid>`). Call it before this process writes any. Hosts on the
+/// NATS engine may share a data dir, so a file of a process that still runs
+/// is left alone.
 pub fn sweep(cache_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(cache_dir) else {
         return;
@@ -55,10 +56,21 @@ pub fn sweep(cache_dir: &Path) {
         let leftover = path
             .extension()
             .and_then(|e| e.to_str())
-            .is_some_and(|e| e.starts_with("tmp"));
+            .and_then(|e| e.strip_prefix("tmp"))
+            .is_some_and(|pid| !writer_alive(pid));
         if leftover && std::fs::remove_file(&path).is_ok() {
             tracing::debug!(path = %path.display(), "removed a leftover cache temp file");
         }
+    }
+}
+
+/// Whether the process that named a temp file `tmp<pid>` still runs (and is
+/// not this one, which has written nothing yet). Where `/proc` is missing,
+/// every writer counts as gone.
+fn writer_alive(pid: &str) -> bool {
+    match pid.parse::<u32>() {
+        Ok(p) if p != std::process::id() => Path::new("/proc").join(p.to_string()).exists(),
+        _ => false,
     }
 }
 
@@ -140,7 +152,14 @@ mod tests {
     #[test]
     fn sweep_removes_only_leftover_temp_files() {
         let dir = tempfile::tempdir().unwrap();
-        for name in ["a-1.cwasm", "a-1.tmp4242", "b-2.tmp7"] {
+        // PIDs above the kernel's pid_max (4194304) belong to no process;
+        // pid 1 always runs (another host's write in progress).
+        for name in [
+            "a-1.cwasm",
+            "a-1.tmp4294967001",
+            "b-2.tmp4294967002",
+            "c-3.tmp1",
+        ] {
             std::fs::write(dir.path().join(name), b"x").unwrap();
         }
         sweep(dir.path());
@@ -149,7 +168,7 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         left.sort();
-        assert_eq!(left, ["a-1.cwasm"]);
+        assert_eq!(left, ["a-1.cwasm", "c-3.tmp1"]);
         sweep(&dir.path().join("missing"));
     }
 }

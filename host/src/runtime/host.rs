@@ -14,7 +14,7 @@ use super::http::{HttpHooks, HttpPolicy};
 use super::stdio::TailPipe;
 use super::{Limit, Limits, Plugin};
 use crate::event::Event;
-use crate::journal::{Journal, KvChanges, KvWrite};
+use crate::journal::{KvChanges, KvStore, KvWrite};
 
 /// Longest key a plugin may use, bytes.
 pub const MAX_KEY_LEN: usize = 512;
@@ -47,7 +47,7 @@ pub struct HostState {
     plugin: String,
     event_id: String,
     config: Arc<serde_json::Map<String, serde_json::Value>>,
-    journal: Journal,
+    kv: Arc<dyn KvStore>,
     /// The value of each key first read from the store (for conflict checks).
     reads: HashMap<String, Option<Vec<u8>>>,
     /// This delivery's own writes, newest state per key.
@@ -90,13 +90,13 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub(super) fn new(plugin: &Plugin, event_id: &str, journal: Journal) -> HostState {
+    pub(super) fn new(plugin: &Plugin, event_id: &str, kv: Arc<dyn KvStore>) -> HostState {
         let stdio = TailPipe::new(STDIO_CAPTURE);
         HostState {
             plugin: plugin.name.clone(),
             event_id: event_id.to_string(),
             config: plugin.config.clone(),
-            journal,
+            kv,
             reads: HashMap::new(),
             overlay: HashMap::new(),
             writes: Vec::new(),
@@ -191,9 +191,9 @@ impl HostState {
         &self.plugin
     }
 
-    /// The journal this store reads kv from.
-    pub(super) fn journal(&self) -> &Journal {
-        &self.journal
+    /// Where this store reads kv from.
+    pub(super) fn kv(&self) -> &Arc<dyn KvStore> {
+        &self.kv
     }
 
     /// Takes over `previous`'s WASI context, resource table and stdio
@@ -321,7 +321,7 @@ impl HostState {
             return Ok(v.clone());
         }
         let value = self
-            .journal
+            .kv
             .kv_get(&self.plugin, key)
             .map_err(Self::unavailable)?;
         self.reads.insert(key.to_string(), value.clone());
@@ -377,10 +377,7 @@ impl HostState {
         let base = match self.usage_base {
             Some(b) => b,
             None => {
-                let b = self
-                    .journal
-                    .kv_usage(&self.plugin)
-                    .map_err(Self::unavailable)?;
+                let b = self.kv.kv_usage(&self.plugin).map_err(Self::unavailable)?;
                 *self.usage_base.insert(b)
             }
         };
@@ -391,7 +388,7 @@ impl HostState {
             Some(&c) => c,
             None => {
                 let c = self
-                    .journal
+                    .kv
                     .kv_get(&self.plugin, key)
                     .map_err(Self::unavailable)?
                     .map_or(0, |v| entry(v.len()));
@@ -499,7 +496,7 @@ impl kv::Host for HostState {
         // deletes, merged with its own sets.
         let deleted = self.overlay.values().filter(|v| v.is_none()).count();
         let committed = self
-            .journal
+            .kv
             .kv_list(&self.plugin, &prefix, after.as_deref(), limit + deleted)
             .map_err(Self::unavailable)?;
         let mut keys: std::collections::BTreeSet<String> = committed.into_iter().collect();

@@ -20,7 +20,7 @@ use wasmtime::{
 };
 
 use crate::event::Event;
-use crate::journal::{Journal, KvChanges};
+use crate::journal::{KvChanges, KvStore};
 pub use host::{
     CAUSATION_EXTENSION, DEFAULT_MAX_HOPS, HOPS_EXTENSION, HostState, MAX_EMITS_PER_DELIVERY,
 };
@@ -294,7 +294,7 @@ pub struct Runtime {
     /// The fuel engine, for the epoch ticker.
     fuel_epoch: Arc<OnceLock<EngineWeak>>,
     cache_dir: PathBuf,
-    journal: Journal,
+    kv: Arc<dyn KvStore>,
     ticker_stop: Arc<AtomicBool>,
     /// `[server] max_hops`, for emitted events.
     max_hops: AtomicU32,
@@ -339,8 +339,8 @@ pub fn engine_config() -> Config {
 
 impl Runtime {
     /// Sets up the engine; compiled artifacts are cached in `cache_dir`.
-    pub fn new(cache_dir: &Path, journal: Journal) -> Result<Runtime, RuntimeError> {
-        Self::with_config(cache_dir, journal, &engine_config())
+    pub fn new(cache_dir: &Path, kv: impl Into<Arc<dyn KvStore>>) -> Result<Runtime, RuntimeError> {
+        Self::with_config(cache_dir, kv, &engine_config())
     }
 
     /// Like [`Runtime::new`], with another engine configuration: for the
@@ -348,7 +348,7 @@ impl Runtime {
     #[doc(hidden)]
     pub fn with_config(
         cache_dir: &Path,
-        journal: Journal,
+        kv: impl Into<Arc<dyn KvStore>>,
         config: &Config,
     ) -> Result<Runtime, RuntimeError> {
         cache::sweep(cache_dir);
@@ -382,7 +382,7 @@ impl Runtime {
             fuel: Mutex::new(None),
             fuel_epoch,
             cache_dir: cache_dir.to_path_buf(),
-            journal,
+            kv: kv.into(),
             ticker_stop,
             max_hops: AtomicU32::new(DEFAULT_MAX_HOPS),
         })
@@ -513,7 +513,7 @@ impl Runtime {
 
     /// Host state for a delivery of `event`.
     fn delivery_state(&self, plugin: &Plugin, event: &Event) -> HostState {
-        let mut state = HostState::new(plugin, &event.id, self.journal.clone());
+        let mut state = HostState::new(plugin, &event.id, self.kv.clone());
         state.set_parent(event, self.max_hops.load(Ordering::Relaxed));
         state
     }
@@ -598,7 +598,7 @@ impl Runtime {
             return Err(QueryError::NoQuery(plugin.name.clone()));
         }
         let started = Instant::now();
-        let mut state = HostState::new(plugin, "query", self.journal.clone());
+        let mut state = HostState::new(plugin, "query", self.kv.clone());
         state.set_read_only();
         let mut store = self.store(plugin, state);
         set_deadline(&mut store, started, plugin.limits.timeout);
@@ -714,7 +714,7 @@ impl ReusedInstance {
         let healthy = result.is_ok() && !self.store.data().limits.was_hit();
         let invocation = invocation(result, self.store.data());
         // Take this call's state out; the one left keeps the WASI context.
-        let mut next = HostState::new(plugin, "", self.store.data().journal().clone());
+        let mut next = HostState::new(plugin, "", self.store.data().kv().clone());
         next.keep_wasi_of(self.store.data_mut());
         let done = std::mem::replace(self.store.data_mut(), next);
         (finish(invocation, done, started), healthy)

@@ -122,7 +122,11 @@ impl TestServer {
     }
 
     pub fn journal(&self) -> &switchyard::journal::Journal {
-        self.server.as_ref().expect("running").journal()
+        self.server
+            .as_ref()
+            .expect("running")
+            .journal()
+            .expect("the embedded engine")
     }
 
     /// Posts a JSON body to `/webhooks/{source}`; returns status and body.
