@@ -26,7 +26,7 @@ use crate::event::{Event, now_ms};
 use crate::journal::nats::NatsJournal;
 use crate::journal::{
     Attempt, DeliveryKey, DueDelivery, Emitted, EventStore, Journal, JournalError, KvChanges,
-    Outcome, PlannedDelivery, RedriveSelect, Settled, Settlement,
+    Outcome, PlannedDelivery, RedriveSelect, ReplayJob, ReplaySpec, Settled, Settlement,
 };
 use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
@@ -261,6 +261,45 @@ impl Backend {
                 dispatcher,
             } => replay::redrive(journal, dispatcher, select).await,
             Backend::Nats { journal, .. } => journal.redrive(select).await,
+        }
+    }
+
+    /// Plans a replay of archived events to the routes in force now (marked
+    /// `replayed`); returns once every delivery is planned.
+    pub async fn replay(
+        &self,
+        live: &Arc<ArcSwap<Live>>,
+        spec: ReplaySpec,
+    ) -> Result<ReplayJob, replay::ReplayError> {
+        match self {
+            Backend::Embedded {
+                journal,
+                dispatcher,
+            } => replay::replay(journal, dispatcher, live, spec).await,
+            Backend::Nats { journal, .. } => {
+                let live = replay::check(live, &spec)?;
+                let plan = |e: &Event| replay::plan_now(&live, &spec, e);
+                Ok(journal.replay(spec.clone(), plan).await?)
+            }
+        }
+    }
+
+    /// A replay and the deliveries it planned.
+    pub async fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
+        match self {
+            Backend::Embedded { journal, .. } => journal.replay_job(id),
+            Backend::Nats { journal, .. } => journal.replay_job(id).await,
+        }
+    }
+
+    /// Where one delivery stands.
+    pub async fn delivery(
+        &self,
+        key: DeliveryKey,
+    ) -> Result<Option<crate::journal::DeliveryRecord>, JournalError> {
+        match self {
+            Backend::Embedded { journal, .. } => journal.delivery(key),
+            Backend::Nats { journal, .. } => journal.delivery(key).await,
         }
     }
 

@@ -26,6 +26,37 @@ pub enum ReplayError {
     Journal(#[from] JournalError),
 }
 
+/// Checks a replay's spec against the rules in force; returns them.
+pub fn check(live: &Arc<ArcSwap<Live>>, spec: &ReplaySpec) -> Result<Arc<Live>, ReplayError> {
+    if spec.until_ms.is_some_and(|u| u <= spec.since_ms) {
+        return Err(ReplayError::EmptyRange);
+    }
+    let live = live.load_full();
+    if let Some(r) = &spec.route
+        && live.config.routes.get(r).is_none()
+    {
+        return Err(ReplayError::UnknownRoute(r.clone()));
+    }
+    Ok(live)
+}
+
+/// The deliveries a replay plans for an event: to the routes in force now
+/// that match it (only the spec's route, if it names one).
+pub fn plan_now(
+    live: &Live,
+    spec: &ReplaySpec,
+    event: &crate::event::Event,
+) -> Vec<crate::journal::PlannedDelivery> {
+    let routes: Vec<_> = live
+        .config
+        .routes
+        .matching(event)
+        .into_iter()
+        .filter(|r| spec.route.as_ref().is_none_or(|name| *name == r.name))
+        .collect();
+    crate::ingress::plan(&routes, event, None)
+}
+
 /// Redrives dead letters; returns how many were.
 pub async fn redrive(
     journal: &Journal,
@@ -46,15 +77,7 @@ pub async fn replay(
     live: &Arc<ArcSwap<Live>>,
     spec: ReplaySpec,
 ) -> Result<ReplayJob, ReplayError> {
-    if spec.until_ms.is_some_and(|u| u <= spec.since_ms) {
-        return Err(ReplayError::EmptyRange);
-    }
-    let live = live.load_full();
-    if let Some(r) = &spec.route
-        && live.config.routes.get(r).is_none()
-    {
-        return Err(ReplayError::UnknownRoute(r.clone()));
-    }
+    let live = check(live, &spec)?;
     let mut job = None;
     let mut after = None;
     loop {
@@ -65,16 +88,7 @@ pub async fn replay(
         let items = events
             .iter()
             .filter(|e| spec.source.as_ref().is_none_or(|s| *s == e.event.source))
-            .map(|e| {
-                let routes: Vec<_> = live
-                    .config
-                    .routes
-                    .matching(&e.event)
-                    .into_iter()
-                    .filter(|r| spec.route.as_ref().is_none_or(|name| *name == r.name))
-                    .collect();
-                (e.seq, crate::ingress::plan(&routes, &e.event, None))
-            })
+            .map(|e| (e.seq, plan_now(&live, &spec, &e.event)))
             .filter(|(_, planned)| !planned.is_empty())
             .collect::<Vec<_>>();
         if !items.is_empty() || job.is_none() {

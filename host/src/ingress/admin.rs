@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, AppState};
-use crate::dispatch::replay::{self, ReplayError};
+use crate::dispatch::replay::ReplayError;
 use crate::event::rfc3339_ms;
 use crate::journal::{
     DeadLetter, DeliveryKey, DeliveryRecord, DeliveryStatus, RedriveSelect, ReplayJob, ReplaySpec,
@@ -488,23 +488,23 @@ async fn replay_start(
         route: body.route,
         source: body.source,
     };
-    let (journal, dispatcher) = embedded_only(&state, "replay")?;
-    let job = replay::replay(journal, dispatcher, &state.live, spec)
+    let job = state
+        .backend
+        .replay(&state.live, spec)
         .await
         .map_err(|e| match e {
             ReplayError::Journal(j) => ApiError::from(j),
             other => ApiError::new(StatusCode::BAD_REQUEST, "bad replay", other.to_string()),
         })?;
-    Ok((StatusCode::ACCEPTED, Json(replay_json(&state, &job)?)).into_response())
+    Ok((StatusCode::ACCEPTED, Json(replay_json(&state, &job).await?)).into_response())
 }
 
 async fn replay_status(
     State(state): State<AppState>,
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
-    let (journal, _) = embedded_only(&state, "replay")?;
-    match journal.replay_job(id).map_err(ApiError::from)? {
-        Some(job) => Ok(Json(replay_json(&state, &job)?)),
+    match state.backend.replay_job(id).await.map_err(ApiError::from)? {
+        Some(job) => Ok(Json(replay_json(&state, &job).await?)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown replay",
@@ -513,26 +513,11 @@ async fn replay_status(
     }
 }
 
-/// The embedded engine, or a 501 naming what the NATS engine lacks.
-fn embedded_only<'a>(
-    state: &'a AppState,
-    what: &str,
-) -> Result<(&'a crate::journal::Journal, &'a crate::dispatch::Dispatcher), ApiError> {
-    state.backend.embedded().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "not available",
-            format!("{what} is not available on the nats engine yet"),
-        )
-    })
-}
-
 /// A replay with its progress, counted from its deliveries' records.
-fn replay_json(state: &AppState, job: &ReplayJob) -> Result<Value, ApiError> {
-    let (journal, _) = embedded_only(state, "replay")?;
+async fn replay_json(state: &AppState, job: &ReplayJob) -> Result<Value, ApiError> {
     let (mut delivered, mut dead, mut pending) = (0u64, 0u64, 0u64);
     for &k in &job.deliveries {
-        match journal.delivery(k).map_err(ApiError::from)? {
+        match state.backend.delivery(k).await.map_err(ApiError::from)? {
             Some(d) if d.status == DeliveryStatus::Delivered => delivered += 1,
             Some(d) if d.status == DeliveryStatus::Dead => dead += 1,
             Some(_) => pending += 1,

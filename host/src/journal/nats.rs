@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use super::{
     Appended, Attempt, DeadLetter, DeadLetterPage, DedupInfo, DedupKey, DeliveryKey,
     DeliveryRecord, DeliveryStatus, EventFilter, EventStore, EventTimeline, JournalError,
-    KvChanges, KvStore, PlannedDelivery, Seq,
+    KvChanges, KvStore, PlannedDelivery, ReplayJob, ReplaySpec, Seq,
 };
 use crate::config::NatsConfig;
 use crate::event::{Event, now_ms};
@@ -42,6 +42,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RECORD_CAS_ROUNDS: usize = 64;
 /// Envelope encoding version (first byte of each message payload).
 const ENVELOPE_V1: u8 = 1;
+/// Delivery keys per stored chunk of a replay job.
+const REPLAY_CHUNK: usize = 10_000;
 /// Largest kv value a bucket accepts (the host's own limit is lower).
 const KV_MAX_VALUE: i32 = 1 << 20;
 
@@ -633,6 +635,221 @@ impl NatsJournal {
             });
         }
         Ok(out)
+    }
+
+    /// Replays archived events: reads the events stream from `since`, plans
+    /// deliveries with `plan` (the routes in force now), records them on the
+    /// events' records, and publishes one message per delivery, marked with
+    /// the replay. Returns the job once every delivery is published.
+    pub async fn replay(
+        &self,
+        spec: ReplaySpec,
+        plan: impl Fn(&Event) -> Vec<PlannedDelivery>,
+    ) -> Result<ReplayJob, JournalError> {
+        use futures_util::StreamExt;
+        let created_ms = now_ms();
+        let id = self.new_replay_id(&spec, created_ms).await?;
+        let info = self.inner.events.get_info().await.map_err(unavailable)?;
+        let last = info.state.last_sequence;
+        let mut job = ReplayJob {
+            id,
+            spec: spec.clone(),
+            created_ms,
+            events: 0,
+            deliveries: Vec::new(),
+        };
+        if last > 0 {
+            let start = time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(spec.since_ms) * 1_000_000,
+            )
+            .map_err(|e| JournalError::Encoding(e.to_string()))?;
+            // An ephemeral consumer reads the stream by time; acknowledgements
+            // are not needed, the sequence says when it is done.
+            let reader = self
+                .inner
+                .events
+                .create_consumer(consumer::pull::Config {
+                    deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time: start },
+                    ack_policy: consumer::AckPolicy::None,
+                    filter_subject: format!("{}.events.>", self.inner.prefix),
+                    inactive_threshold: Duration::from_secs(60),
+                    ..Default::default()
+                })
+                .await
+                .map_err(unavailable)?;
+            let mut messages = reader
+                .stream()
+                .max_messages_per_batch(256)
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            loop {
+                let next = tokio::time::timeout(REQUEST_TIMEOUT, messages.next()).await;
+                let msg = match next {
+                    // Nothing newer than the last message there was at the start.
+                    Err(_) | Ok(None) => break,
+                    Ok(Some(m)) => m.map_err(unavailable)?,
+                };
+                let seq = msg.info().map_err(unavailable)?.stream_sequence;
+                let env = Envelope::decode(&msg.payload)?;
+                let past_until = spec.until_ms.is_some_and(|u| env.accepted_ms >= u);
+                if seq > last || past_until {
+                    break;
+                }
+                if env.accepted_ms < spec.since_ms
+                    || spec.source.as_ref().is_some_and(|s| *s != env.event.source)
+                {
+                    continue;
+                }
+                let planned = plan(&env.event);
+                if planned.is_empty() {
+                    continue;
+                }
+                let indices = std::sync::Mutex::new(Vec::new());
+                self.update_record(&env.event.id, seq, env.accepted_ms, |r| {
+                    let mut taken = Vec::new();
+                    for p in &planned {
+                        let idx = r.deliveries.len() as u32;
+                        let d = EnvelopeDelivery {
+                            idx,
+                            route: p.route.clone(),
+                            plugin: p.plugin.clone(),
+                            order_key: p.order_key.clone(),
+                        };
+                        let mut rec = new_record(&d, created_ms);
+                        rec.replay = Some(id);
+                        r.deliveries.push(Some(rec));
+                        taken.push(d);
+                    }
+                    if let Ok(mut i) = indices.lock() {
+                        *i = taken;
+                    }
+                })
+                .await?;
+                let taken = indices.into_inner().unwrap_or_default();
+                for d in taken {
+                    let out = Envelope {
+                        event: env.event.clone(),
+                        accepted_ms: env.accepted_ms,
+                        deliveries: vec![d.clone()],
+                        event_seq: Some(seq),
+                        replay: Some(id),
+                        dedup_key: None,
+                    };
+                    self.publish(
+                        self.deliver_subject(&d.route),
+                        &out,
+                        Some(&format!("replay:{id}:{seq}:{}", d.idx)),
+                    )
+                    .await?;
+                    job.deliveries.push(DeliveryKey { seq, idx: d.idx });
+                }
+                job.events += 1;
+            }
+            let _ = self
+                .inner
+                .events
+                .delete_consumer(&reader.cached_info().name)
+                .await;
+        }
+        self.store_replay(&job).await?;
+        Ok(job)
+    }
+
+    /// Reserves a replay id (Unix ms, made unique among the hosts).
+    async fn new_replay_id(&self, spec: &ReplaySpec, now: u64) -> Result<u64, JournalError> {
+        let mut id = now;
+        loop {
+            let job = ReplayJob {
+                id,
+                spec: spec.clone(),
+                created_ms: now,
+                events: 0,
+                deliveries: Vec::new(),
+            };
+            let bytes =
+                serde_json::to_vec(&job).map_err(|e| JournalError::Encoding(e.to_string()))?;
+            match self
+                .inner
+                .records
+                .create(format!("replay.{id}"), Bytes::from(bytes))
+                .await
+            {
+                Ok(_) => return Ok(id),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => id += 1,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
+    /// Stores a replay job: its deliveries in chunks (a kv value is at most
+    /// 1 MiB).
+    async fn store_replay(&self, job: &ReplayJob) -> Result<(), JournalError> {
+        let chunks: Vec<&[DeliveryKey]> = job.deliveries.chunks(REPLAY_CHUNK).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let bytes =
+                serde_json::to_vec(chunk).map_err(|e| JournalError::Encoding(e.to_string()))?;
+            self.inner
+                .records
+                .put(format!("replay.{}.{i}", job.id), Bytes::from(bytes))
+                .await
+                .map_err(unavailable)?;
+        }
+        let head = ReplayJob {
+            deliveries: Vec::new(),
+            ..job.clone()
+        };
+        let mut value =
+            serde_json::to_value(&head).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        value["chunks"] = chunks.len().into();
+        let bytes =
+            serde_json::to_vec(&value).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        self.inner
+            .records
+            .put(format!("replay.{}", job.id), Bytes::from(bytes))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// A replay and the deliveries it planned.
+    pub async fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
+        let Some(head) = self
+            .inner
+            .records
+            .get(format!("replay.{id}"))
+            .await
+            .map_err(unavailable)?
+        else {
+            return Ok(None);
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&head).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        let chunks = value["chunks"].as_u64().unwrap_or(0);
+        let mut job: ReplayJob =
+            serde_json::from_value(value).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        for i in 0..chunks {
+            if let Some(c) = self
+                .inner
+                .records
+                .get(format!("replay.{id}.{i}"))
+                .await
+                .map_err(unavailable)?
+            {
+                let keys: Vec<DeliveryKey> = serde_json::from_slice(&c)
+                    .map_err(|e| JournalError::Encoding(e.to_string()))?;
+                job.deliveries.extend(keys);
+            }
+        }
+        Ok(Some(job))
+    }
+
+    /// The record of one delivery, by its key.
+    pub async fn delivery(&self, key: DeliveryKey) -> Result<Option<DeliveryRecord>, JournalError> {
+        let Some(env) = self.envelope(key.seq).await? else {
+            return Ok(None);
+        };
+        self.delivery_record(&env.event.id, key.idx).await
     }
 
     /// The dead-letter message of a delivery, by its key.
