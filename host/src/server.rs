@@ -181,6 +181,10 @@ impl Reloader {
             config.server.listen = old.listen;
             config.server.data_dir = old.data_dir.clone();
             config.server.build_dir = old.build_dir.clone();
+            if config.engine != current.config.engine {
+                tracing::warn!("`[engine]` changes take effect at the next start");
+                config.engine = current.config.engine.clone();
+            }
             Ok::<_, ReloadError>(Live::load(&self.runtime, config).await?)
         }
         .await;

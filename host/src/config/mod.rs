@@ -423,6 +423,56 @@ impl Validator {
     }
 
     fn engine(&mut self, raw: RawEngine) -> EngineConfig {
+        // Every key is checked whatever the kind, so that all errors show.
+        let stream = match &raw.stream {
+            Some(s) => {
+                let name = s.get_ref();
+                let ok = !name.is_empty()
+                    && name.len() <= 32
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                if !ok {
+                    self.error(
+                        Some(s.span()),
+                        "engine.stream",
+                        format!("`{name}` is not a stream name: 1 to 32 of A-Z, a-z, 0-9, _ and -"),
+                    );
+                }
+                name.clone()
+            }
+            None => "SWITCHYARD".into(),
+        };
+        let replicas = match &raw.replicas {
+            Some(r) if !(1..=5).contains(r.get_ref()) => {
+                self.error(
+                    Some(r.span()),
+                    "engine.replicas",
+                    "`replicas` must be between 1 and 5",
+                );
+                1
+            }
+            Some(r) => *r.get_ref() as usize,
+            None => 1,
+        };
+        let url = match &raw.url {
+            Some(u) => {
+                for part in u.get_ref().split(',') {
+                    if let Err(e) = part.trim().parse::<async_nats::ServerAddr>() {
+                        self.error(
+                            Some(u.span()),
+                            "engine.url",
+                            format!(
+                                "`{}` is not a NATS server address, e.g. \"nats://127.0.0.1:4222\": {e}",
+                                part.trim()
+                            ),
+                        );
+                    }
+                }
+                u.get_ref().clone()
+            }
+            None => "nats://127.0.0.1:4222".into(),
+        };
         let kind = raw
             .kind
             .as_ref()
@@ -445,50 +495,11 @@ impl Validator {
                 }
                 EngineConfig::Embedded
             }
-            "nats" => {
-                let url = raw
-                    .url
-                    .map(|u| u.into_inner())
-                    .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
-                let stream = match raw.stream {
-                    Some(s) => {
-                        let ok = !s.get_ref().is_empty()
-                            && s.get_ref().len() <= 32
-                            && s.get_ref()
-                                .chars()
-                                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-                        if !ok {
-                            self.error(
-                                Some(s.span()),
-                                "engine.stream",
-                                format!(
-                                    "`{}` is not a stream name: 1 to 32 of A-Z, a-z, 0-9, _ and -",
-                                    s.get_ref()
-                                ),
-                            );
-                        }
-                        s.into_inner()
-                    }
-                    None => "SWITCHYARD".into(),
-                };
-                let replicas = match raw.replicas {
-                    Some(r) if !(1..=5).contains(r.get_ref()) => {
-                        self.error(
-                            Some(r.span()),
-                            "engine.replicas",
-                            "`replicas` must be between 1 and 5",
-                        );
-                        1
-                    }
-                    Some(r) => *r.get_ref() as usize,
-                    None => 1,
-                };
-                EngineConfig::Nats(NatsConfig {
-                    url,
-                    stream,
-                    replicas,
-                })
-            }
+            "nats" => EngineConfig::Nats(NatsConfig {
+                url,
+                stream,
+                replicas,
+            }),
             other => {
                 let span = raw.kind.as_ref().map(|k| k.span());
                 self.error(
