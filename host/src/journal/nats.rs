@@ -128,6 +128,7 @@ pub struct NatsJournal {
 }
 
 struct Inner {
+    client: async_nats::Client,
     js: jetstream::Context,
     name: String,
     prefix: String,
@@ -256,12 +257,13 @@ impl NatsJournal {
         ) {
             options = options.user_and_password(user, password);
         }
-        let client = options.connect(config.url.as_str()).await.map_err(|e| {
+        let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
+        let client = options.connect(servers).await.map_err(|e| {
             JournalError::Unavailable(format!("cannot connect to NATS at {}: {e}", config.url))
         })?;
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
-            .build(client);
+            .build(client.clone());
         let prefix = config.stream.to_lowercase();
         // JetStream wants the duplicate window within the stream's max age.
         let dedup_window = limits.dedup_window.min(limits.retention);
@@ -307,6 +309,7 @@ impl NatsJournal {
         .await?;
         Ok(NatsJournal {
             inner: Arc::new(Inner {
+                client,
                 js,
                 name: config.stream.clone(),
                 prefix,
@@ -1193,6 +1196,13 @@ impl EventStore for NatsJournal {
             replay: None,
             dedup_key: dedup.as_ref().map(|d| d.key.clone()),
         };
+        // While disconnected, say so at once: the client would queue the
+        // publish, and a 503 after a timeout may still be stored later.
+        if self.inner.client.connection_state() != async_nats::connection::State::Connected {
+            return Err(JournalError::Unavailable(
+                "not connected to NATS; retry shortly".into(),
+            ));
+        }
         let msg_id = dedup.as_ref().map(|d| format!("{}:{}", d.source, d.key));
         let ack = self
             .publish(self.event_subject(&event.source), &env, msg_id.as_deref())
