@@ -97,8 +97,8 @@ fn load(engine: &Engine, path: &Path) -> Option<Component> {
     // for an engine of the same configuration (the file name says so), and
     // their checksum matches, so they are not truncated or altered. Cache
     // files are never written in place, only replaced by a rename (see
-    // `store`), and only by this process (the data dir's lock), so the file
-    // mapped is the one just checked, and it does not change while mapped.
+    // `store`), so the file mapped is the one just checked (or one with the
+    // same bytes, another host's), and it does not change while mapped.
     match unsafe { Component::deserialize_file(engine, path) } {
         Ok(c) => Some(c),
         Err(e) => {
@@ -106,6 +106,35 @@ fn load(engine: &Engine, path: &Path) -> Option<Component> {
             None
         }
     }
+}
+
+/// Lets the kernel take back the pages of a loaded component that are
+/// clean copies of its cache file: the checks at load (and the kernel's
+/// read-around) touch far more of it than an idle plugin needs. Pages come
+/// back from the page cache on the first delivery (minor faults); private
+/// (written) pages are never dropped, since there is no swap to put them in
+/// and `MADV_PAGEOUT` only reclaims what it can without losing data.
+pub fn release_idle_pages(component: &Component) {
+    #[cfg(target_os = "linux")]
+    {
+        let range = component.image_range();
+        let page = 4096usize;
+        let start = (range.start as usize).next_multiple_of(page);
+        let end = range.end as usize & !(page - 1);
+        if end > start {
+            // SAFETY: advice only (MADV_PAGEOUT never discards data), on
+            // whole pages inside the component's own mapping, which lives as
+            // long as `component`.
+            let rc = unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT)
+            };
+            if rc != 0 {
+                tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_PAGEOUT) on a component image");
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = component;
 }
 
 fn verified_payload(bytes: &[u8]) -> Option<&[u8]> {

@@ -438,6 +438,7 @@ impl Runtime {
                     },
                 })?;
         let answers_queries = component.get_export_index(None, "query").is_some();
+        cache::release_idle_pages(&component);
         let pre = ConsumerPre::new(instance_pre).map_err(|e| RuntimeError::Link {
             plugin: name.to_string(),
             reason: format!("it does not export the `consumer` world: {e:#}"),
