@@ -2,6 +2,8 @@
 //! loopback port with a temp data dir, post real HTTP, wait for effects.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
