@@ -87,6 +87,16 @@ impl From<JournalError> for ApiError {
                 "overloaded",
                 "the journal's write queue is full; retry shortly",
             ),
+            JournalError::Unavailable(reason) => {
+                // The engine's server is away (it reconnects by itself): one
+                // line per request, but not an error of this host.
+                tracing::warn!(%reason, "engine unavailable; answering 503");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store unavailable",
+                    "the event could not be stored; retry later",
+                )
+            }
             other => {
                 tracing::error!(error = %other, "journal unavailable");
                 ApiError::new(
