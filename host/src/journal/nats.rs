@@ -937,9 +937,9 @@ impl NatsJournal {
         Ok(store)
     }
 
-    /// Commits a successful delivery's kv writes: each written key with
+    /// Commits a successful delivery's kv writes: a key it read with
     /// compare-and-set against the revision current when its read value is
-    /// checked. `Ok(false)`: a key the delivery read has changed since (run it
+    /// checked, a key it only wrote as is. `Ok(false)`: a key the delivery read has changed since (run it
     /// again); writes already made are values the re-run will read.
     pub async fn commit_kv(&self, plugin: &str, kv: &KvChanges) -> Result<bool, JournalError> {
         if kv.writes.is_empty() {
@@ -949,8 +949,40 @@ impl NatsJournal {
         let now = now_ms();
         let reads: HashMap<&str, &Option<Vec<u8>>> =
             kv.reads.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        // Keys only read must still hold what the delivery saw (its writes
+        // may derive from them); checked first, though not atomically with
+        // the writes (JetStream kv has no multi-key transaction).
+        let written: std::collections::HashSet<&str> =
+            kv.writes.iter().map(|w| w.key.as_str()).collect();
+        for (key, seen) in &kv.reads {
+            if written.contains(key.as_str()) {
+                continue;
+            }
+            let current = bucket
+                .get(encode_key(key))
+                .await
+                .map_err(unavailable)?
+                .and_then(|v| live_value(&v, now));
+            if current != *seen {
+                return Ok(false);
+            }
+        }
         for w in &kv.writes {
             let key = encode_key(&w.key);
+            let Some(seen) = reads.get(w.key.as_str()) else {
+                // A blind write (the delivery did not read the key): the last
+                // one wins, as on the embedded engine; nothing to check.
+                match &w.value {
+                    Some(v) => {
+                        bucket
+                            .put(&key, encode_value(v, w.expires_ms))
+                            .await
+                            .map_err(unavailable)?;
+                    }
+                    None => bucket.delete(&key).await.map_err(unavailable)?,
+                }
+                continue;
+            };
             let entry = bucket.entry(&key).await.map_err(unavailable)?;
             let (current, revision) = match &entry {
                 Some(e) if e.operation == kv::Operation::Put => {
@@ -959,9 +991,7 @@ impl NatsJournal {
                 Some(e) => (None, e.revision),
                 None => (None, 0),
             };
-            if let Some(seen) = reads.get(w.key.as_str())
-                && **seen != current
-            {
+            if **seen != current {
                 return Ok(false);
             }
             let result = match &w.value {
