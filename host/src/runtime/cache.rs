@@ -6,7 +6,9 @@
 //! `deserialize_file`), not a copy on the heap: its code and data pages are
 //! the page cache's (shared by plugins with the same bytes, reclaimable), and
 //! an idle plugin's private memory is its metadata, not a copy of its whole
-//! artifact ("Idle memory per plugin" in `docs/benchmarks.md`).
+//! artifact. Loading maps in only the pages it reads, and gives those back
+//! once the plugin is linked (`forget_cached_file`, `release_idle_pages`;
+//! "Idle memory per plugin" in `docs/benchmarks.md`).
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -93,6 +95,7 @@ fn load(engine: &Engine, path: &Path) -> Option<Component> {
         return None;
     }
     drop(bytes);
+    forget_cached_file(path);
     // SAFETY: the file holds bytes this host wrote with `Component::serialize`
     // for an engine of the same configuration (the file name says so), and
     // their checksum matches, so they are not truncated or altered. Cache
@@ -135,6 +138,22 @@ pub fn release_idle_pages(component: &Component) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = component;
+}
+
+/// Drops a file's pages from the page cache (after the checksum read them
+/// all), so that mapping it brings in only the pages loading touches, not
+/// the whole file by fault-around.
+fn forget_cached_file(path: &Path) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        if let Ok(f) = std::fs::File::open(path) {
+            // SAFETY: advice on an open file descriptor; no memory is touched.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = path;
 }
 
 fn verified_payload(bytes: &[u8]) -> Option<&[u8]> {
