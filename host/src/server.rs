@@ -309,10 +309,7 @@ impl Server {
                     live.clone(),
                     stop.clone(),
                 ));
-                Backend::Embedded {
-                    journal,
-                    dispatcher,
-                }
+                Backend::embedded_engine(journal, dispatcher)
             }
             Store::Nats(journal) => {
                 // Unfinished deliveries wait in the consumers: nothing to resume.
@@ -323,10 +320,7 @@ impl Server {
                     live.clone(),
                     stop.clone(),
                 ));
-                Backend::Nats {
-                    journal,
-                    dispatcher,
-                }
+                Backend::nats_engine(journal, dispatcher)
             }
         };
 
@@ -434,7 +428,7 @@ impl Server {
 
     /// The embedded journal (`None` on the NATS engine).
     pub fn journal(&self) -> Option<&Journal> {
-        self.backend.embedded().map(|(j, _)| j)
+        self.backend.embedded()
     }
 
     /// The engine this server runs on.
@@ -448,7 +442,7 @@ impl Server {
     pub async fn shutdown(self) {
         self.draining.cancel();
         let grace = self.live.load().config.server.shutdown_grace;
-        if self.backend.drain(grace).await {
+        if self.backend.deliveries().drain(grace).await {
             tracing::info!("deliveries in flight finished");
         } else {
             tracing::warn!(
@@ -456,7 +450,7 @@ impl Server {
                 "deliveries still running at the end of the grace period will run again after restart"
             );
         }
-        if let Some((journal, _)) = self.backend.embedded()
+        if let Some(journal) = self.backend.embedded()
             && let Err(e) = journal.flush().await
         {
             tracing::error!(error = %e, "journal flush at shutdown failed");

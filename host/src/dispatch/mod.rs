@@ -110,6 +110,7 @@ enum Msg {
 /// Handle to the running dispatcher.
 #[derive(Clone)]
 pub struct Dispatcher {
+    journal: Journal,
     tx: mpsc::UnboundedSender<Msg>,
     tasks: TaskTracker,
     stop: CancellationToken,
@@ -154,7 +155,7 @@ impl Dispatcher {
             });
         }
         let scheduler = Scheduler {
-            journal,
+            journal: journal.clone(),
             live,
             ready: ready_tx,
             heap: BinaryHeap::new(),
@@ -166,6 +167,7 @@ impl Dispatcher {
         };
         tokio::spawn(scheduler.run(rx, stop.clone()));
         Dispatcher {
+            journal,
             tx,
             tasks,
             stop,
@@ -202,113 +204,109 @@ impl Dispatcher {
     }
 }
 
-/// The engine a server runs on: its store and its dispatcher.
-#[derive(Clone)]
-pub enum Backend {
-    /// One store in `data_dir`, deliveries scheduled in this process.
-    Embedded {
-        journal: Journal,
-        dispatcher: Dispatcher,
-    },
-    /// NATS JetStream, deliveries shared with the other hosts.
-    Nats {
-        journal: NatsJournal,
-        dispatcher: nats::NatsDispatcher,
-    },
-}
-
-impl Backend {
-    /// Events, timelines and dead letters, whichever the engine.
-    pub fn store(&self) -> &dyn EventStore {
-        match self {
-            Backend::Embedded { journal, .. } => journal,
-            Backend::Nats { journal, .. } => journal,
-        }
-    }
-
-    /// The embedded journal, for what only it offers (replay jobs, stats).
-    pub fn embedded(&self) -> Option<(&Journal, &Dispatcher)> {
-        match self {
-            Backend::Embedded {
-                journal,
-                dispatcher,
-            } => Some((journal, dispatcher)),
-            Backend::Nats { .. } => None,
-        }
-    }
-
+/// Delivery state, whichever the engine: where deliveries stand, and what
+/// plans them again (redrive, replay). One implementation per backend:
+/// [`Dispatcher`] (embedded, this file) and [`nats::NatsDispatcher`].
+#[async_trait::async_trait]
+pub trait Deliveries: Send + Sync {
     /// Live delivery figures of this host.
-    pub fn stats(&self) -> &FlowStats {
-        match self {
-            Backend::Embedded { dispatcher, .. } => dispatcher.stats(),
-            Backend::Nats { dispatcher, .. } => dispatcher.stats(),
-        }
-    }
-
-    /// Queues deliveries just planned (the NATS engine's consumers find them
-    /// in the stream themselves).
-    pub fn enqueue_all(&self, work: Vec<Work>) {
-        if let Backend::Embedded { dispatcher, .. } = self {
-            dispatcher.enqueue_all(work);
-        }
-    }
-
+    fn stats(&self) -> &FlowStats;
+    /// Queues deliveries just planned with their event (a no-op where the
+    /// engine finds them itself).
+    fn enqueue_all(&self, work: Vec<Work>);
     /// Delivers dead letters again, with a fresh retry budget.
-    pub async fn redrive(&self, select: RedriveSelect) -> Result<Vec<DeliveryKey>, JournalError> {
-        match self {
-            Backend::Embedded {
-                journal,
-                dispatcher,
-            } => replay::redrive(journal, dispatcher, select).await,
-            Backend::Nats { journal, .. } => journal.redrive(select).await,
-        }
-    }
-
+    async fn redrive(&self, select: RedriveSelect) -> Result<Vec<DeliveryKey>, JournalError>;
     /// Plans a replay of archived events to the routes in force now (marked
     /// `replayed`); returns once every delivery is planned.
-    pub async fn replay(
+    async fn replay(
+        &self,
+        live: &Arc<ArcSwap<Live>>,
+        spec: ReplaySpec,
+    ) -> Result<ReplayJob, replay::ReplayError>;
+    /// A replay and the deliveries it planned.
+    async fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError>;
+    /// Where one delivery stands.
+    async fn delivery(
+        &self,
+        key: DeliveryKey,
+    ) -> Result<Option<crate::journal::DeliveryRecord>, JournalError>;
+    /// Stops dispatching; waits up to `grace` for deliveries in flight.
+    async fn drain(&self, grace: Duration) -> bool;
+}
+
+#[async_trait::async_trait]
+impl Deliveries for Dispatcher {
+    fn stats(&self) -> &FlowStats {
+        Dispatcher::stats(self)
+    }
+    fn enqueue_all(&self, work: Vec<Work>) {
+        Dispatcher::enqueue_all(self, work)
+    }
+    async fn redrive(&self, select: RedriveSelect) -> Result<Vec<DeliveryKey>, JournalError> {
+        replay::redrive(&self.journal, self, select).await
+    }
+    async fn replay(
         &self,
         live: &Arc<ArcSwap<Live>>,
         spec: ReplaySpec,
     ) -> Result<ReplayJob, replay::ReplayError> {
-        match self {
-            Backend::Embedded {
-                journal,
-                dispatcher,
-            } => replay::replay(journal, dispatcher, live, spec).await,
-            Backend::Nats { journal, .. } => {
-                let live = replay::check(live, &spec)?;
-                let plan = |e: &Event| replay::plan_now(&live, &spec, e);
-                Ok(journal.replay(spec.clone(), plan).await?)
-            }
-        }
+        replay::replay(&self.journal, self, live, spec).await
     }
-
-    /// A replay and the deliveries it planned.
-    pub async fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
-        match self {
-            Backend::Embedded { journal, .. } => journal.replay_job(id),
-            Backend::Nats { journal, .. } => journal.replay_job(id).await,
-        }
+    async fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
+        self.journal.replay_job(id)
     }
-
-    /// Where one delivery stands.
-    pub async fn delivery(
+    async fn delivery(
         &self,
         key: DeliveryKey,
     ) -> Result<Option<crate::journal::DeliveryRecord>, JournalError> {
-        match self {
-            Backend::Embedded { journal, .. } => journal.delivery(key),
-            Backend::Nats { journal, .. } => journal.delivery(key).await,
+        self.journal.delivery(key)
+    }
+    async fn drain(&self, grace: Duration) -> bool {
+        Dispatcher::drain(self, grace).await
+    }
+}
+
+/// The engine a server runs on: its store and its deliveries.
+#[derive(Clone)]
+pub struct Backend {
+    store: Arc<dyn EventStore>,
+    deliveries: Arc<dyn Deliveries>,
+    /// The embedded journal, for what only it has (flush, stats for tests).
+    embedded: Option<Journal>,
+}
+
+impl Backend {
+    /// The embedded engine.
+    pub fn embedded_engine(journal: Journal, dispatcher: Dispatcher) -> Backend {
+        Backend {
+            store: Arc::new(journal.clone()),
+            deliveries: Arc::new(dispatcher),
+            embedded: Some(journal),
         }
     }
 
-    /// Stops dispatching; waits up to `grace` for deliveries in flight.
-    pub async fn drain(&self, grace: Duration) -> bool {
-        match self {
-            Backend::Embedded { dispatcher, .. } => dispatcher.drain(grace).await,
-            Backend::Nats { dispatcher, .. } => dispatcher.drain(grace).await,
+    /// The NATS JetStream engine.
+    pub fn nats_engine(journal: NatsJournal, dispatcher: nats::NatsDispatcher) -> Backend {
+        Backend {
+            store: Arc::new(journal),
+            deliveries: Arc::new(dispatcher),
+            embedded: None,
         }
+    }
+
+    /// Events, timelines, dead letters and kv.
+    pub fn store(&self) -> &dyn EventStore {
+        &*self.store
+    }
+
+    /// Delivery state: redrive, replay, stats.
+    pub fn deliveries(&self) -> &dyn Deliveries {
+        &*self.deliveries
+    }
+
+    /// The embedded journal, when the engine is the embedded one.
+    pub fn embedded(&self) -> Option<&Journal> {
+        self.embedded.as_ref()
     }
 }
 

@@ -31,7 +31,10 @@ use super::stats::FlowStats;
 use super::{Work, run_attempt};
 use crate::event::{Event, now_ms};
 use crate::journal::nats::{Envelope, EnvelopeDelivery, NatsJournal};
-use crate::journal::{DeliveryKey, DeliveryStatus, Outcome};
+use crate::journal::{
+    DeliveryKey, DeliveryRecord, DeliveryStatus, JournalError, Outcome, RedriveSelect, ReplayJob,
+    ReplaySpec,
+};
 use crate::runtime::Runtime;
 use crate::server::Live;
 
@@ -48,6 +51,7 @@ const MAX_ACK_PENDING: i64 = 1024;
 /// Handle to the running consumers.
 #[derive(Clone)]
 pub struct NatsDispatcher {
+    journal: NatsJournal,
     stop: CancellationToken,
     tasks: TaskTracker,
     stats: Arc<FlowStats>,
@@ -90,7 +94,7 @@ impl NatsDispatcher {
         let tasks = TaskTracker::new();
         let stats = Arc::new(FlowStats::default());
         let ctx = Arc::new(Ctx {
-            journal,
+            journal: journal.clone(),
             runtime,
             live,
             stats: stats.clone(),
@@ -99,7 +103,12 @@ impl NatsDispatcher {
             stop: stop.clone(),
         });
         tokio::spawn(reconcile(ctx));
-        NatsDispatcher { stop, tasks, stats }
+        NatsDispatcher {
+            journal,
+            stop,
+            tasks,
+            stats,
+        }
     }
 
     /// Live delivery figures (for the dashboard).
@@ -113,6 +122,36 @@ impl NatsDispatcher {
         self.stop.cancel();
         self.tasks.close();
         tokio::time::timeout(grace, self.tasks.wait()).await.is_ok()
+    }
+}
+
+#[async_trait::async_trait]
+impl super::Deliveries for NatsDispatcher {
+    fn stats(&self) -> &FlowStats {
+        NatsDispatcher::stats(self)
+    }
+    /// The consumers find new deliveries in the stream.
+    fn enqueue_all(&self, _work: Vec<Work>) {}
+    async fn redrive(&self, select: RedriveSelect) -> Result<Vec<DeliveryKey>, JournalError> {
+        self.journal.redrive(select).await
+    }
+    async fn replay(
+        &self,
+        live: &Arc<ArcSwap<Live>>,
+        spec: ReplaySpec,
+    ) -> Result<ReplayJob, super::replay::ReplayError> {
+        let live = super::replay::check(live, &spec)?;
+        let plan = |e: &Event| super::replay::plan_now(&live, &spec, e);
+        Ok(self.journal.replay(spec.clone(), plan).await?)
+    }
+    async fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
+        self.journal.replay_job(id).await
+    }
+    async fn delivery(&self, key: DeliveryKey) -> Result<Option<DeliveryRecord>, JournalError> {
+        self.journal.delivery(key).await
+    }
+    async fn drain(&self, grace: Duration) -> bool {
+        NatsDispatcher::drain(self, grace).await
     }
 }
 

@@ -374,6 +374,7 @@ async fn dlq_redrive_one(
     let key = parse_delivery_id(&id)?;
     let keys = state
         .backend
+        .deliveries()
         .redrive(RedriveSelect::Keys(vec![key]))
         .await
         .map_err(ApiError::from)?;
@@ -422,6 +423,7 @@ async fn dlq_redrive_many(
     };
     let keys = state
         .backend
+        .deliveries()
         .redrive(select)
         .await
         .map_err(ApiError::from)?;
@@ -490,6 +492,7 @@ async fn replay_start(
     };
     let job = state
         .backend
+        .deliveries()
         .replay(&state.live, spec)
         .await
         .map_err(|e| match e {
@@ -503,7 +506,13 @@ async fn replay_status(
     State(state): State<AppState>,
     Path(id): Path<u64>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.backend.replay_job(id).await.map_err(ApiError::from)? {
+    match state
+        .backend
+        .deliveries()
+        .replay_job(id)
+        .await
+        .map_err(ApiError::from)?
+    {
         Some(job) => Ok(Json(replay_json(&state, &job).await?)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -517,7 +526,13 @@ async fn replay_status(
 async fn replay_json(state: &AppState, job: &ReplayJob) -> Result<Value, ApiError> {
     let (mut delivered, mut dead, mut pending) = (0u64, 0u64, 0u64);
     for &k in &job.deliveries {
-        match state.backend.delivery(k).await.map_err(ApiError::from)? {
+        match state
+            .backend
+            .deliveries()
+            .delivery(k)
+            .await
+            .map_err(ApiError::from)?
+        {
             Some(d) if d.status == DeliveryStatus::Delivered => delivered += 1,
             Some(d) if d.status == DeliveryStatus::Dead => dead += 1,
             Some(_) => pending += 1,

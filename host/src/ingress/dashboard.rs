@@ -126,7 +126,7 @@ fn event_link(id: &str) -> Markup {
 
 async fn overview(State(state): State<AppState>) -> Markup {
     let live = state.live.load_full();
-    let stats = state.backend.stats();
+    let stats = state.backend.deliveries().stats();
     let mut plugins: Vec<_> = live.plugins.values().cloned().collect();
     plugins.sort_by(|a, b| a.name.cmp(&b.name));
     let failure = state.reloader.failure();
@@ -392,6 +392,7 @@ async fn redrive(
         .map(|d| d.event.id.clone());
     state
         .backend
+        .deliveries()
         .redrive(RedriveSelect::Keys(vec![key]))
         .await
         .map_err(ApiError::from)?;

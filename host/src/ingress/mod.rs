@@ -362,7 +362,7 @@ async fn accept(
             event: Some(event.clone()),
         })
         .collect();
-    state.backend.enqueue_all(work);
+    state.backend.deliveries().enqueue_all(work);
     metrics::counter!("switchyard_events_accepted_total", "source" => webhook.to_string())
         .increment(1);
     tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");

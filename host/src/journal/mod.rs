@@ -6,7 +6,8 @@
 //! transaction (group commit); `nats` keeps it in NATS JetStream, shared by
 //! several hosts. What both offer behind one interface is a trait per
 //! capability: [`EventStore`] (events, dedup, timelines, dead letters) and
-//! [`KvStore`] (plugin state as plugins read it).
+//! [`KvStore`] (plugin state as plugins read it); delivery state is
+//! `dispatch::Deliveries`, with the dispatcher of each backend.
 
 mod embedded;
 pub mod nats;
