@@ -348,6 +348,9 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
         return ack(&msg, AckKind::Ack).await;
     };
     let seq = env.event_seq.unwrap_or(stream_seq);
+    // The event's own message, delivered for the first time: its delivery
+    // has no record yet.
+    let first = delivered == 1 && env.event_seq.is_none();
     let event = Arc::new(env.event.clone());
     let mut work = Work {
         key: DeliveryKey {
@@ -388,7 +391,7 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
                         return ack(&msg, AckKind::Nak(Some(BACKOFF))).await;
                     }
                 }
-                delivered_ok(ctx, &env, seq, &delivery, a.attempt, a.emitted).await
+                delivered_ok(ctx, &env, seq, &delivery, first, a.attempt, a.emitted).await
             }
             Outcome::Retry { due_ms } => {
                 let delay = Duration::from_millis(due_ms.saturating_sub(now_ms()));
@@ -397,6 +400,7 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
                         &env,
                         seq,
                         &delivery,
+                        first,
                         a.attempt,
                         DeliveryStatus::Retrying,
                         Some(due_ms),
@@ -405,7 +409,7 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
                     .await
                     .map(|()| AckKind::Nak(Some(delay)))
             }
-            Outcome::Dead => dead(ctx, &env, seq, &delivery, a.attempt).await,
+            Outcome::Dead => dead(ctx, &env, seq, &delivery, first, a.attempt).await,
         };
         match result {
             Ok(kind) => {
@@ -438,6 +442,7 @@ async fn delivered_ok(
     env: &Envelope,
     seq: u64,
     delivery: &EnvelopeDelivery,
+    first: bool,
     mut attempt: crate::journal::Attempt,
     emitted: Vec<crate::journal::Emitted>,
 ) -> Result<AckKind, crate::journal::JournalError> {
@@ -481,6 +486,7 @@ async fn delivered_ok(
             env,
             seq,
             delivery,
+            first,
             attempt,
             DeliveryStatus::Delivered,
             None,
@@ -496,6 +502,7 @@ async fn dead(
     env: &Envelope,
     seq: u64,
     delivery: &EnvelopeDelivery,
+    first: bool,
     attempt: crate::journal::Attempt,
 ) -> Result<AckKind, crate::journal::JournalError> {
     let mut record = ctx
@@ -527,6 +534,7 @@ async fn dead(
             env,
             seq,
             delivery,
+            first,
             attempt,
             DeliveryStatus::Dead,
             None,

@@ -97,18 +97,25 @@ impl Envelope {
     }
 }
 
-/// The record of one event: what timelines show.
+/// The record of one event (`ev.<hash>`): where it is, and how many
+/// delivery indices it has (planned, then added by replays).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct EventRecord {
     seq: Seq,
     accepted_ms: u64,
     #[serde(default)]
     dedup: Option<DedupInfo>,
-    /// By delivery index.
-    deliveries: Vec<Option<DeliveryRecord>>,
-    /// The dead-letter stream's sequence of each dead delivery, by index.
+    deliveries: u32,
+}
+
+/// The record of one delivery (`ev.<hash>.<idx>`): written by the one host
+/// its message is with, so its first attempt is a plain create.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DeliveryEntry {
+    record: DeliveryRecord,
+    /// Its message in the dead-letter stream, while it is dead.
     #[serde(default)]
-    dead_letters: HashMap<u32, u64>,
+    dead_letter: Option<u64>,
 }
 
 /// A dead letter as the dead-letter stream holds it.
@@ -210,6 +217,10 @@ fn live_value(stored: &[u8], now: u64) -> Option<Vec<u8>> {
 fn record_key(id: &str) -> String {
     let digest = Sha256::digest(id.as_bytes());
     format!("ev.{}", hex::encode(&digest[..16]))
+}
+
+fn delivery_key(id: &str, idx: u32) -> String {
+    format!("{}.{idx}", record_key(id))
 }
 
 /// Runs a future on the runtime from synchronous code that runs on a runtime
@@ -400,12 +411,7 @@ impl NatsJournal {
                 duplicates: 0,
                 last_duplicate_ms: None,
             }),
-            deliveries: env
-                .deliveries
-                .iter()
-                .map(|d| Some(new_record(d, env.accepted_ms)))
-                .collect(),
-            dead_letters: HashMap::new(),
+            deliveries: env.deliveries.len() as u32,
         };
         let Ok(bytes) = serde_json::to_vec(&record) else {
             return;
@@ -465,43 +471,124 @@ impl NatsJournal {
         )))
     }
 
-    /// Records an attempt at a delivery and where it stands now.
+    /// Changes a delivery's record. With `first` (the first run of the
+    /// event's own message), it cannot exist yet: one create, no read; if it
+    /// does after all, the compare-and-set path takes over.
+    async fn update_delivery(
+        &self,
+        id: &str,
+        idx: u32,
+        first: bool,
+        init: impl Fn() -> DeliveryRecord,
+        change: impl Fn(&mut DeliveryEntry),
+    ) -> Result<(), JournalError> {
+        let key = delivery_key(id, idx);
+        let encode = |e: &DeliveryEntry| {
+            serde_json::to_vec(e)
+                .map(Bytes::from)
+                .map_err(|e| JournalError::Encoding(e.to_string()))
+        };
+        if first {
+            let mut entry = DeliveryEntry {
+                record: init(),
+                dead_letter: None,
+            };
+            change(&mut entry);
+            match self.inner.records.create(&key, encode(&entry)?).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        for _ in 0..RECORD_CAS_ROUNDS {
+            let (mut entry, revision) = match self.delivery_entry(&key).await? {
+                Some((e, rev)) => (e, rev),
+                None => (
+                    DeliveryEntry {
+                        record: init(),
+                        dead_letter: None,
+                    },
+                    0,
+                ),
+            };
+            change(&mut entry);
+            match self
+                .inner
+                .records
+                .update(&key, encode(&entry)?, revision)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(JournalError::CommitFailed(format!(
+            "the record of a delivery of event {id} kept changing under {RECORD_CAS_ROUNDS} updates"
+        )))
+    }
+
+    /// A delivery's record and its revision.
+    async fn delivery_entry(
+        &self,
+        key: &str,
+    ) -> Result<Option<(DeliveryEntry, u64)>, JournalError> {
+        match self.inner.records.entry(key).await.map_err(unavailable)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok(Some((
+                serde_json::from_slice(&e.value)
+                    .map_err(|e| JournalError::Encoding(e.to_string()))?,
+                e.revision,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Records an attempt at a delivery and where it stands now. `first`:
+    /// this is the first run of the event's own message (not a redelivery,
+    /// redrive or replay).
     #[allow(clippy::too_many_arguments)]
     pub async fn record_attempt(
         &self,
         env: &Envelope,
         seq: Seq,
         delivery: &EnvelopeDelivery,
+        first: bool,
         attempt: Attempt,
         status: DeliveryStatus,
         due_ms: Option<u64>,
         dead_letter: Option<u64>,
     ) -> Result<(), JournalError> {
-        let idx = delivery.idx;
-        self.update_record(&env.event.id, seq, env.accepted_ms, |r| {
-            let i = idx as usize;
-            if r.deliveries.len() <= i {
-                r.deliveries.resize(i + 1, None);
+        // The accepting host writes the event's record before its 202, but
+        // may have failed to (NATS went away just after the publish) or died:
+        // the first run of the first delivery makes sure it is there, beside
+        // its own write, so timelines find every event.
+        let ensure_head = async {
+            if first && delivery.idx == 0 {
+                self.create_record(&env.event.id, seq, env).await;
             }
-            let d = r.deliveries[i].get_or_insert_with(|| new_record(delivery, env.accepted_ms));
-            if !d.attempts.contains(&attempt) {
-                d.attempts.push(attempt.clone());
-            }
-            d.status = status;
-            d.due_ms = due_ms;
-            if env.replay.is_some() {
-                d.replay = env.replay;
-            }
-            match dead_letter {
-                Some(s) => {
-                    r.dead_letters.insert(idx, s);
-                }
-                None => {
-                    r.dead_letters.remove(&idx);
-                }
-            }
-        })
-        .await
+        };
+        let (_, result) = tokio::join!(
+            ensure_head,
+            self.update_delivery(
+                &env.event.id,
+                delivery.idx,
+                first,
+                || new_record(delivery, env.accepted_ms),
+                |e| {
+                    let d = &mut e.record;
+                    if !d.attempts.contains(&attempt) {
+                        d.attempts.push(attempt.clone());
+                    }
+                    d.status = status;
+                    d.due_ms = due_ms;
+                    if env.replay.is_some() {
+                        d.replay = env.replay;
+                    }
+                    e.dead_letter = dead_letter;
+                },
+            )
+        );
+        result
     }
 
     /// Moves a delivery to the dead letters, with its record.
@@ -548,9 +635,9 @@ impl NatsJournal {
         idx: u32,
     ) -> Result<Option<DeliveryRecord>, JournalError> {
         Ok(self
-            .record(id)
+            .delivery_entry(&delivery_key(id, idx))
             .await?
-            .and_then(|r| r.deliveries.get(idx as usize).cloned().flatten()))
+            .map(|(e, _)| e.record))
     }
 
     async fn record(&self, id: &str) -> Result<Option<EventRecord>, JournalError> {
@@ -619,15 +706,19 @@ impl NatsJournal {
                 Some(&format!("redrive:{dlq_seq}")),
             )
             .await?;
-            self.update_record(&env.event.id, msg.event_seq, env.accepted_ms, |r| {
-                let i = delivery.idx as usize;
-                if let Some(Some(d)) = r.deliveries.get_mut(i) {
-                    d.status = DeliveryStatus::Pending;
-                    d.due_ms = Some(now);
-                    d.redriven_ms.push(now);
-                }
-                r.dead_letters.remove(&delivery.idx);
-            })
+            let dead = msg.record.clone();
+            self.update_delivery(
+                &env.event.id,
+                delivery.idx,
+                false,
+                || dead.clone(),
+                |e| {
+                    e.record.status = DeliveryStatus::Pending;
+                    e.record.due_ms = Some(now);
+                    e.record.redriven_ms.push(now);
+                    e.dead_letter = None;
+                },
+            )
             .await?;
             if let Err(e) = self.inner.dlq.delete_message(dlq_seq).await {
                 tracing::warn!(error = %e, dlq_seq, "redriven, but cannot remove the dead letter");
@@ -708,28 +799,35 @@ impl NatsJournal {
                 if planned.is_empty() {
                     continue;
                 }
-                let indices = std::sync::Mutex::new(Vec::new());
+                // Reserve delivery indices on the event's record, then write
+                // each new delivery's record before its message.
+                let base = std::sync::Mutex::new(0u32);
+                let planned_count = env.deliveries.len() as u32;
                 self.update_record(&env.event.id, seq, env.accepted_ms, |r| {
-                    let mut taken = Vec::new();
-                    for p in &planned {
-                        let idx = r.deliveries.len() as u32;
-                        let d = EnvelopeDelivery {
-                            idx,
-                            route: p.route.clone(),
-                            plugin: p.plugin.clone(),
-                            order_key: p.order_key.clone(),
-                        };
-                        let mut rec = new_record(&d, created_ms);
-                        rec.replay = Some(id);
-                        r.deliveries.push(Some(rec));
-                        taken.push(d);
-                    }
-                    if let Ok(mut i) = indices.lock() {
-                        *i = taken;
+                    let from = r.deliveries.max(planned_count);
+                    r.deliveries = from + planned.len() as u32;
+                    if let Ok(mut b) = base.lock() {
+                        *b = from;
                     }
                 })
                 .await?;
-                let taken = indices.into_inner().unwrap_or_default();
+                let base = base.into_inner().unwrap_or_default();
+                let taken: Vec<EnvelopeDelivery> = planned
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| EnvelopeDelivery {
+                        idx: base + i as u32,
+                        route: p.route.clone(),
+                        plugin: p.plugin.clone(),
+                        order_key: p.order_key.clone(),
+                    })
+                    .collect();
+                for d in &taken {
+                    let mut rec = new_record(d, created_ms);
+                    rec.replay = Some(id);
+                    self.update_delivery(&env.event.id, d.idx, true, || rec.clone(), |_| {})
+                        .await?;
+                }
                 for d in taken {
                     let out = Envelope {
                         event: env.event.clone(),
@@ -863,10 +961,10 @@ impl NatsJournal {
         let Some(env) = self.envelope(key.seq).await? else {
             return Ok(None);
         };
-        let Some(record) = self.record(&env.event.id).await? else {
-            return Ok(None);
-        };
-        let Some(&dlq_seq) = record.dead_letters.get(&key.idx) else {
+        let entry = self
+            .delivery_entry(&delivery_key(&env.event.id, key.idx))
+            .await?;
+        let Some(dlq_seq) = entry.and_then(|(e, _)| e.dead_letter) else {
             return Ok(None);
         };
         match self.inner.dlq.get_raw_message(dlq_seq).await {
@@ -1095,36 +1193,39 @@ impl NatsJournal {
         Ok(status.info.state.bytes)
     }
 
-    fn timeline_from(&self, env: Envelope, seq: Seq, record: Option<EventRecord>) -> EventTimeline {
-        let mut deliveries: Vec<(DeliveryKey, DeliveryRecord)> = env
-            .deliveries
-            .iter()
-            .map(|d| {
-                let key = DeliveryKey { seq, idx: d.idx };
-                let rec = record
-                    .as_ref()
-                    .and_then(|r| r.deliveries.get(d.idx as usize).cloned().flatten())
-                    .unwrap_or_else(|| new_record(d, env.accepted_ms));
-                (key, rec)
-            })
-            .collect();
-        // Deliveries a replay added are in the record only.
-        if let Some(r) = &record {
-            for (i, d) in r.deliveries.iter().enumerate() {
-                if let Some(d) = d
-                    && !deliveries.iter().any(|(k, _)| k.idx as usize == i)
-                {
-                    deliveries.push((DeliveryKey { seq, idx: i as u32 }, d.clone()));
-                }
-            }
+    async fn timeline_from(
+        &self,
+        env: Envelope,
+        seq: Seq,
+        record: Option<EventRecord>,
+    ) -> Result<EventTimeline, JournalError> {
+        // The planned deliveries, then those replays added (in the record's
+        // count only); one not attempted yet has no record of its own.
+        let count = record
+            .as_ref()
+            .map_or(0, |r| r.deliveries)
+            .max(env.deliveries.len() as u32);
+        let mut deliveries = Vec::with_capacity(count as usize);
+        for idx in 0..count {
+            let own = self
+                .delivery_entry(&delivery_key(&env.event.id, idx))
+                .await?
+                .map(|(e, _)| e.record);
+            let planned = env.deliveries.iter().find(|d| d.idx == idx);
+            let rec = match (own, planned) {
+                (Some(r), _) => r,
+                (None, Some(d)) => new_record(d, env.accepted_ms),
+                (None, None) => continue,
+            };
+            deliveries.push((DeliveryKey { seq, idx }, rec));
         }
-        EventTimeline {
+        Ok(EventTimeline {
             seq,
             accepted_ms: env.accepted_ms,
             dedup: record.and_then(|r| r.dedup),
             event: Arc::new(env.event),
             deliveries,
-        }
+        })
     }
 }
 
@@ -1269,7 +1370,7 @@ impl EventStore for NatsJournal {
         let Some(env) = self.envelope(seq).await? else {
             return Ok(None);
         };
-        Ok(Some(self.timeline_from(env, seq, Some(record))))
+        Ok(Some(self.timeline_from(env, seq, Some(record)).await?))
     }
 
     async fn recent(
@@ -1290,7 +1391,7 @@ impl EventStore for NatsJournal {
                 let wanted = env.event_seq.is_none() && keep(&env.event);
                 if wanted {
                     let record = self.record(&env.event.id).await?;
-                    out.push(self.timeline_from(env, seq, record));
+                    out.push(self.timeline_from(env, seq, record).await?);
                 }
             }
             seq -= 1;
