@@ -42,6 +42,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RECORD_CAS_ROUNDS: usize = 64;
 /// Envelope encoding version (first byte of each message payload).
 const ENVELOPE_V1: u8 = 1;
+/// How old a plugin's cached kv usage may be (see `kv_usage_async`).
+const USAGE_MAX_AGE: Duration = Duration::from_millis(500);
 /// Delivery keys per stored chunk of a replay job.
 const REPLAY_CHUNK: usize = 10_000;
 /// Largest kv value a bucket accepts (the host's own limit is lower).
@@ -144,6 +146,10 @@ struct Inner {
     dlq: stream::Stream,
     records: kv::Store,
     buckets: Mutex<HashMap<String, kv::Store>>,
+    /// Each plugin's kv usage (bytes) and when it was read: quota checks run
+    /// on every delivery that writes, and a bucket's size is a stream-info
+    /// request to the server.
+    usage: Mutex<HashMap<String, (std::time::Instant, u64)>>,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> JournalError {
@@ -229,6 +235,41 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
 
+/// Connects to the NATS server(s) of `config` (credentials from
+/// `SWITCHYARD_NATS_TOKEN`, or `SWITCHYARD_NATS_USER` and
+/// `SWITCHYARD_NATS_PASSWORD`).
+async fn connect_client(
+    config: &NatsConfig,
+    name: &str,
+) -> Result<async_nats::Client, JournalError> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(REQUEST_TIMEOUT)
+        .request_timeout(Some(REQUEST_TIMEOUT))
+        // Keep trying for ever after a disconnect: the host answers 503
+        // meanwhile and recovers by itself.
+        .max_reconnects(None)
+        .event_callback(|e| async move {
+            match e {
+                async_nats::Event::Disconnected => tracing::warn!("NATS connection lost"),
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                other => tracing::debug!(event = %other, "NATS"),
+            }
+        });
+    if let Ok(token) = std::env::var("SWITCHYARD_NATS_TOKEN") {
+        options = options.token(token);
+    } else if let (Ok(user), Ok(password)) = (
+        std::env::var("SWITCHYARD_NATS_USER"),
+        std::env::var("SWITCHYARD_NATS_PASSWORD"),
+    ) {
+        options = options.user_and_password(user, password);
+    }
+    let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
+    options.connect(servers).await.map_err(|e| {
+        JournalError::Unavailable(format!("cannot connect to NATS at {}: {e}", config.url))
+    })
+}
+
 /// What the streams are sized by.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamLimits {
@@ -246,32 +287,7 @@ impl NatsJournal {
         config: &NatsConfig,
         limits: StreamLimits,
     ) -> Result<NatsJournal, JournalError> {
-        let mut options = async_nats::ConnectOptions::new()
-            .name("switchyard")
-            .connection_timeout(REQUEST_TIMEOUT)
-            .request_timeout(Some(REQUEST_TIMEOUT))
-            // Keep trying for ever after a disconnect: the host answers 503
-            // meanwhile and recovers by itself.
-            .max_reconnects(None)
-            .event_callback(|e| async move {
-                match e {
-                    async_nats::Event::Disconnected => tracing::warn!("NATS connection lost"),
-                    async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    other => tracing::debug!(event = %other, "NATS"),
-                }
-            });
-        if let Ok(token) = std::env::var("SWITCHYARD_NATS_TOKEN") {
-            options = options.token(token);
-        } else if let (Ok(user), Ok(password)) = (
-            std::env::var("SWITCHYARD_NATS_USER"),
-            std::env::var("SWITCHYARD_NATS_PASSWORD"),
-        ) {
-            options = options.user_and_password(user, password);
-        }
-        let servers: Vec<&str> = config.url.split(',').map(str::trim).collect();
-        let client = options.connect(servers).await.map_err(|e| {
-            JournalError::Unavailable(format!("cannot connect to NATS at {}: {e}", config.url))
-        })?;
+        let client = connect_client(config, "switchyard").await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .build(client.clone());
@@ -329,6 +345,7 @@ impl NatsJournal {
                 dlq,
                 records,
                 buckets: Mutex::new(HashMap::new()),
+                usage: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -1187,10 +1204,23 @@ impl NatsJournal {
         Ok(out)
     }
 
+    /// A plugin's kv usage, at most `USAGE_MAX_AGE` old: the quota is
+    /// enforced as on the embedded engine, give or take what that much time
+    /// of writes adds.
     async fn kv_usage_async(&self, plugin: &str) -> Result<u64, JournalError> {
+        if let Ok(cache) = self.inner.usage.lock()
+            && let Some((at, bytes)) = cache.get(plugin)
+            && at.elapsed() < USAGE_MAX_AGE
+        {
+            return Ok(*bytes);
+        }
         let bucket = self.plugin_bucket(plugin).await?;
         let status = bucket.status().await.map_err(unavailable)?;
-        Ok(status.info.state.bytes)
+        let bytes = status.info.state.bytes;
+        if let Ok(mut cache) = self.inner.usage.lock() {
+            cache.insert(plugin.to_string(), (std::time::Instant::now(), bytes));
+        }
+        Ok(bytes)
     }
 
     async fn timeline_from(
