@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod workload;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
