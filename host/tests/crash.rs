@@ -29,38 +29,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use common::workload::{
-    KINDS, ROUTES, Verdict, env_or, expected, expected_routes, get, judge, serve, show_some,
+    KINDS, Verdict, config, env_or, expected, expected_routes, get, judge, serve, show_some,
 };
 use common::{build_dir, plugin_crate};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-
-fn config(data: &Path, wasm: &Path) -> String {
-    // A generous deadline: a timeout fails a delivery for good, and this
-    // machine may be busy; what is tested here is the journal, not the clock.
-    format!(
-        r#"
-[server]
-data_dir = "{data}"
-
-[[sources]]
-name = "shop"
-type_pointer = "/kind"
-
-[[plugins]]
-name = "audit"
-wasm = "{wasm}"
-timeout = "10s"
-
-[[plugins]]
-name = "audit2"
-wasm = "{wasm}"
-timeout = "10s"
-{ROUTES}"#,
-        data = data.display(),
-        wasm = wasm.display(),
-    )
-}
 
 /// What the producers and the killer share.
 struct Shared {

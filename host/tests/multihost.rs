@@ -29,45 +29,20 @@ use std::time::{Duration, Instant};
 
 use common::nats::NatsServer;
 use common::workload::{
-    KINDS, Process, ROUTES, Verdict, env_or, expected, expected_routes, get, judge, serve,
-    show_some,
+    KINDS, Process, Verdict, env_or, expected, expected_routes, get, judge, serve, show_some,
 };
 use common::{build_dir, plugin_crate};
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
-/// One host's rules.toml: all the same but for the data dir (the compiled
-/// plugin cache). A generous plugin deadline: a timeout fails a delivery
-/// for good, and what is tested here is the engine, not the clock.
+/// One host's rules.toml: the crash test's, on the NATS engine; the hosts'
+/// differ only in their data dir (the compiled-plugin cache).
 fn config(data: &Path, wasm: &Path, nats: &NatsServer, stream: &str) -> String {
-    format!(
-        r#"
-[server]
-data_dir = "{data}"
-
-[[sources]]
-name = "shop"
-type_pointer = "/kind"
-
-[[plugins]]
-name = "audit"
-wasm = "{wasm}"
-timeout = "10s"
-
-[[plugins]]
-name = "audit2"
-wasm = "{wasm}"
-timeout = "10s"
-{ROUTES}
-[engine]
-kind = "nats"
-url = "{url}"
-stream = "{stream}"
-"#,
-        data = data.display(),
-        wasm = wasm.display(),
-        url = nats.url(),
-    )
+    let engine = format!(
+        "\n[engine]\nkind = \"nats\"\nurl = \"{}\"\nstream = \"{stream}\"\n",
+        nats.url()
+    );
+    common::workload::config(data, wasm) + &engine
 }
 
 /// The two scenarios each run four processes and dozens of producers: on a

@@ -82,16 +82,13 @@ pub struct Envelope {
 impl Envelope {
     pub fn encode(&self) -> Result<Bytes, JournalError> {
         let mut out = vec![ENVELOPE_V1];
-        rmp_serde::encode::write_named(&mut out, self)
-            .map_err(|e| JournalError::Encoding(e.to_string()))?;
+        rmp_serde::encode::write_named(&mut out, self).map_err(encoding)?;
         Ok(Bytes::from(out))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Envelope, JournalError> {
         match bytes.split_first() {
-            Some((&ENVELOPE_V1, rest)) => {
-                rmp_serde::from_slice(rest).map_err(|e| JournalError::Encoding(e.to_string()))
-            }
+            Some((&ENVELOPE_V1, rest)) => rmp_serde::from_slice(rest).map_err(encoding),
             _ => Err(JournalError::Encoding(
                 "not a switchyard event envelope".into(),
             )),
@@ -154,6 +151,10 @@ struct Inner {
 
 fn unavailable(e: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(e.to_string())
+}
+
+fn encoding(e: impl std::fmt::Display) -> JournalError {
+    JournalError::Encoding(e.to_string())
 }
 
 /// A subject token for a name: anything but letters, digits, `_` and `-`
@@ -444,38 +445,40 @@ impl NatsJournal {
         }
     }
 
-    /// Changes an event's record with compare-and-set (several hosts update
-    /// the deliveries of one event).
-    async fn update_record(
+    /// A JSON value of the records bucket and its revision (0: absent, or
+    /// deleted).
+    async fn read_json<T: serde::de::DeserializeOwned>(
         &self,
-        id: &str,
-        seq: Seq,
-        accepted_ms: u64,
-        change: impl Fn(&mut EventRecord),
+        key: &str,
+    ) -> Result<(Option<T>, u64), JournalError> {
+        match self.inner.records.entry(key).await.map_err(unavailable)? {
+            Some(e) if e.operation == kv::Operation::Put => Ok((
+                Some(serde_json::from_slice(&e.value).map_err(encoding)?),
+                e.revision,
+            )),
+            Some(e) => Ok((None, e.revision)),
+            None => Ok((None, 0)),
+        }
+    }
+
+    /// Changes a JSON value of the records bucket with compare-and-set,
+    /// reading it again while other hosts change it meanwhile. `init` is the
+    /// value to change when there is none.
+    async fn update_json<T: Serialize + serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        init: impl Fn() -> T,
+        change: impl Fn(&mut T),
     ) -> Result<(), JournalError> {
-        let key = record_key(id);
         for _ in 0..RECORD_CAS_ROUNDS {
-            let entry = self.inner.records.entry(&key).await.map_err(unavailable)?;
-            let (mut record, revision) = match entry {
-                Some(e) if e.operation == kv::Operation::Put => (
-                    serde_json::from_slice::<EventRecord>(&e.value)
-                        .map_err(|e| JournalError::Encoding(e.to_string()))?,
-                    e.revision,
-                ),
-                Some(e) => (EventRecord::default(), e.revision),
-                None => (EventRecord::default(), 0),
-            };
-            if record.seq == 0 {
-                record.seq = seq;
-                record.accepted_ms = accepted_ms;
-            }
-            change(&mut record);
-            let bytes =
-                serde_json::to_vec(&record).map_err(|e| JournalError::Encoding(e.to_string()))?;
+            let (value, revision) = self.read_json::<T>(key).await?;
+            let mut value = value.unwrap_or_else(&init);
+            change(&mut value);
+            let bytes = serde_json::to_vec(&value).map_err(encoding)?;
             match self
                 .inner
                 .records
-                .update(&key, Bytes::from(bytes), revision)
+                .update(key, Bytes::from(bytes), revision)
                 .await
             {
                 Ok(_) => return Ok(()),
@@ -484,8 +487,25 @@ impl NatsJournal {
             }
         }
         Err(JournalError::CommitFailed(format!(
-            "the record of event {id} kept changing under {RECORD_CAS_ROUNDS} updates"
+            "record {key} kept changing under {RECORD_CAS_ROUNDS} updates"
         )))
+    }
+
+    /// Changes an event's record (several hosts count its duplicates and
+    /// add replayed deliveries).
+    async fn update_record(
+        &self,
+        id: &str,
+        seq: Seq,
+        accepted_ms: u64,
+        change: impl Fn(&mut EventRecord),
+    ) -> Result<(), JournalError> {
+        let init = || EventRecord {
+            seq,
+            accepted_ms,
+            ..EventRecord::default()
+        };
+        self.update_json(&record_key(id), init, change).await
     }
 
     /// Changes a delivery's record. With `first` (the first run of the
@@ -500,64 +520,26 @@ impl NatsJournal {
         change: impl Fn(&mut DeliveryEntry),
     ) -> Result<(), JournalError> {
         let key = delivery_key(id, idx);
-        let encode = |e: &DeliveryEntry| {
-            serde_json::to_vec(e)
-                .map(Bytes::from)
-                .map_err(|e| JournalError::Encoding(e.to_string()))
+        let init = || DeliveryEntry {
+            record: init(),
+            dead_letter: None,
         };
         if first {
-            let mut entry = DeliveryEntry {
-                record: init(),
-                dead_letter: None,
-            };
+            let mut entry = init();
             change(&mut entry);
-            match self.inner.records.create(&key, encode(&entry)?).await {
+            let bytes = serde_json::to_vec(&entry).map_err(encoding)?;
+            match self.inner.records.create(&key, Bytes::from(bytes)).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        for _ in 0..RECORD_CAS_ROUNDS {
-            let (mut entry, revision) = match self.delivery_entry(&key).await? {
-                Some((e, rev)) => (e, rev),
-                None => (
-                    DeliveryEntry {
-                        record: init(),
-                        dead_letter: None,
-                    },
-                    0,
-                ),
-            };
-            change(&mut entry);
-            match self
-                .inner
-                .records
-                .update(&key, encode(&entry)?, revision)
-                .await
-            {
-                Ok(_) => return Ok(()),
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(unavailable(e)),
-            }
-        }
-        Err(JournalError::CommitFailed(format!(
-            "the record of a delivery of event {id} kept changing under {RECORD_CAS_ROUNDS} updates"
-        )))
+        self.update_json(&key, init, change).await
     }
 
-    /// A delivery's record and its revision.
-    async fn delivery_entry(
-        &self,
-        key: &str,
-    ) -> Result<Option<(DeliveryEntry, u64)>, JournalError> {
-        match self.inner.records.entry(key).await.map_err(unavailable)? {
-            Some(e) if e.operation == kv::Operation::Put => Ok(Some((
-                serde_json::from_slice(&e.value)
-                    .map_err(|e| JournalError::Encoding(e.to_string()))?,
-                e.revision,
-            ))),
-            _ => Ok(None),
-        }
+    /// A delivery's record.
+    async fn delivery_entry(&self, key: &str) -> Result<Option<DeliveryEntry>, JournalError> {
+        Ok(self.read_json(key).await?.0)
     }
 
     /// Records an attempt at a delivery and where it stands now. `first`:
@@ -623,7 +605,7 @@ impl NatsJournal {
             idx: delivery.idx,
             record,
         };
-        let bytes = serde_json::to_vec(&msg).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        let bytes = serde_json::to_vec(&msg).map_err(encoding)?;
         let subject = format!("{}.dlq.{}", self.inner.prefix, token(&delivery.route));
         // The id makes a re-run (a crash between this and the ack) store it
         // once.
@@ -654,22 +636,11 @@ impl NatsJournal {
         Ok(self
             .delivery_entry(&delivery_key(id, idx))
             .await?
-            .map(|(e, _)| e.record))
+            .map(|e| e.record))
     }
 
     async fn record(&self, id: &str) -> Result<Option<EventRecord>, JournalError> {
-        match self
-            .inner
-            .records
-            .get(record_key(id))
-            .await
-            .map_err(unavailable)?
-        {
-            Some(v) => Ok(Some(
-                serde_json::from_slice(&v).map_err(|e| JournalError::Encoding(e.to_string()))?,
-            )),
-            None => Ok(None),
-        }
+        Ok(self.read_json(&record_key(id)).await?.0)
     }
 
     /// Publishes dead letters again for their route, with a fresh retry
@@ -773,7 +744,7 @@ impl NatsJournal {
             let start = time::OffsetDateTime::from_unix_timestamp_nanos(
                 i128::from(spec.since_ms) * 1_000_000,
             )
-            .map_err(|e| JournalError::Encoding(e.to_string()))?;
+            .map_err(encoding)?;
             // An ephemeral consumer reads the stream by time; acknowledgements
             // are not needed, the sequence says when it is done.
             let reader = self
@@ -885,8 +856,7 @@ impl NatsJournal {
                 events: 0,
                 deliveries: Vec::new(),
             };
-            let bytes =
-                serde_json::to_vec(&job).map_err(|e| JournalError::Encoding(e.to_string()))?;
+            let bytes = serde_json::to_vec(&job).map_err(encoding)?;
             match self
                 .inner
                 .records
@@ -905,8 +875,7 @@ impl NatsJournal {
     async fn store_replay(&self, job: &ReplayJob) -> Result<(), JournalError> {
         let chunks: Vec<&[DeliveryKey]> = job.deliveries.chunks(REPLAY_CHUNK).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let bytes =
-                serde_json::to_vec(chunk).map_err(|e| JournalError::Encoding(e.to_string()))?;
+            let bytes = serde_json::to_vec(chunk).map_err(encoding)?;
             self.inner
                 .records
                 .put(format!("replay.{}.{i}", job.id), Bytes::from(bytes))
@@ -917,11 +886,9 @@ impl NatsJournal {
             deliveries: Vec::new(),
             ..job.clone()
         };
-        let mut value =
-            serde_json::to_value(&head).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        let mut value = serde_json::to_value(&head).map_err(encoding)?;
         value["chunks"] = chunks.len().into();
-        let bytes =
-            serde_json::to_vec(&value).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        let bytes = serde_json::to_vec(&value).map_err(encoding)?;
         self.inner
             .records
             .put(format!("replay.{}", job.id), Bytes::from(bytes))
@@ -941,11 +908,9 @@ impl NatsJournal {
         else {
             return Ok(None);
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(&head).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        let value: serde_json::Value = serde_json::from_slice(&head).map_err(encoding)?;
         let chunks = value["chunks"].as_u64().unwrap_or(0);
-        let mut job: ReplayJob =
-            serde_json::from_value(value).map_err(|e| JournalError::Encoding(e.to_string()))?;
+        let mut job: ReplayJob = serde_json::from_value(value).map_err(encoding)?;
         for i in 0..chunks {
             if let Some(c) = self
                 .inner
@@ -954,8 +919,7 @@ impl NatsJournal {
                 .await
                 .map_err(unavailable)?
             {
-                let keys: Vec<DeliveryKey> = serde_json::from_slice(&c)
-                    .map_err(|e| JournalError::Encoding(e.to_string()))?;
+                let keys: Vec<DeliveryKey> = serde_json::from_slice(&c).map_err(encoding)?;
                 job.deliveries.extend(keys);
             }
         }
@@ -981,14 +945,13 @@ impl NatsJournal {
         let entry = self
             .delivery_entry(&delivery_key(&env.event.id, key.idx))
             .await?;
-        let Some(dlq_seq) = entry.and_then(|(e, _)| e.dead_letter) else {
+        let Some(dlq_seq) = entry.and_then(|e| e.dead_letter) else {
             return Ok(None);
         };
         match self.inner.dlq.get_raw_message(dlq_seq).await {
             Ok(m) => Ok(Some((
                 dlq_seq,
-                serde_json::from_slice(&m.payload)
-                    .map_err(|e| JournalError::Encoding(e.to_string()))?,
+                serde_json::from_slice(&m.payload).map_err(encoding)?,
             ))),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
@@ -1023,8 +986,7 @@ impl NatsJournal {
                 Err(e) => return Err(unavailable(e)),
             };
             next = m.sequence + 1;
-            let msg: DeadMessage = serde_json::from_slice(&m.payload)
-                .map_err(|e| JournalError::Encoding(e.to_string()))?;
+            let msg: DeadMessage = serde_json::from_slice(&m.payload).map_err(encoding)?;
             if route.is_some_and(|r| r != msg.record.route) {
                 continue;
             }
@@ -1240,7 +1202,7 @@ impl NatsJournal {
             let own = self
                 .delivery_entry(&delivery_key(&env.event.id, idx))
                 .await?
-                .map(|(e, _)| e.record);
+                .map(|e| e.record);
             let planned = env.deliveries.iter().find(|d| d.idx == idx);
             let rec = match (own, planned) {
                 (Some(r), _) => r,

@@ -189,3 +189,31 @@ pub fn show_some(items: &[String]) -> String {
     }
     text
 }
+
+/// The rules.toml of the process tests: the two audit plugins and `ROUTES`.
+pub fn config(data: &Path, wasm: &Path) -> String {
+    // A generous deadline: a timeout fails a delivery for good, and this
+    // machine may be busy; what is tested here is the journal, not the clock.
+    format!(
+        r#"
+[server]
+data_dir = "{data}"
+
+[[sources]]
+name = "shop"
+type_pointer = "/kind"
+
+[[plugins]]
+name = "audit"
+wasm = "{wasm}"
+timeout = "10s"
+
+[[plugins]]
+name = "audit2"
+wasm = "{wasm}"
+timeout = "10s"
+{ROUTES}"#,
+        data = data.display(),
+        wasm = wasm.display(),
+    )
+}
