@@ -3,10 +3,20 @@
 //! about 1 KB: nested `properties`, `geometry.coordinates` arrays), with the
 //! `quamina` crate on the same patterns as a peer.
 //!
+//! `switchyard` is the path events take (`matching_valid_json`: their data
+//! was checked as they were accepted, so only what patterns name is read);
+//! `switchyard-strict` also checks every byte (`matching_json`, as
+//! `switchyard match` reads a file). quamina does not check what it skips.
+//!
 //! `cargo bench -p switchyard --bench matcher`
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use switchyard::rules::{Matcher, Pattern};
+
+// The server's allocator (`host/src/main.rs`), for both engines: matching
+// allocates only its result.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const EVENTS: usize = 1_000;
 const SPACE: usize = 10_000;
@@ -36,10 +46,10 @@ fn feature(rng: &mut fastrand::Rng) -> String {
     )
 }
 
-/// Route `k` as (TOML `match` table, the same pattern as JSON for quamina):
-/// exact strings, prefix, two fields, numeric ranges.
-fn route(k: usize) -> (String, String) {
-    match k % 4 {
+/// Route of `shape` for key `k` as (TOML `match` table, the same pattern as
+/// JSON for quamina): exact strings, prefix, two fields, numeric ranges.
+fn route(shape: usize, k: usize) -> (String, String) {
+    match shape % 4 {
         0 => (
             format!(r#"{{ properties = {{ STREET = ["STREET{k}"] }} }}"#),
             format!(r#"{{"properties": {{"STREET": ["STREET{k}"]}}}}"#),
@@ -103,15 +113,30 @@ fn cpu_per_event(mut f: impl FnMut(usize)) -> Option<f64> {
     Some(best)
 }
 
+fn best(xs: &[f64]) -> Option<f64> {
+    xs.iter().copied().reduce(f64::min)
+}
+
 fn bench(c: &mut Criterion) {
     let mut rng = fastrand::Rng::with_seed(7);
     let events: Vec<String> = (0..EVENTS).map(|_| feature(&mut rng)).collect();
     let avg = events.iter().map(String::len).sum::<usize>() / events.len();
     println!("{EVENTS} events, {avg} bytes on average");
-    let mut group = c.benchmark_group("matcher");
-    for n in [10usize, 100, 1_000, 10_000] {
+    // `matcher`: the four shapes take turns at every route count, so every
+    // count names the same fields and counts differ only in table size.
+    // `matcher-one-field`: only the first shape (one field named: the case
+    // where quamina stops reading earliest).
+    let cases = [10usize, 100, 1_000, 10_000]
+        .map(|n| ("matcher", n, 4))
+        .into_iter()
+        .chain([10usize, 100].map(|n| ("matcher-one-field", n, 1)));
+    // `ROUTES=10000` runs one route count only (for profiling).
+    let only: Option<usize> = std::env::var("ROUTES").ok().and_then(|v| v.parse().ok());
+    for (group_name, n, shapes) in cases.filter(|c| only.is_none_or(|o| o == c.1)) {
+        let mut group = c.benchmark_group(group_name);
         // Spread the routes over the key space the events draw from.
-        let routes: Vec<(String, String)> = (0..n).map(|i| route(i * (SPACE / n))).collect();
+        let routes: Vec<(String, String)> =
+            (0..n).map(|i| route(i % shapes, i * (SPACE / n))).collect();
         let patterns: Vec<Pattern> = routes.iter().map(|(t, _)| compile(t)).collect();
         let matcher = Matcher::new(&patterns);
         let mut q = quamina::Quamina::new();
@@ -122,6 +147,8 @@ fn bench(c: &mut Criterion) {
         let mut matched = 0;
         for e in &events {
             let mut ours = matcher.matching_json(e.as_bytes()).expect("json");
+            let valid = matcher.matching_valid_json(e.as_bytes()).expect("json");
+            assert_eq!(ours, valid, "{e}");
             let mut theirs = q.matches_for_event(e.as_bytes()).expect("json");
             ours.sort_unstable();
             theirs.sort_unstable();
@@ -129,20 +156,38 @@ fn bench(c: &mut Criterion) {
             assert_eq!(ours, theirs, "{e}");
             matched += ours.len();
         }
-        println!("{n} routes: {matched} matches over {EVENTS} events");
-        let ours = cpu_per_event(|i| {
-            std::hint::black_box(matcher.matching_json(events[i % EVENTS].as_bytes())).ok();
-        });
-        let theirs = cpu_per_event(|i| {
-            std::hint::black_box(q.matches_for_event(events[i % EVENTS].as_bytes())).ok();
-        });
-        if let (Some(ours), Some(theirs)) = (ours, theirs) {
+        println!("{group_name}, {n} routes: {matched} matches over {EVENTS} events");
+        // Interleaved, so that a noisy moment does not fall on one engine.
+        let (mut ours, mut strict, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..3 {
+            ours.extend(cpu_per_event(|i| {
+                std::hint::black_box(matcher.matching_valid_json(events[i % EVENTS].as_bytes()))
+                    .ok();
+            }));
+            strict.extend(cpu_per_event(|i| {
+                std::hint::black_box(matcher.matching_json(events[i % EVENTS].as_bytes())).ok();
+            }));
+            theirs.extend(cpu_per_event(|i| {
+                std::hint::black_box(q.matches_for_event(events[i % EVENTS].as_bytes())).ok();
+            }));
+        }
+        if let (Some(ours), Some(strict), Some(theirs)) =
+            (best(&ours), best(&strict), best(&theirs))
+        {
             println!(
-                "{n} routes, CPU time per event: switchyard {ours:.0} ns, quamina {theirs:.0} ns"
+                "{group_name}, {n} routes, CPU time per event: switchyard {ours:.0} ns \
+                 (strict {strict:.0} ns), quamina {theirs:.0} ns"
             );
         }
         let mut i = 0;
         group.bench_with_input(BenchmarkId::new("switchyard", n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % events.len();
+                matcher.matching_valid_json(events[i].as_bytes())
+            })
+        });
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::new("switchyard-strict", n), &n, |b, _| {
             b.iter(|| {
                 i = (i + 1) % events.len();
                 matcher.matching_json(events[i].as_bytes())
@@ -155,8 +200,8 @@ fn bench(c: &mut Criterion) {
                 q.matches_for_event(events[i].as_bytes())
             })
         });
+        group.finish();
     }
-    group.finish();
 }
 
 criterion_group!(benches, bench);

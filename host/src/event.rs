@@ -67,6 +67,22 @@ impl Event {
         is_json_media_type(&self.datacontenttype)
     }
 
+    /// `Err` when `datacontenttype` says JSON but `data` is not valid JSON.
+    /// Every way into the router checks this, so the matcher can read data
+    /// without checking it again (`rules::json::scan_valid`).
+    pub fn check_data(&self) -> Result<(), String> {
+        if self.data_is_json()
+            && !self.data.is_empty()
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&self.data)
+        {
+            return Err(format!(
+                "data is not valid JSON, though datacontenttype is `{}`: {e}",
+                self.datacontenttype
+            ));
+        }
+        Ok(())
+    }
+
     /// The envelope in CloudEvents' JSON format: `data` inline when it is JSON,
     /// else `data_base64`.
     pub fn to_json(&self) -> serde_json::Value {
@@ -157,7 +173,7 @@ impl Event {
             };
             extensions.insert(k.clone(), v);
         }
-        Ok(Event {
+        let event = Event {
             id: text_attr("id")?.unwrap_or_else(new_event_id),
             source: required("source")?,
             ty: required("type")?,
@@ -166,7 +182,9 @@ impl Event {
             datacontenttype,
             data,
             extensions,
-        })
+        };
+        event.check_data()?;
+        Ok(event)
     }
 }
 

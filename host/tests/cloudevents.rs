@@ -145,6 +145,21 @@ async fn binary_structured_and_batch_modes_are_accepted_and_routed() {
             vec![("content-type", "application/cloudevents-batch+json")],
             r#"{"not":"an array"}"#,
         ),
+        // Data that says it is JSON must be JSON: binary mode, `data_base64`.
+        (
+            vec![
+                ("ce-specversion", "1.0"),
+                ("ce-id", "bad-data"),
+                ("ce-source", "/shop"),
+                ("ce-type", "order.created"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"total": 12,"#,
+        ),
+        (
+            vec![("content-type", "application/cloudevents+json")],
+            r#"{"specversion":"1.0","id":"b64","source":"/shop","type":"order.created","datacontenttype":"application/json","data_base64":"eyJ0b3RhbCI6"}"#,
+        ),
     ] {
         let (status, answer) = send(&t, &headers, body).await;
         assert_eq!(status, 400, "{answer}");

@@ -83,6 +83,8 @@ fn convert(ce: CloudEvent, webhook: &str) -> Result<Event, String> {
     if ce.ty().is_empty() {
         return Err("`type` must not be empty".into());
     }
+    // JSON data the SDK parsed is valid; bytes (binary mode, `data_base64`) are checked below.
+    let parsed = matches!(ce.data(), Some(Data::Json(_)));
     let (data, inferred_type) = match ce.data() {
         None => (Vec::new(), None),
         Some(Data::Json(v)) => (
@@ -110,7 +112,7 @@ fn convert(ce: CloudEvent, webhook: &str) -> Result<Event, String> {
         extensions.insert("dataschema".into(), schema.to_string());
     }
     extensions.insert(WEBHOOK_EXTENSION.into(), webhook.to_string());
-    Ok(Event {
+    let event = Event {
         id: ce.id().to_string(),
         source: ce.source().to_string(),
         ty: ce.ty().to_string(),
@@ -122,7 +124,11 @@ fn convert(ce: CloudEvent, webhook: &str) -> Result<Event, String> {
         datacontenttype,
         data,
         extensions,
-    })
+    };
+    if !parsed {
+        event.check_data()?;
+    }
+    Ok(event)
 }
 
 #[cfg(test)]

@@ -561,7 +561,17 @@ fn table_of_cases_compiled_alone_and_together() {
         let alone = Matcher::new([pattern]);
         let got = alone.matching_json(event.as_bytes()).expect("valid json");
         assert_eq!(!got.is_empty(), *want, "case {i}: {p} on {event}");
+        assert_eq!(
+            alone.matching_valid_json(event.as_bytes()),
+            Ok(got.clone()),
+            "case {i} read as valid: {p} on {event}"
+        );
         let together = all.matching_json(event.as_bytes()).expect("valid json");
+        assert_eq!(
+            all.matching_valid_json(event.as_bytes()),
+            Ok(together.clone()),
+            "case {i} among all, read as valid: {p} on {event}"
+        );
         assert_eq!(
             together.contains(&i),
             *want,
@@ -822,19 +832,26 @@ fn routes_match_events_through_the_envelope() {
         m.matching_event(&event("application/json", r#"{"total":1}"#))
             .is_empty()
     );
-    // Data that is not JSON, or is malformed, has no fields.
+    // Data that is not JSON has no fields.
     assert!(
         m.matching_event(&event("text/plain", r#"{"total":9}"#))
             .is_empty()
     );
-    assert!(
-        m.matching_event(&event("application/json", r#"{"total":9"#))
-            .is_empty()
-    );
+    // Malformed JSON data never gets this far: every way in refuses it, so
+    // the matcher reads data without checking it again.
+    for bad in [r#"{"total":9"#, r#"{"total":9,"x":"#, r#"{"total":9} x"#] {
+        assert!(
+            event("application/json", bad).check_data().is_err(),
+            "{bad}"
+        );
+        // Were it to, the result is unspecified but nothing panics.
+        let _ = m.matching_event(&event("application/json", bad));
+    }
+    assert!(event("text/plain", "{").check_data().is_ok());
     let absent = compile(r#"{ data = { total = [{ exists = false }] } }"#).expect("valid");
     let m = Matcher::new([&absent]);
     assert_eq!(
-        m.matching_event(&event("application/json", r#"{"total":9,"x":"#)),
+        m.matching_event(&event("application/json", r#"{"x":{"total":9}}"#)),
         vec![0]
     );
     assert_eq!(
@@ -855,6 +872,140 @@ fn skipped_fields_are_still_checked_for_syntax() {
     assert!(m.matching_json(br#"{"a":1} x"#).is_err());
     let deep = format!("{{\"z\":{}{}}}", "[".repeat(500), "]".repeat(500));
     assert!(m.matching_json(deep.as_bytes()).is_err());
+}
+
+/// A key repeated in one object counts once, the first time, however the
+/// document is read (strictly, as valid, or flattened for `explain`).
+#[test]
+fn a_repeated_key_counts_once_the_first() {
+    let first = compile(r#"{ a = [1] }"#).expect("valid");
+    let second = compile(r#"{ a = [2] }"#).expect("valid");
+    let m = Matcher::new([&first, &second]);
+    for doc in [
+        r#"{"a":1,"a":2}"#,
+        r#"{"a":1,"b":{"c":[1,2]},"a":2}"#,
+        r#"{"z":true,"a":1,"a":2,"z":false}"#,
+    ] {
+        assert_eq!(m.matching_json(doc.as_bytes()), Ok(vec![0]), "{doc}");
+        assert_eq!(m.matching_valid_json(doc.as_bytes()), Ok(vec![0]), "{doc}");
+        let leaves = flatten(doc.as_bytes()).expect("valid json");
+        assert!(first.explain_leaves(&leaves).is_ok(), "{doc}");
+        assert!(second.explain_leaves(&leaves).is_err(), "{doc}");
+    }
+    // Each object in an array is an object of its own.
+    let nested = compile(r#"{ xs = { a = [2] } }"#).expect("valid");
+    let m = Matcher::new([&nested]);
+    let doc = br#"{"xs":[{"a":1},{"a":2}]}"#;
+    assert_eq!(m.matching_json(doc), Ok(vec![0]));
+    assert_eq!(m.matching_valid_json(doc), Ok(vec![0]));
+}
+
+/// Read as valid, a document is read only as far as its named fields: what
+/// comes after them is not looked at (it was checked on the way in).
+#[test]
+fn valid_documents_are_read_only_as_far_as_needed() {
+    let p = compile(r#"{ a = [1], b = { c = ["x"] } }"#).expect("valid");
+    let m = Matcher::new([&p]);
+    let doc = br#"{"b":{"c":"x","skip":[1,{"d":"]}"}]},"a":1,"rest":[[[1,2],[3,4]]]}"#;
+    assert_eq!(m.matching_json(doc), Ok(vec![0]));
+    assert_eq!(m.matching_valid_json(doc), Ok(vec![0]));
+    // The tail after `a` is garbage: the strict path sees it, the valid
+    // path stops before it.
+    let tail = br#"{"b":{"c":"x"},"a":1,"rest":[[[1,2],[3"#;
+    assert!(m.matching_json(tail).is_err());
+    assert_eq!(m.matching_valid_json(tail), Ok(vec![0]));
+    // Skipped values with quotes, escapes and brackets inside strings.
+    let tricky = br#"{"s":"a\"]}{[\\","t":["]",{"u":"}\"{"}],"b":{"c":"x"},"a":1}"#;
+    assert_eq!(m.matching_valid_json(tricky), Ok(vec![0]));
+    // Truncated input is an error, never a panic or an endless loop.
+    for cut in 0..tricky.len() {
+        let _ = m.matching_valid_json(&tricky[..cut]);
+    }
+}
+
+/// Mutated documents: the valid path agrees with the strict one on every
+/// document serde_json accepts, and never panics on the others.
+#[test]
+fn valid_path_agrees_with_strict_path() {
+    let patterns: Vec<Pattern> = [
+        r#"{ p = { A = [{ prefix = "01" }], N = [{ numeric = ["<", 0] }] } }"#,
+        r#"{ g = { t = ["P"] }, p = { y = [true] } }"#,
+        r#"{ k = { A = [{ exists = true }] }, e = [{ exists = false }] }"#,
+        r#"{ "a\"b" = ["c\\d"], p = { y = [{ null = true }] } }"#,
+    ]
+    .iter()
+    .map(|s| compile(s).expect("valid"))
+    .collect();
+    let m = Matcher::new(&patterns);
+    let seeds = [
+        r#"{"p": {"A": "0123", "N": -0.5e+10, "y": [true, false, null, 1E5]}, "g": {"t": "P", "c": [[[-122.4, 37.7, 0.0], [1, 2]]]}, "z": "Y_y"}"#,
+        r#"{"a\"b": "c\\d", "k": {"A": [{"z": "q\n"}, {}], "e": []}, "p": {"y": null}}"#,
+        r#"{"g":{"c":[{"t":"P"}],"t":"P"},"p":{"y":true,"y":false},"k":{}}"#,
+    ];
+    let bytes = b"\"\\{}[],:0123456789-+.eEtrufalsnY_y \t";
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (mut valid, mut matched) = (0, 0);
+    for n in 0..20_000 {
+        let mut doc = seeds[n % seeds.len()].as_bytes().to_vec();
+        for _ in 0..rng.usize(0..3) {
+            let at = rng.usize(0..doc.len());
+            let c = bytes[rng.usize(0..bytes.len())];
+            match rng.u8(0..3) {
+                0 => drop(doc.remove(at)),
+                1 => doc.insert(at, c),
+                _ => doc[at] = c,
+            }
+        }
+        let trusted = m.matching_valid_json(&doc);
+        if serde_json::from_slice::<serde::de::IgnoredAny>(&doc).is_ok() {
+            valid += 1;
+            let strict = m.matching_json(&doc);
+            assert_eq!(trusted, strict, "{}", String::from_utf8_lossy(&doc));
+            matched += usize::from(strict.is_ok_and(|r| !r.is_empty()));
+        }
+    }
+    assert!(
+        valid > 5_000 && matched > 1_000,
+        "{valid} valid, {matched} matched"
+    );
+}
+
+/// Prefixes of a few lengths are looked up by length; more lengths, or a
+/// suffix on the same field, take the trie: both give the same answers.
+#[test]
+fn prefixes_by_length_and_by_trie_agree() {
+    let sets: [&[&str]; 3] = [
+        &["", "a", "ab", "abc"],
+        &["a", "ab", "abc", "abcd", "abcde", "b"],
+        &["ab", "é"],
+    ];
+    for set in sets {
+        for extra in ["", r#", { suffix = "z" }"#] {
+            let patterns: Vec<Pattern> = set
+                .iter()
+                .map(|p| {
+                    compile(&format!(r#"{{ f = [{{ prefix = "{p}" }}{extra}] }}"#)).expect("valid")
+                })
+                .collect();
+            let m = Matcher::new(&patterns);
+            for value in ["", "a", "ab", "abc", "abcdef", "b", "ba", "z", "éa", "xyz"] {
+                let doc = format!(r#"{{"f":"{value}"}}"#);
+                let want: Vec<usize> = set
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| {
+                        value.starts_with(*p) || (!extra.is_empty() && value.ends_with('z'))
+                    })
+                    .map(|(i, _)| i)
+                    .collect();
+                assert_eq!(
+                    m.matching_json(doc.as_bytes()),
+                    Ok(want),
+                    "{set:?}{extra} on {value}"
+                );
+            }
+        }
+    }
 }
 
 #[test]
@@ -1015,6 +1166,7 @@ mod property {
             for e in &events {
                 let text = e.to_json();
                 let got = m.matching_json(text.as_bytes()).expect("valid json");
+                prop_assert_eq!(m.matching_valid_json(text.as_bytes()), Ok(got.clone()), "read as valid: {}", text);
                 let leaves = flatten(text.as_bytes()).expect("valid json");
                 for (i, p) in patterns.iter().enumerate() {
                     let want = reference::matches(p, e);

@@ -54,6 +54,22 @@ pub(crate) trait Visit {
     fn wants(&self, _node: Self::Node) -> bool {
         true
     }
+    /// The bit of named key `node` in its object's set of named keys (0: not
+    /// tracked). A tracked key repeated in one object counts once: the first.
+    fn bit(&self, _node: Self::Node) -> u64 {
+        0
+    }
+    /// The bits of every key named under `node` (0: none tracked). Once an
+    /// object at `node` has shown all of them, its other members are only
+    /// skipped: nothing more in it can match.
+    fn named(&self, _node: Self::Node) -> u64 {
+        0
+    }
+    /// Whether repeated keys are told apart by their text instead (for a
+    /// visitor that takes every key, as [`Flatten`] does).
+    fn dedup_keys(&self) -> bool {
+        false
+    }
     /// A scalar at `node`.
     fn leaf(&mut self, node: Self::Node, value: Value<'_>, trail: &[(u32, u32)]);
     /// How many leaves were taken so far (to drop a malformed part).
@@ -62,21 +78,47 @@ pub(crate) trait Visit {
     fn rollback(&mut self, mark: usize);
 }
 
-/// Scans one JSON document whose root sits at `node`. `next_array` numbers
-/// array instances (pass the same counter for every part of one event).
+/// Scans one JSON document whose root sits at `node`, checking all of it as
+/// strictly as serde_json does. `next_array` numbers array instances (pass
+/// the same counter for every part of one event).
 pub(crate) fn scan<V: Visit>(
     bytes: &[u8],
     node: V::Node,
     visit: &mut V,
     next_array: &mut u32,
 ) -> Result<(), JsonError> {
-    let mut s = Scanner {
+    scan_as::<V, false>(bytes, node, visit, next_array)
+}
+
+/// [`scan`] for a document already known to be valid JSON (an event's data
+/// is checked when it is accepted): values no pattern names are skipped by
+/// their brackets and quotes alone, and reading stops once every named field
+/// has been seen. On invalid input the result is unspecified but safe (no
+/// panic, no endless loop): an error, or leaves from the part read.
+pub(crate) fn scan_valid<V: Visit>(
+    bytes: &[u8],
+    node: V::Node,
+    visit: &mut V,
+    next_array: &mut u32,
+) -> Result<(), JsonError> {
+    scan_as::<V, true>(bytes, node, visit, next_array)
+}
+
+fn scan_as<V: Visit, const VALID: bool>(
+    bytes: &[u8],
+    node: V::Node,
+    visit: &mut V,
+    next_array: &mut u32,
+) -> Result<(), JsonError> {
+    let mut s = Scanner::<VALID> {
         b: bytes,
         i: 0,
         trail: Vec::new(),
+        keys: Vec::new(),
+        done: false,
         next_array,
     };
-    s.value(node, visit, 0, 0)?;
+    s.value(node, visit, 0, 0, true)?;
     s.ws();
     if s.i != s.b.len() {
         return Err(JsonError::Syntax(s.i));
@@ -84,14 +126,19 @@ pub(crate) fn scan<V: Visit>(
     Ok(())
 }
 
-struct Scanner<'a, 'c> {
+/// `VALID`: the document is known to be valid JSON (see [`scan_valid`]).
+struct Scanner<'a, 'c, const VALID: bool> {
     b: &'a [u8],
     i: usize,
     trail: Vec<(u32, u32)>,
+    /// Keys taken in the open objects, for [`Visit::dedup_keys`].
+    keys: Vec<Vec<u8>>,
+    /// Valid documents: everything wanted has been seen; the rest is not read.
+    done: bool,
     next_array: &'c mut u32,
 }
 
-impl<'a> Scanner<'a, '_> {
+impl<'a, const VALID: bool> Scanner<'a, '_, VALID> {
     fn err<T>(&self) -> Result<T, JsonError> {
         Err(JsonError::Syntax(self.i))
     }
@@ -116,13 +163,16 @@ impl<'a> Scanner<'a, '_> {
 
     /// `eff` is how much of the trail counts for leaves here: arrays entered
     /// since the last object key hold scalars of this very field, which do
-    /// not constrain each other.
+    /// not constrain each other. `last`: once this value has shown all its
+    /// named keys, so has every object it sits in (nothing after it is
+    /// wanted).
     fn value<V: Visit>(
         &mut self,
         node: V::Node,
         visit: &mut V,
         depth: usize,
         eff: usize,
+        last: bool,
     ) -> Result<(), JsonError> {
         if depth > MAX_DEPTH {
             return Err(JsonError::TooDeep);
@@ -134,28 +184,10 @@ impl<'a> Scanner<'a, '_> {
                     self.i += 1;
                     return Ok(());
                 }
-                loop {
-                    if self.peek() != Some(b'"') {
-                        return self.err();
-                    }
-                    let key = self.key_bytes()?;
-                    self.expect(b':')?;
-                    match visit.child(node, &key) {
-                        Some(child) => {
-                            let eff = self.trail.len();
-                            self.value(child, visit, depth + 1, eff)?
-                        }
-                        None => self.skip(depth + 1)?,
-                    }
-                    match self.peek() {
-                        Some(b',') => self.i += 1,
-                        Some(b'}') => {
-                            self.i += 1;
-                            return Ok(());
-                        }
-                        _ => return self.err(),
-                    }
-                }
+                let frame = self.keys.len();
+                let r = self.members(node, visit, depth, last);
+                self.keys.truncate(frame);
+                r
             }
             Some(b'[') => {
                 self.i += 1;
@@ -168,9 +200,12 @@ impl<'a> Scanner<'a, '_> {
                 let mut idx = 0u32;
                 loop {
                     self.trail.push((id, idx));
-                    let r = self.value(node, visit, depth + 1, eff);
+                    let r = self.value(node, visit, depth + 1, eff, false);
                     self.trail.pop();
                     r?;
+                    if self.done {
+                        return Ok(());
+                    }
                     idx += 1;
                     match self.peek() {
                         Some(b',') => self.i += 1,
@@ -195,6 +230,95 @@ impl<'a> Scanner<'a, '_> {
                 Ok(())
             }
             None => self.err(),
+        }
+    }
+
+    /// An object's members, its `{` read.
+    fn members<V: Visit>(
+        &mut self,
+        node: V::Node,
+        visit: &mut V,
+        depth: usize,
+        last: bool,
+    ) -> Result<(), JsonError> {
+        let named = visit.named(node);
+        let by_key = visit.dedup_keys();
+        let frame = self.keys.len();
+        let mut seen = 0u64;
+        loop {
+            if self.peek() != Some(b'"') {
+                return self.err();
+            }
+            let key = self.key_bytes()?;
+            self.expect(b':')?;
+            let child = match visit.child(node, &key) {
+                Some(_) if by_key && self.keys[frame..].iter().any(|k| **k == *key) => None,
+                Some(child) if by_key => {
+                    self.keys.push(key.into_owned());
+                    Some(child)
+                }
+                Some(child) => {
+                    let bit = visit.bit(child);
+                    if seen & bit != 0 {
+                        None
+                    } else {
+                        seen |= bit;
+                        Some(child)
+                    }
+                }
+                None => None,
+            };
+            match child {
+                Some(child) => {
+                    let eff = self.trail.len();
+                    let child_last = VALID && last && named != 0 && seen == named;
+                    self.value(child, visit, depth + 1, eff, child_last)?;
+                    if self.done {
+                        return Ok(());
+                    }
+                }
+                None => self.skip(depth + 1)?,
+            }
+            if named != 0 && seen == named {
+                if VALID && last {
+                    self.done = true;
+                    self.i = self.b.len();
+                    return Ok(());
+                }
+                return self.rest_of_object(depth);
+            }
+            match self.peek() {
+                Some(b',') => self.i += 1,
+                Some(b'}') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return self.err(),
+            }
+        }
+    }
+
+    /// Past the rest of an object (after one of its values) in which nothing
+    /// more is wanted: checked as strictly as ever, or, in a valid document,
+    /// jumped over by its brackets.
+    fn rest_of_object(&mut self, depth: usize) -> Result<(), JsonError> {
+        if VALID {
+            let end = close_valid(self.b, self.i, 1);
+            return self.advance(end);
+        }
+        loop {
+            match self.peek() {
+                Some(b',') => {
+                    let end = key_end(self.b, self.i + 1);
+                    self.advance(end)?;
+                    self.skip(depth + 1)?;
+                }
+                Some(b'}') => {
+                    self.i += 1;
+                    return Ok(());
+                }
+                _ => return self.err(),
+            }
         }
     }
 
@@ -243,14 +367,22 @@ impl<'a> Scanner<'a, '_> {
 
     /// Skips a scalar other than a string, as strictly as [`Scanner::scalar`].
     fn skip_scalar(&mut self) -> Result<(), JsonError> {
-        let end = scalar_end(self.b, self.i);
+        let end = if VALID {
+            scalar_end_valid(self.b, self.i)
+        } else {
+            scalar_end(self.b, self.i)
+        };
         self.advance(end)
     }
 
     /// Skips a string at `"`, as strictly as [`Scanner::string`] but without
     /// decoding it (escaped strings take the decoding path).
     fn skip_string(&mut self) -> Result<(), JsonError> {
-        let end = string_end(self.b, self.i);
+        let end = if VALID {
+            string_end_valid(self.b, self.i)
+        } else {
+            string_end(self.b, self.i)
+        };
         self.advance(end)
     }
 
@@ -368,6 +500,10 @@ impl<'a> Scanner<'a, '_> {
     /// strictly as [`Scanner::value`] does (same errors at the same offsets).
     /// `base` is the nesting depth of the value (limits count from the root).
     fn skip(&mut self, base: usize) -> Result<(), JsonError> {
+        if VALID {
+            let end = skip_value_valid(self.b, self.i);
+            return self.advance(end);
+        }
         match skip_value(self.b, self.i, base) {
             Ok(i) => {
                 self.i = i;
@@ -480,16 +616,114 @@ fn string_end(b: &[u8], i: usize) -> Result<usize, usize> {
 /// [`string_end`] for a string with escapes: decoded to check it.
 #[cold]
 fn escaped_string_end(b: &[u8], i: usize) -> Result<usize, usize> {
-    let mut s = Scanner {
+    let mut s = Scanner::<false> {
         b,
         i,
         trail: Vec::new(),
+        keys: Vec::new(),
+        done: false,
         next_array: &mut 0,
     };
     match s.string() {
         Ok(_) => Ok(s.i),
         Err(_) => Err(s.i),
     }
+}
+
+/// Past the value at `i` (whitespace first) of a valid document, by its
+/// brackets and quotes alone; else where the input ended.
+fn skip_value_valid(b: &[u8], i: usize) -> Result<usize, usize> {
+    let i = ws(b, i);
+    match b.get(i) {
+        Some(b'"') => string_end_valid(b, i),
+        Some(b'{' | b'[') => close_valid(b, i + 1, 1),
+        Some(_) => scalar_end_valid(b, i),
+        None => Err(i),
+    }
+}
+
+/// Past the bracket that closes the `depth` containers open at `i`, in a
+/// valid document: only quotes and brackets are looked at, eight bytes at a
+/// time.
+fn close_valid(b: &[u8], mut i: usize, mut depth: usize) -> Result<usize, usize> {
+    loop {
+        i = structural_stop(b, i);
+        match b.get(i) {
+            Some(b'"') => i = string_end_valid(b, i)?,
+            Some(b'{' | b'[') => {
+                depth += 1;
+                i += 1;
+            }
+            Some(b'}' | b']') => {
+                depth -= 1;
+                i += 1;
+                if depth == 0 {
+                    return Ok(i);
+                }
+            }
+            // Another byte `structural_stop` flags (`Y`, `_`, `y`, DEL).
+            Some(_) => i += 1,
+            None => return Err(i),
+        }
+    }
+}
+
+/// Past the string at `i` (its `"`) of a valid document, not decoded.
+#[inline(always)]
+fn string_end_valid(b: &[u8], i: usize) -> Result<usize, usize> {
+    let mut i = i + 1;
+    loop {
+        i = string_stop(b, i);
+        match b.get(i) {
+            Some(b'"') => return Ok(i + 1),
+            Some(b'\\') => i += 2,
+            // A control byte (invalid, but this document is taken as valid).
+            Some(_) => i += 1,
+            None => return Err(i),
+        }
+    }
+}
+
+/// Past the number or literal at `i` of a valid document.
+#[inline(always)]
+fn scalar_end_valid(b: &[u8], mut i: usize) -> Result<usize, usize> {
+    let start = i;
+    while let Some(c) = b.get(i) {
+        if matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r') {
+            break;
+        }
+        i += 1;
+    }
+    if i == start { Err(i) } else { Ok(i) }
+}
+
+/// The first byte at or after `i` that may be `"`, `[`, `]`, `{` or `}` (or
+/// the end). Bytes equal to 0x59, 0x5B, 0x5D, 0x5F, 0x79, 0x7B, 0x7D or 0x7F
+/// under the mask 0xD9 are flagged, so `Y`, `_`, `y` and DEL are too (they
+/// occur outside strings in no valid document).
+#[inline(always)]
+fn structural_stop(b: &[u8], mut i: usize) -> usize {
+    while let Some(v) = word(b, i) {
+        let m = exact_zeros(v ^ (b'"' as u64 * ONES))
+            | exact_zeros((v & (0xD9 * ONES)) ^ (0x59 * ONES));
+        if m != 0 {
+            return i + (m.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&c) = b.get(i) {
+        if c == b'"' || c & 0xD9 == 0x59 {
+            break;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// The high bit of every byte of `x` that is zero (exact in every byte).
+#[inline(always)]
+fn exact_zeros(x: u64) -> u64 {
+    !(((x & !HIGH) + !HIGH) | x) & HIGH
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -698,6 +932,9 @@ impl Default for Flatten {
 
 impl Visit for Flatten {
     type Node = usize;
+    fn dedup_keys(&self) -> bool {
+        true
+    }
     fn child(&mut self, parent: usize, key: &[u8]) -> Option<usize> {
         let mut p = self.paths.get(parent).cloned().unwrap_or_default();
         p.push(String::from_utf8_lossy(key).into_owned());
@@ -734,7 +971,9 @@ pub fn flatten(bytes: &[u8]) -> Result<Vec<Leaf>, JsonError> {
 }
 
 /// Scans an event as patterns see it: its envelope attributes, extensions,
-/// and `data` when it is JSON (malformed `data` counts as absent).
+/// and `data` when it is JSON (malformed `data` counts as absent). `data` is
+/// read with [`scan_valid`]: JSON data is checked when an event is accepted
+/// (`Event::check_data`).
 pub(crate) fn scan_event<V: Visit>(event: &crate::event::Event, root: V::Node, visit: &mut V) {
     let string = |visit: &mut V, key: &str, value: &str| {
         if let Some(n) = visit.child(root, key.as_bytes()) {
@@ -759,7 +998,7 @@ pub(crate) fn scan_event<V: Visit>(event: &crate::event::Event, root: V::Node, v
     {
         let mark = visit.mark();
         let mut arrays = 0;
-        if scan(&event.data, n, visit, &mut arrays).is_err() {
+        if scan_valid(&event.data, n, visit, &mut arrays).is_err() {
             visit.rollback(mark);
         }
     }

@@ -60,6 +60,82 @@ impl Hasher for FxHasher {
 
 type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
+/// A literal as a map key: short ones inline, so that comparing a key at a
+/// look-up follows no pointer (a cache miss saved per look-up in big tables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Key {
+    Inline(u8, [u8; INLINE_KEY]),
+    Heap(Box<[u8]>),
+}
+
+const INLINE_KEY: usize = 22;
+
+impl Key {
+    fn new(b: &[u8]) -> Key {
+        match b.len() {
+            n @ 0..=INLINE_KEY => {
+                let mut a = [0; INLINE_KEY];
+                a[..n].copy_from_slice(b);
+                Key::Inline(n as u8, a)
+            }
+            _ => Key::Heap(b.into()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Key::Inline(n, a) => &a[..*n as usize],
+            Key::Heap(b) => b,
+        }
+    }
+}
+
+impl std::borrow::Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // As `[u8]` hashes, so that look-ups by `&[u8]` find it.
+        self.bytes().hash(state)
+    }
+}
+
+/// The tests one literal answers: the first inline (most literals have one).
+#[derive(Debug, Clone)]
+struct Tests {
+    first: P,
+    /// Boxed: a table entry stays small (more of them per cache line).
+    #[allow(clippy::box_collection)]
+    more: Option<Box<Vec<P>>>,
+}
+
+impl Tests {
+    fn add(map: &mut FxMap<Key, Tests>, key: &str, p: P) {
+        match map.get_mut(key.as_bytes()) {
+            Some(t) => t.more.get_or_insert_default().push(p),
+            None => {
+                map.insert(
+                    Key::new(key.as_bytes()),
+                    Tests {
+                        first: p,
+                        more: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn each(&self, out: &mut impl FnMut(P)) {
+        out(self.first);
+        if let Some(more) = &self.more {
+            more.iter().copied().for_each(out);
+        }
+    }
+}
+
 /// A test: condition `cond` of the key field of alternative `conj`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct P {
@@ -70,6 +146,8 @@ struct P {
 #[derive(Debug, Clone)]
 struct ConjInfo {
     slots: Vec<SlotInfo>,
+    /// The slot it is indexed by: a hit means it passed.
+    key: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +184,11 @@ struct PathNode {
     index: Option<Box<Index>>,
     /// Some slot names this path: record its leaves.
     record: bool,
+    /// This key's bit among its parent's children (0 when it has over 64).
+    bit: u64,
+    /// Its children's bits (0 when it has over 64): an object that has
+    /// shown them all is not read further.
+    named: u64,
 }
 
 /// The compiled matcher of a route table.
@@ -172,7 +255,10 @@ impl Matcher {
                     continue;
                 }
                 let conj = m.conjs.len() as u32;
-                let mut info = ConjInfo { slots: Vec::new() };
+                let mut info = ConjInfo {
+                    slots: Vec::new(),
+                    key: None,
+                };
                 for slot in &alt.slots {
                     let node = m.node_for(&slot.path);
                     m.paths[node as usize].record = true;
@@ -207,14 +293,23 @@ impl Matcher {
                     }
                     None => m.absent_only.push(conj),
                 }
+                info.key = key;
                 let trivial = key.is_some() && info.slots.len() == 1;
                 m.conj_route.push((route, trivial));
                 m.conjs.push(info);
             }
         }
-        for pn in &mut m.paths {
+        for i in 0..m.paths.len() {
+            let pn = &mut m.paths[i];
             if pn.children.len() <= FEW_CHILDREN {
                 pn.few = pn.children.iter().map(|(k, &v)| (k.clone(), v)).collect();
+            }
+            if pn.children.len() <= 64 {
+                let children: Vec<u32> = pn.children.values().copied().collect();
+                for (j, &c) in children.iter().enumerate() {
+                    m.paths[c as usize].bit = 1 << j;
+                    m.paths[i].named |= 1 << j;
+                }
             }
         }
         let mut warnings = Vec::new();
@@ -267,11 +362,22 @@ impl Matcher {
         c.finish()
     }
 
-    /// Indices of the routes matching a JSON document (the whole envelope).
+    /// Indices of the routes matching a JSON document (the whole envelope),
+    /// which is checked as strictly as serde_json checks it.
     pub fn matching_json(&self, bytes: &[u8]) -> Result<Vec<usize>, json::JsonError> {
         let mut c = Collect::new(self);
         let mut arrays = 0;
         json::scan(bytes, 0, &mut c, &mut arrays)?;
+        Ok(c.finish())
+    }
+
+    /// [`Matcher::matching_json`] for a document known to be valid JSON (as
+    /// an accepted event's data is): only what patterns name is read. On
+    /// invalid input the result is unspecified, but this never panics.
+    pub fn matching_valid_json(&self, bytes: &[u8]) -> Result<Vec<usize>, json::JsonError> {
+        let mut c = Collect::new(self);
+        let mut arrays = 0;
+        json::scan_valid(bytes, 0, &mut c, &mut arrays)?;
         Ok(c.finish())
     }
 }
@@ -351,6 +457,14 @@ impl Visit for Collect<'_> {
 
     fn wants(&self, node: u32) -> bool {
         self.m.paths[node as usize].record
+    }
+
+    fn bit(&self, node: u32) -> u64 {
+        self.m.paths[node as usize].bit
+    }
+
+    fn named(&self, node: u32) -> u64 {
+        self.m.paths[node as usize].named
     }
 
     fn leaf(&mut self, node: u32, value: Value<'_>, trail: &[(u32, u32)]) {
@@ -460,7 +574,16 @@ impl<'m> Collect<'m> {
         // Without arrays of objects or optional fields, any passing leaf per
         // field will do (no allocation).
         let mut simple = true;
-        for slot in &info.slots {
+        // With no arrays of objects at all, the key slot passed (it was hit).
+        let hit = if self.s.trails.is_empty() {
+            info.key
+        } else {
+            None
+        };
+        for (i, slot) in info.slots.iter().enumerate() {
+            if hit == Some(i) {
+                continue;
+            }
             let mut any = false;
             for (l, &(node, a, b)) in self.s.leaves.iter().enumerate() {
                 if node == slot.node && slot.conds.iter().any(|cond| cond.test(&self.value(l))) {
@@ -541,8 +664,8 @@ impl<'m> Collect<'m> {
 /// Everything tested on one field.
 #[derive(Debug, Clone, Default)]
 struct Index {
-    strings: FxMap<Box<str>, Vec<P>>,
-    numbers: FxMap<Box<str>, Vec<P>>,
+    strings: FxMap<Key, Tests>,
+    numbers: FxMap<Key, Tests>,
     trues: Vec<P>,
     falses: Vec<P>,
     nulls: Vec<P>,
@@ -550,6 +673,15 @@ struct Index {
     any: Vec<P>,
     ignore_case: FxMap<Box<str>, Vec<P>>,
     nfa: Option<Nfa>,
+    /// `prefix` tests by length, one map per length: set by `finish` in
+    /// place of `nfa` when that holds prefixes of at most [`PREFIX_LENGTHS`]
+    /// lengths and nothing else (a look-up per length instead of a walk of
+    /// dependent steps through a big trie).
+    prefixes: Vec<(usize, FxMap<Key, Tests>)>,
+    /// Every `prefix` test (until `finish`), and whether `nfa` also holds
+    /// suffixes or wildcards.
+    prefix_tests: Vec<(Box<str>, P)>,
+    nfa_mixed: bool,
     /// Prefixes and suffixes compared ignoring case: run on the lower-cased leaf.
     nfa_ci: Option<Nfa>,
     numeric: NumIndex,
@@ -565,8 +697,14 @@ impl Index {
     fn insert(&mut self, c: &Condition, p: P) {
         match c {
             Condition::Exact(l) => self.insert_literal(l, p),
-            Condition::Prefix(s) => self.nfa_insert(&[s.as_str(), ""], p),
-            Condition::Suffix(s) => self.nfa_insert(&["", s.as_str()], p),
+            Condition::Prefix(s) => {
+                self.prefix_tests.push((s.as_str().into(), p));
+                self.nfa_insert(&[s.as_str(), ""], p)
+            }
+            Condition::Suffix(s) => {
+                self.nfa_mixed = true;
+                self.nfa_insert(&["", s.as_str()], p)
+            }
             Condition::PrefixIgnoreCase(s) => self
                 .nfa_ci
                 .get_or_insert_with(Nfa::new)
@@ -576,6 +714,7 @@ impl Index {
                 .get_or_insert_with(Nfa::new)
                 .insert(&["", s.as_str()], p),
             Condition::Wildcard(w) => {
+                self.nfa_mixed = true;
                 let pieces: Vec<&str> = w.pieces.iter().map(String::as_str).collect();
                 self.nfa_insert(&pieces, p)
             }
@@ -620,8 +759,8 @@ impl Index {
 
     fn insert_literal(&mut self, l: &Literal, p: P) {
         match l {
-            Literal::String(s) => self.strings.entry(s.as_str().into()).or_default().push(p),
-            Literal::Number(n) => self.numbers.entry(n.as_str().into()).or_default().push(p),
+            Literal::String(s) => Tests::add(&mut self.strings, s, p),
+            Literal::Number(n) => Tests::add(&mut self.numbers, n, p),
             Literal::Bool(true) => self.trues.push(p),
             Literal::Bool(false) => self.falses.push(p),
             Literal::Null => self.nulls.push(p),
@@ -633,6 +772,19 @@ impl Index {
     }
 
     fn finish(&mut self) {
+        let tests = std::mem::take(&mut self.prefix_tests);
+        let mut lengths: Vec<usize> = tests.iter().map(|(s, _)| s.len()).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        if !tests.is_empty() && !self.nfa_mixed && lengths.len() <= PREFIX_LENGTHS {
+            self.nfa = None;
+            self.prefixes = lengths.iter().map(|&n| (n, FxMap::default())).collect();
+            for (s, p) in &tests {
+                if let Some((_, map)) = self.prefixes.iter_mut().find(|(n, _)| *n == s.len()) {
+                    Tests::add(map, s, *p);
+                }
+            }
+        }
         self.numeric.finish();
         for nfa in [&mut self.nfa, &mut self.nfa_ci].into_iter().flatten() {
             nfa.finish();
@@ -671,13 +823,18 @@ impl Index {
     fn positive(&self, leaf: &Scalar<'_>, out: &mut impl FnMut(P)) {
         match leaf {
             Scalar::Str(s) => {
-                if let Some(ps) = self.strings.get(*s) {
-                    ps.iter().copied().for_each(&mut *out);
+                if let Some(t) = self.strings.get(s.as_bytes()) {
+                    t.each(out);
                 }
                 if !self.ignore_case.is_empty()
                     && let Some(ps) = self.ignore_case.get(s.to_lowercase().as_str())
                 {
                     ps.iter().copied().for_each(&mut *out);
+                }
+                for (n, map) in &self.prefixes {
+                    if let Some(t) = s.as_bytes().get(..*n).and_then(|b| map.get(b)) {
+                        t.each(out);
+                    }
                 }
                 if let Some(nfa) = &self.nfa {
                     nfa.run(s.as_bytes(), out);
@@ -696,8 +853,8 @@ impl Index {
                 }
             }
             Scalar::Num(n) => {
-                if let Some(ps) = self.numbers.get(*n) {
-                    ps.iter().copied().for_each(&mut *out);
+                if let Some(t) = self.numbers.get(n.as_bytes()) {
+                    t.each(out);
                 }
                 if !self.numeric.is_empty()
                     && let Some(x) = super::pattern::parse_number(n)
@@ -718,13 +875,21 @@ impl Index {
 struct Nfa {
     nodes: Vec<NfaNode>,
     /// Every node's edges in one array (set by `finish`): node `n`'s are
-    /// `flat[spans[n].0..spans[n].1]`.
+    /// `flat[spans[n].0..spans[n].1]`; `spans[n].2` is its star state
+    /// (`NO_STAR`: none), so a walk touches `nodes` only to report. The
+    /// edges' bytes are also in `flat_bytes`, to be searched in one line.
     flat: Vec<(u8, u32)>,
-    spans: Vec<(u32, u32)>,
+    flat_bytes: Vec<u8>,
+    spans: Vec<(u32, u32, u32)>,
     /// Every star state is a dead end that loops (prefixes only): one path
     /// through the trie, no state sets.
     det: bool,
 }
+
+const NO_STAR: u32 = u32::MAX;
+
+/// See `Index::prefixes`.
+const PREFIX_LENGTHS: usize = 4;
 
 #[derive(Debug, Clone, Default)]
 struct NfaNode {
@@ -741,6 +906,7 @@ impl Nfa {
         Nfa {
             nodes: vec![NfaNode::default()],
             flat: Vec::new(),
+            flat_bytes: Vec::new(),
             spans: Vec::new(),
             det: false,
         }
@@ -749,11 +915,14 @@ impl Nfa {
     /// Freezes the edges into one array and looks for the prefix-only case.
     fn finish(&mut self) {
         self.flat.clear();
+        self.flat_bytes.clear();
         self.spans.clear();
         for node in &self.nodes {
             let a = self.flat.len() as u32;
             self.flat.extend_from_slice(&node.edges);
-            self.spans.push((a, self.flat.len() as u32));
+            self.flat_bytes.extend(node.edges.iter().map(|e| e.0));
+            self.spans
+                .push((a, self.flat.len() as u32, node.star.unwrap_or(NO_STAR)));
         }
         self.det = self
             .nodes
@@ -761,9 +930,15 @@ impl Nfa {
             .all(|n| !n.is_star || (n.edges.is_empty() && n.star.is_none()));
     }
 
+    #[inline]
     fn edge(&self, n: u32, b: u8) -> Option<u32> {
         let edges = match self.spans.get(n as usize) {
-            Some(&(a, z)) => &self.flat[a as usize..z as usize],
+            Some(&(a, z, _)) if z - a <= 16 => {
+                let (a, z) = (a as usize, z as usize);
+                let at = self.flat_bytes[a..z].iter().position(|&c| c == b)?;
+                return Some(self.flat[a + at].1);
+            }
+            Some(&(a, z, _)) => &self.flat[a as usize..z as usize],
             None => &self.nodes[n as usize].edges[..],
         };
         edges
@@ -776,9 +951,15 @@ impl Nfa {
     /// each star state met (it stays active to the end).
     fn run_det(&self, input: &[u8], out: &mut impl FnMut(P)) {
         let star = |n: u32, out: &mut dyn FnMut(P)| {
-            if let Some(s) = self.nodes[n as usize].star {
-                self.nodes[s as usize].accept.iter().copied().for_each(out);
-            }
+            let s = match self.spans.get(n as usize) {
+                Some(&(_, _, s)) if s != NO_STAR => s,
+                Some(_) => return,
+                None => match self.nodes[n as usize].star {
+                    Some(s) => s,
+                    None => return,
+                },
+            };
+            self.nodes[s as usize].accept.iter().copied().for_each(out);
         };
         let mut n = 0u32;
         for &b in input {
