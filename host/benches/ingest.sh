@@ -28,7 +28,10 @@
 #   CONNS="16 64" DURATION=10 WRK_THREADS=2 SKIP_BUILD=1 host/benches/ingest.sh
 #
 # Everything (servers, wrk) shares the machine's cores: compare the rows of one
-# run with each other, not with another machine's figures.
+# run with each other, not with another machine's figures. To keep the load
+# tool off the server's cores, pin them apart (taskset CPU lists):
+#
+#   SERVER_CPUS=1 LOAD_CPUS=0 SKIP_BUILD=1 host/benches/ingest.sh
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,6 +41,10 @@ DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 WRK_THREADS="${WRK_THREADS:-2}"
 VARIANTS="${VARIANTS:-bare switchyard nofsync no-routes verified nats nats-no-routes}"
+SERVER_PIN=()
+[[ -n "${SERVER_CPUS:-}" ]] && SERVER_PIN=(taskset -c "$SERVER_CPUS")
+LOAD_PIN=()
+[[ -n "${LOAD_CPUS:-}" ]] && LOAD_PIN=(taskset -c "$LOAD_CPUS")
 
 command -v wrk >/dev/null || {
 	echo "wrk is not installed: apt-get install -y wrk" >&2
@@ -164,7 +171,7 @@ start_server() {
 	LOG="$TMP/$run.log"
 	case "$variant" in
 	bare)
-		"$BARE" "127.0.0.1:$port" 2>"$LOG" &
+		"${SERVER_PIN[@]}" "$BARE" "127.0.0.1:$port" 2>"$LOG" &
 		;;
 	switchyard | no-routes | nofsync | verified | nats | nats-no-routes)
 		local routes=yes fsync=true verify=no nats_url=""
@@ -179,7 +186,7 @@ start_server() {
 			local nport
 			nport="$(free_port)"
 			mkdir -p "$TMP/$run/js"
-			nats-server -js -a 127.0.0.1 -p "$nport" -sd "$TMP/$run/js" >"$TMP/$run.nats.log" 2>&1 &
+			"${SERVER_PIN[@]}" nats-server -js -a 127.0.0.1 -p "$nport" -sd "$TMP/$run/js" >"$TMP/$run.nats.log" 2>&1 &
 			NATS_PID=$!
 			nats_url="nats://127.0.0.1:$nport"
 			for _ in $(seq 1 100); do
@@ -190,7 +197,7 @@ start_server() {
 		local cfg
 		cfg="$(write_config "$TMP/$run" "$port" "$routes" "$fsync" "$verify" "$nats_url")"
 		# Default logging (info, plugin lines included), as a user would run it.
-		"$SWITCHYARD" serve --config "$cfg" >"$LOG" 2>&1 &
+		"${SERVER_PIN[@]}" "$SWITCHYARD" serve --config "$cfg" >"$LOG" 2>&1 &
 		;;
 	esac
 	SERVER_PID=$!
@@ -249,10 +256,10 @@ for c in $CONNS; do
 		run="$variant-c$c"
 		sign_env "$variant"
 		start_server "$variant" "$run"
-		wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -s "$HERE/ingest.lua" "$URL" >/dev/null
+		"${LOAD_PIN[@]}" wrk -t"$WRK_THREADS" -c"$c" -d"${WARMUP}s" -s "$HERE/ingest.lua" "$URL" >/dev/null
 		[[ "$variant" == switchyard || "$variant" == nofsync || "$variant" == nats ]] && wait_drained >/dev/null
 		before="$(deliveries)"
-		out="$(wrk -t"$WRK_THREADS" -c"$c" -d"${DURATION}s" --latency -s "$HERE/ingest.lua" "$URL")"
+		out="$("${LOAD_PIN[@]}" wrk -t"$WRK_THREADS" -c"$c" -d"${DURATION}s" --latency -s "$HERE/ingest.lua" "$URL")"
 		line="$(grep '^RESULT' <<<"$out")"
 		extra=""
 		if [[ "$variant" == switchyard || "$variant" == nofsync || "$variant" == nats ]]; then
@@ -271,13 +278,13 @@ for c in $CONNS; do
 				signed=(-H "webhook-id: $SIGNED_ID" -H "webhook-timestamp: $SIGNED_TS" -H "webhook-signature: $SIGNED_SIG")
 			fi
 			if command -v oha >/dev/null; then
-				lat="$(oha -z "${DURATION}s" -c "$c" -q "$((rps / 2))" --latency-correction --no-tui \
+				lat="$("${LOAD_PIN[@]}" oha -z "${DURATION}s" -c "$c" -q "$((rps / 2))" --latency-correction --no-tui \
 					-m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
 				half_p50="$(awk '/ 50(\.00)?% in/ { printf "%.3f", $3 }' <<<"$lat")"
 				half_p99="$(awk '/ 99(\.00)?% in/ { printf "%.3f", $3 }' <<<"$lat")"
 			else
 				per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
-				lat="$(hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
+				lat="$("${LOAD_PIN[@]}" hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
 				half_p50="$(awk '/ 50% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
 				half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
 			fi
