@@ -892,6 +892,17 @@ fn a_repeated_key_counts_once_the_first() {
         assert!(first.explain_leaves(&leaves).is_ok(), "{doc}");
         assert!(second.explain_leaves(&leaves).is_err(), "{doc}");
     }
+    // An object with more named keys than the bits track: the same rule.
+    let wide: Vec<Pattern> = (0..70)
+        .map(|i| compile(&format!("{{ w = {{ k{i} = [{i}] }} }}")).expect("valid"))
+        .collect();
+    let m = Matcher::new(&wide);
+    let doc = br#"{"w":{"k3":3,"k5":5,"k3":4,"k69":69,"k5":6}}"#;
+    assert_eq!(m.matching_json(doc), Ok(vec![3, 5, 69]));
+    assert_eq!(m.matching_valid_json(doc), Ok(vec![3, 5, 69]));
+    let doc = br#"{"w":{"k3":4,"k3":3}}"#;
+    assert_eq!(m.matching_json(doc), Ok(vec![]));
+    assert_eq!(m.matching_valid_json(doc), Ok(vec![]));
     // Each object in an array is an object of its own.
     let nested = compile(r#"{ xs = { a = [2] } }"#).expect("valid");
     let m = Matcher::new([&nested]);

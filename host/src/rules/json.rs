@@ -65,9 +65,10 @@ pub(crate) trait Visit {
     fn named(&self, _node: Self::Node) -> u64 {
         0
     }
-    /// Whether repeated keys are told apart by their text instead (for a
-    /// visitor that takes every key, as [`Flatten`] does).
-    fn dedup_keys(&self) -> bool {
+    /// Whether repeated keys in an object at `node` are told apart by their
+    /// text instead of by [`Visit::bit`] (for a visitor that takes every key,
+    /// as [`Flatten`] does, or a node with too many keys for the bits).
+    fn dedup_keys(&self, _node: Self::Node) -> bool {
         false
     }
     /// A scalar at `node`.
@@ -242,7 +243,7 @@ impl<'a, const VALID: bool> Scanner<'a, '_, VALID> {
         last: bool,
     ) -> Result<(), JsonError> {
         let named = visit.named(node);
-        let by_key = visit.dedup_keys();
+        let by_key = visit.dedup_keys(node);
         let frame = self.keys.len();
         let mut seen = 0u64;
         loop {
@@ -932,7 +933,7 @@ impl Default for Flatten {
 
 impl Visit for Flatten {
     type Node = usize;
-    fn dedup_keys(&self) -> bool {
+    fn dedup_keys(&self, _node: usize) -> bool {
         true
     }
     fn child(&mut self, parent: usize, key: &[u8]) -> Option<usize> {

@@ -184,7 +184,8 @@ struct PathNode {
     index: Option<Box<Index>>,
     /// Some slot names this path: record its leaves.
     record: bool,
-    /// This key's bit among its parent's children (0 when it has over 64).
+    /// This key's bit among its parent's children (0 when it has over 64:
+    /// repeated keys are then found by their text).
     bit: u64,
     /// Its children's bits (0 when it has over 64): an object that has
     /// shown them all is not read further.
@@ -465,6 +466,11 @@ impl Visit for Collect<'_> {
 
     fn named(&self, node: u32) -> u64 {
         self.m.paths[node as usize].named
+    }
+
+    fn dedup_keys(&self, node: u32) -> bool {
+        // Over 64 named keys: no bits (see `PathNode::bit`), compare text.
+        self.m.paths[node as usize].children.len() > 64
     }
 
     fn leaf(&mut self, node: u32, value: Value<'_>, trail: &[(u32, u32)]) {
