@@ -28,30 +28,19 @@ pub struct Event {
 impl Event {
     /// The text at a JSON pointer into the envelope (`/subject`, `/type`,
     /// `/data/account`, an extension's name): strings as they are, numbers
-    /// and booleans as JSON text; `None` when absent or not a scalar. `data`
-    /// is the parsed payload if the caller has it (else it is parsed here).
-    pub fn pointer_text(&self, pointer: &str, data: Option<&serde_json::Value>) -> Option<String> {
-        use serde_json::Value;
+    /// and booleans as JSON text; `None` when absent or not a scalar.
+    pub fn pointer_text(&self, pointer: &str) -> Option<String> {
         let rest = pointer.strip_prefix('/')?;
         let (head, tail) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let scalar = |v: &Value| match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(_) | Value::Bool(_) => Some(v.to_string()),
-            _ => None,
-        };
         let attribute = |v: &str| tail.is_empty().then(|| v.to_string());
         match head {
-            "data" => match data {
-                Some(d) => d.pointer(tail).and_then(scalar),
-                None if self.data_is_json() => serde_json::from_slice::<Value>(&self.data)
-                    .ok()?
-                    .pointer(tail)
-                    .and_then(scalar),
-                None => None,
-            },
+            "data" if self.data_is_json() => {
+                json_pointers(&self.data, &[tail]).ok()?.pop().flatten()
+            }
+            "data" => None,
             "id" => attribute(&self.id),
             "source" => attribute(&self.source),
             "type" => attribute(&self.ty),
@@ -188,6 +177,191 @@ impl Event {
     }
 }
 
+/// The scalars at several JSON pointers (RFC 6901) into a JSON document, read
+/// in one pass that also checks the whole document (an `Err` when it is not
+/// JSON) without building a tree of it: strings as they are, numbers and
+/// booleans as JSON text (as `serde_json::Value` writes them), `None` when a
+/// pointer is absent or names an object, an array or null. A key repeated in
+/// one object counts once, the first time, as in matching (`docs/rules.md`).
+pub fn json_pointers(
+    bytes: &[u8],
+    pointers: &[&str],
+) -> Result<Vec<Option<String>>, serde_json::Error> {
+    use serde::de::DeserializeSeed as _;
+    let paths: Vec<Vec<String>> = pointers.iter().map(|p| pointer_tokens(p)).collect();
+    let mut walk = PointerWalk {
+        out: vec![None; paths.len()],
+        // The depth down to which each pointer has been followed: a second
+        // key of the same name at a depth already passed is ignored.
+        reached: vec![0; paths.len()],
+        paths,
+    };
+    let valid: Vec<usize> = (0..walk.paths.len())
+        .filter(|&i| !walk.paths[i].is_empty() || pointers[i].is_empty())
+        .collect();
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    PointerSeed {
+        walk: &mut walk,
+        active: valid,
+        depth: 0,
+    }
+    .deserialize(&mut de)?;
+    de.end()?;
+    Ok(walk.out)
+}
+
+/// A pointer's reference tokens, unescaped (`~1` is `/`, `~0` is `~`); empty
+/// for the whole document (`""`) and for text that is not a pointer.
+fn pointer_tokens(pointer: &str) -> Vec<String> {
+    match pointer.strip_prefix('/') {
+        None => Vec::new(),
+        Some(rest) => rest
+            .split('/')
+            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .collect(),
+    }
+}
+
+struct PointerWalk {
+    paths: Vec<Vec<String>>,
+    out: Vec<Option<String>>,
+    reached: Vec<usize>,
+}
+
+/// One value of the document, with the pointers (indices into `paths`) that
+/// pass through it or end at it.
+struct PointerSeed<'w> {
+    walk: &'w mut PointerWalk,
+    active: Vec<usize>,
+    depth: usize,
+}
+
+impl PointerSeed<'_> {
+    fn set(&mut self, text: impl Fn() -> String) {
+        for &i in &self.active {
+            if self.walk.paths[i].len() == self.depth {
+                self.walk.out[i] = Some(text());
+            }
+        }
+    }
+
+    /// The pointers that go on below this value under `token`.
+    fn below(&mut self, token: impl Fn(&str) -> bool) -> Vec<usize> {
+        let depth = self.depth;
+        let walk = &mut *self.walk;
+        let below: Vec<usize> = self
+            .active
+            .iter()
+            .copied()
+            .filter(|&i| {
+                walk.paths[i].len() > depth
+                    && walk.reached[i] == depth
+                    && token(&walk.paths[i][depth])
+            })
+            .collect();
+        for &i in &below {
+            walk.reached[i] = depth + 1;
+        }
+        below
+    }
+}
+
+/// An object's key, compared with the pointers' tokens where it lies (no
+/// copy of it is made).
+struct KeySeed<'a, 'w>(&'a mut PointerSeed<'w>);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeySeed<'_, '_> {
+    type Value = Vec<usize>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeySeed<'_, '_> {
+    type Value = Vec<usize>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<Vec<usize>, E> {
+        Ok(self.0.below(|t| t == key))
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for PointerSeed<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for PointerSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(mut self, v: bool) -> Result<(), E> {
+        self.set(|| v.to_string());
+        Ok(())
+    }
+    fn visit_i64<E>(mut self, v: i64) -> Result<(), E> {
+        self.set(|| v.to_string());
+        Ok(())
+    }
+    fn visit_u64<E>(mut self, v: u64) -> Result<(), E> {
+        self.set(|| v.to_string());
+        Ok(())
+    }
+    fn visit_f64<E>(mut self, v: f64) -> Result<(), E> {
+        self.set(|| serde_json::Value::from(v).to_string());
+        Ok(())
+    }
+    fn visit_str<E>(mut self, v: &str) -> Result<(), E> {
+        self.set(|| v.to_string());
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        loop {
+            let below = self.below(|t| {
+                // RFC 6901: no leading zeros, no sign.
+                t.parse::<usize>().ok() == Some(index) && (t == "0" || !t.starts_with('0'))
+            });
+            let more = if below.is_empty() {
+                seq.next_element::<serde::de::IgnoredAny>()?.is_some()
+            } else {
+                seq.next_element_seed(PointerSeed {
+                    walk: &mut *self.walk,
+                    active: below,
+                    depth: self.depth + 1,
+                })?
+                .is_some()
+            };
+            if !more {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        while let Some(below) = map.next_key_seed(KeySeed(&mut self))? {
+            if below.is_empty() {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            } else {
+                map.next_value_seed(PointerSeed {
+                    walk: &mut *self.walk,
+                    active: below,
+                    depth: self.depth + 1,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The envelope's own attributes: an extension may not use these names.
 pub const CONTEXT_ATTRIBUTES: [&str; 8] = [
     "id",
@@ -213,7 +387,13 @@ pub fn is_json_media_type(content_type: &str) -> bool {
 
 /// A new, time-ordered event id (UUIDv7).
 pub fn new_event_id() -> String {
-    uuid::Uuid::now_v7().to_string()
+    // The random bits from a fast thread-local generator: `Uuid::now_v7`
+    // asks the kernel for them, one system call per event.
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    uuid::Builder::from_unix_timestamp_millis(now_ms(), &random)
+        .into_uuid()
+        .to_string()
 }
 
 /// Milliseconds since the Unix epoch.
@@ -233,6 +413,120 @@ pub fn rfc3339_ms(ms: u64) -> String {
 mod tests {
     use super::*;
 
+    fn pointers(doc: &str, ptrs: &[&str]) -> Vec<Option<String>> {
+        json_pointers(doc.as_bytes(), ptrs).unwrap()
+    }
+
+    #[test]
+    fn json_pointers_read_scalars_in_one_pass() {
+        let doc = r#"{"s":"x\"y","n":1.0,"e":1e2,"i":-3,"b":true,"z":null,"o":{"k":[10,{"d":"deep"}]},"a/b":1,"m~n":2,"":"empty"}"#;
+        let got = pointers(
+            doc,
+            &[
+                "/s", "/n", "/e", "/i", "/b", "/z", "/o", "/o/k", "/o/k/0", "/o/k/1/d", "/o/k/2",
+                "/o/k/01", "/a~1b", "/m~0n", "/", "/missing", "nope",
+            ],
+        );
+        let want: Vec<Option<&str>> = vec![
+            Some("x\"y"),
+            Some("1.0"),
+            Some("100.0"),
+            Some("-3"),
+            Some("true"),
+            None,
+            None,
+            None,
+            Some("10"),
+            Some("deep"),
+            None,
+            None,
+            Some("1"),
+            Some("2"),
+            Some("empty"),
+            None,
+            None,
+        ];
+        assert_eq!(
+            got,
+            want.iter().map(|o| o.map(String::from)).collect::<Vec<_>>()
+        );
+        // The whole document, when it is a scalar.
+        assert_eq!(pointers("\"top\"", &[""]), vec![Some("top".into())]);
+        assert_eq!(pointers("{}", &[""]), vec![None]);
+    }
+
+    #[test]
+    fn json_pointers_agree_with_serde_json_values() {
+        let docs = [
+            r#"{"kind":"order.created","customer":"c-1042","total":129.5,"items":[{"sku":"A-1","qty":2},{"sku":"B-7","qty":1}]}"#,
+            r#"[1,[2,[3,"x"]],{"a":{"b":{"c":false}}}]"#,
+            r#"{"u":"\u00e9\ud83d\ude00","big":18446744073709551615,"neg":-9223372036854775808,"f":-0.5e-3}"#,
+        ];
+        let ptrs = [
+            "/kind",
+            "/customer",
+            "/total",
+            "/items/0/sku",
+            "/items/1/qty",
+            "/items/2",
+            "/0",
+            "/1/1/1",
+            "/1/1/0",
+            "/2/a/b/c",
+            "/2/a/b",
+            "/u",
+            "/big",
+            "/neg",
+            "/f",
+        ];
+        for doc in docs {
+            let value: serde_json::Value = serde_json::from_str(doc).unwrap();
+            let want: Vec<Option<String>> = ptrs
+                .iter()
+                .map(|p| match value.pointer(p)? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => {
+                        Some(v.to_string())
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(pointers(doc, &ptrs), want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn json_pointers_take_a_repeated_key_once_the_first_time() {
+        assert_eq!(
+            pointers(r#"{"a":1,"a":2}"#, &["/a"]),
+            vec![Some("1".into())]
+        );
+        // The first `a` has no `b`: the second is not looked into either.
+        assert_eq!(pointers(r#"{"a":{},"a":{"b":2}}"#, &["/a/b"]), vec![None]);
+        assert_eq!(
+            pointers(
+                r#"{"a":{"b":1,"b":2,"c":3},"a":{"c":4}}"#,
+                &["/a/b", "/a/c"]
+            ),
+            vec![Some("1".into()), Some("3".into())]
+        );
+    }
+
+    #[test]
+    fn json_pointers_check_the_whole_document() {
+        for bad in [
+            r#"{"a":1"#,
+            r#"{"a":1} x"#,
+            r#"{"a":tru}"#,
+            "",
+            r#"{"a":[1,]}"#,
+        ] {
+            assert!(json_pointers(bad.as_bytes(), &["/a"]).is_err(), "{bad}");
+        }
+        // Also past the fields asked for.
+        assert!(json_pointers(br#"{"a":1,"b":[}"#, &["/a"]).is_err());
+    }
+
     #[test]
     fn pointer_text_reads_attributes_and_data() {
         let mut e = Event {
@@ -245,7 +539,7 @@ mod tests {
             data: br#"{"account":"a1","n":7,"deep":{"x":true},"list":[1]}"#.to_vec(),
             extensions: BTreeMap::from([("tenant".into(), "t1".into())]),
         };
-        let p = |e: &Event, ptr: &str| e.pointer_text(ptr, None);
+        let p = |e: &Event, ptr: &str| e.pointer_text(ptr);
         assert_eq!(p(&e, "/data/account").as_deref(), Some("a1"));
         assert_eq!(p(&e, "/data/n").as_deref(), Some("7"));
         assert_eq!(p(&e, "/data/deep/x").as_deref(), Some("true"));

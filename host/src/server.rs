@@ -30,6 +30,10 @@ pub struct Live {
     /// Per source with a rate or concurrency limit, its limiter state (reset
     /// by a reload).
     pub limits: HashMap<String, Arc<SourceLimits>>,
+    /// Per source, its `switchyard_events_accepted_total` counter (looked up
+    /// once here rather than on every request).
+    pub accepted: HashMap<String, metrics::Counter>,
+    pub match_seconds: metrics::Histogram,
 }
 
 /// The limiter state of one source.
@@ -65,8 +69,19 @@ impl Live {
         // Only a load that succeeds changes the limit (a failed reload keeps
         // everything as it was).
         runtime.set_max_hops(config.server.max_hops);
+        let accepted = config
+            .sources
+            .keys()
+            .map(|name| {
+                let counter =
+                    metrics::counter!("switchyard_events_accepted_total", "source" => name.clone());
+                (name.clone(), counter)
+            })
+            .collect();
         Ok(Live {
             limits: source_limits(&config),
+            accepted,
+            match_seconds: metrics::histogram!("switchyard_match_seconds"),
             config,
             plugins,
             verifiers,
@@ -343,7 +358,7 @@ impl Server {
             .ok()
             .filter(|t| !t.is_empty())
             .map(Arc::from);
-        let state = AppState {
+        let state = AppState::new(ingress::Shared {
             live: live.clone(),
             reloader: reloader.clone(),
             backend: backend.clone(),
@@ -354,7 +369,7 @@ impl Server {
             in_flight: Arc::new(tokio::sync::Semaphore::new(
                 live.load().config.server.max_concurrency,
             )),
-        };
+        });
         let header_timeout = live.load().config.server.header_timeout;
         let drain = std::time::Duration::from_secs(5);
         let admin_http = admin_listener.map(|l| {

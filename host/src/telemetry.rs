@@ -85,12 +85,17 @@ pub fn init_with(
             }
         },
     };
+    let exporting = otel.is_some();
     // A second init (tests) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
+    let installed = tracing_subscriber::registry()
         .with(filter)
         .with(fmt)
         .with(otel)
-        .try_init();
+        .try_init()
+        .is_ok();
+    if installed && exporting {
+        crate::trace::set_exporting();
+    }
     guard
 }
 

@@ -69,9 +69,40 @@ pub fn trace_id(event: &Event) -> Option<&str> {
     valid_traceparent(tp).then(|| &tp[3..35])
 }
 
+/// Whether spans are exported (`[telemetry] otlp_endpoint`). Without an
+/// exporter, the ingest path's spans would only cost time: its log lines name
+/// the source themselves, and events keep the `traceparent` either way.
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Called once the exporting subscriber is installed.
+pub fn set_exporting() {
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether spans are exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A span of the ingest path (`match`, `journal.append`) when spans are
+/// exported, else none.
+#[macro_export]
+macro_rules! ingest_stage_span {
+    ($name:literal) => {
+        if $crate::trace::exporting() {
+            tracing::info_span!($name)
+        } else {
+            tracing::Span::none()
+        }
+    };
+}
+
 /// The span of one webhook request, a child of the request's `traceparent`
-/// if it has a valid one.
+/// if it has a valid one; none when spans are not exported.
 pub fn ingest_span(source: &str, headers: &http::HeaderMap) -> tracing::Span {
+    if !exporting() {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!("ingest", source = %source, otel.kind = "server");
     let parent = TraceContextPropagator::new().extract(&Headers(headers));
     if parent.span().span_context().is_valid() {
@@ -93,7 +124,11 @@ pub fn stamp(event: &mut Event, headers: &http::HeaderMap) {
             event.extensions.insert(TRACESTATE.into(), ts.to_string());
         }
     }
-    let cx = tracing::Span::current().context();
+    let cx = if exporting() {
+        tracing::Span::current().context()
+    } else {
+        opentelemetry::Context::new()
+    };
     if cx.span().span_context().is_valid() {
         let mut map = HashMap::new();
         TraceContextPropagator::new().inject_context(&cx, &mut Map(&mut map));
@@ -134,6 +169,9 @@ pub fn delivery_span(event: &Event, route: &str, plugin: &str, attempt: u32) -> 
         attempt,
         otel.kind = "consumer",
     );
+    if !exporting() {
+        return span;
+    }
     let mut map: HashMap<String, String> = HashMap::new();
     for key in [TRACEPARENT, TRACESTATE] {
         if let Some(v) = event.extensions.get(key) {

@@ -615,7 +615,7 @@ pub(crate) async fn run_attempt(
         .map(|e| {
             let e = Arc::new(e);
             let routes = live.config.routes.matching(&e);
-            let deliveries = crate::ingress::plan(&routes, &e, None);
+            let deliveries = crate::ingress::plan(&routes, &e);
             Emitted {
                 event: e,
                 deliveries,

@@ -54,7 +54,7 @@ pub fn plan_now(
         .into_iter()
         .filter(|r| spec.route.as_ref().is_none_or(|name| *name == r.name))
         .collect();
-    crate::ingress::plan(&routes, event, None)
+    crate::ingress::plan(&routes, event)
 }
 
 /// Redrives dead letters; returns how many were.

@@ -7,10 +7,9 @@
 //! fuzz target `host/fuzz/fuzz_targets/ingress_decode.rs` compiles it alone.
 
 use http::{HeaderMap, header};
-use serde_json::Value;
 
 use super::cloudevents::{self as ce, Mode};
-use crate::event::{Event, is_json_media_type, new_event_id, now_ms, rfc3339_ms};
+use crate::event::{Event, is_json_media_type, json_pointers, new_event_id, now_ms, rfc3339_ms};
 
 /// Where an envelope attribute of a plain webhook comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,8 +52,6 @@ pub enum DecodeError {
 #[derive(Debug, Clone)]
 pub struct Decoded {
     pub event: Event,
-    /// The body parsed as JSON, when it was (saves parsing it again).
-    pub data: Option<Value>,
     /// The idempotency key, if the request has one.
     pub dedup_key: Option<String>,
 }
@@ -108,40 +105,66 @@ pub fn decode(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Request, DecodeError> {
-    let (mode, raw_type) = check_content_type(rules, headers)?;
+    let checked = check_content_type(rules, headers)?;
+    decode_checked(rules, headers, body, checked)
+}
+
+/// As [`decode`], with what [`check_content_type`] said of these headers.
+pub fn decode_checked(
+    rules: &SourceRules<'_>,
+    headers: &HeaderMap,
+    body: &[u8],
+    (mode, raw_type): (Mode, Option<String>),
+) -> Result<Request, DecodeError> {
     let invalid = DecodeError::InvalidCloudEvent;
     match mode {
         Mode::Plain => {
-            let data = match raw_type {
-                Some(_) => Value::Null,
-                None => serde_json::from_slice(body).map_err(|e| {
+            // The body's fields that the source names, read in the pass that
+            // checks it is JSON (no tree of it is built).
+            let fields = [
+                rules.type_from,
+                rules.subject_from,
+                rules.dedup_from,
+                rules.provider_id,
+            ];
+            let pointers: Vec<&str> = fields
+                .iter()
+                .filter_map(|f| match f {
+                    Some(FieldFrom::Pointer(p)) => Some(p.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let mut found = match raw_type {
+                Some(_) => vec![None; pointers.len()],
+                None => json_pointers(body, &pointers).map_err(|e| {
                     DecodeError::MalformedJson(format!("the body is not valid JSON: {e}"))
                 })?,
+            }
+            .into_iter();
+            let mut field = |from: Option<&FieldFrom>| -> Option<String> {
+                let text = match from? {
+                    FieldFrom::Header(name) => headers.get(name)?.to_str().ok()?.trim().to_string(),
+                    FieldFrom::Pointer(_) => found.next()??,
+                };
+                (!text.is_empty()).then_some(text)
             };
-            let delivery_id = rules
-                .provider_id
-                .and_then(|from| attribute(from, headers, &data))
-                .filter(|id| id.len() <= 256);
+            // In the order of `fields`, so each takes its own pointer's value.
+            let ty = field(rules.type_from);
+            let subject = field(rules.subject_from);
+            let own_dedup = field(rules.dedup_from);
+            let delivery_id = field(rules.provider_id).filter(|id| id.len() <= 256);
             let dedup_key = match rules.dedup_from {
-                Some(from) => attribute(from, headers, &data),
+                Some(_) => own_dedup,
                 None => delivery_id.clone(),
             };
-            let mut event = plain_event(rules, headers, &data, body)?;
+            let mut event = plain_event(rules, ty, subject, body)?;
             if let Some(id) = delivery_id {
                 event.id = id;
             }
-            let data = match raw_type {
-                Some(ct) => {
-                    event.datacontenttype = ct;
-                    None
-                }
-                None => Some(data),
-            };
-            Ok(Request::One(Box::new(Decoded {
-                event,
-                data,
-                dedup_key,
-            })))
+            if let Some(ct) = raw_type {
+                event.datacontenttype = ct;
+            }
+            Ok(Request::One(Box::new(Decoded { event, dedup_key })))
         }
         Mode::Binary | Mode::Structured => {
             let event = ce::decode(headers, body, rules.name).map_err(invalid)?;
@@ -162,30 +185,27 @@ fn ce_decoded(event: Event) -> Decoded {
     Decoded {
         dedup_key: Some(format!("{}\u{1f}{}", event.source, event.id)),
         event,
-        data: None,
     }
 }
 
 /// A plain webhook as an envelope: `source` is the source's name, `type` and
-/// `subject` from its headers or pointers.
+/// `subject` from its headers or pointers (`ty` is `None` when the source
+/// names a place for it and the request has none there).
 fn plain_event(
     rules: &SourceRules<'_>,
-    headers: &HeaderMap,
-    data: &Value,
+    ty: Option<String>,
+    subject: Option<String>,
     body: &[u8],
 ) -> Result<Event, DecodeError> {
     let ty = match rules.type_from {
         None => "webhook".to_string(),
-        Some(from) => attribute(from, headers, data).ok_or_else(|| {
+        Some(from) => ty.ok_or_else(|| {
             DecodeError::MissingType(format!(
                 "this source takes the event type from {}, which the request lacks",
                 describe(from)
             ))
         })?,
     };
-    let subject = rules
-        .subject_from
-        .and_then(|from| attribute(from, headers, data));
     Ok(Event {
         id: new_event_id(),
         source: rules.name.to_string(),
@@ -196,19 +216,6 @@ fn plain_event(
         data: body.to_vec(),
         extensions: Default::default(),
     })
-}
-
-/// A header's value, or the string (or number/boolean, as text) at a pointer.
-pub fn attribute(from: &FieldFrom, headers: &HeaderMap, data: &Value) -> Option<String> {
-    let text = match from {
-        FieldFrom::Header(name) => headers.get(name)?.to_str().ok()?.trim().to_string(),
-        FieldFrom::Pointer(ptr) => match data.pointer(ptr)? {
-            Value::String(s) => s.clone(),
-            v @ (Value::Number(_) | Value::Bool(_)) => v.to_string(),
-            _ => return None,
-        },
-    };
-    (!text.is_empty()).then_some(text)
 }
 
 fn describe(from: &FieldFrom) -> String {
@@ -255,7 +262,6 @@ mod tests {
         assert_eq!(d.event.subject.as_deref(), Some("c1"));
         assert_eq!(d.event.source, "shop");
         assert_eq!(d.event.data, body.as_bytes());
-        assert_eq!(d.data.unwrap()["kind"], "order.created");
         let d = one(decode(
             &rules(None, &subject),
             &HeaderMap::new(),
@@ -317,6 +323,5 @@ mod tests {
         let d = one(decode(&r, &headers, b"hi"));
         assert_eq!(d.event.datacontenttype, "text/plain; charset=utf-8");
         assert_eq!(d.event.data, b"hi");
-        assert!(d.data.is_none());
     }
 }

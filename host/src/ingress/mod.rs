@@ -32,9 +32,26 @@ use crate::journal::{Appended, DedupKey, JournalError, PlannedDelivery};
 use crate::server::Live;
 use decode::DecodeError;
 
-/// What every handler shares.
+/// What every handler shares: one `Arc`, as axum clones the state for every
+/// request.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub live: Arc<ArcSwap<Live>>,
     pub reloader: Arc<crate::server::Reloader>,
     /// The engine: events, timelines, dead letters, deliveries.
@@ -146,12 +163,14 @@ pub fn is_loopback(addr: &SocketAddr) -> bool {
 async fn webhook(
     state: State<AppState>,
     Path(source_name): Path<String>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
-    let known = state.live.load().config.sources.contains_key(&source_name);
+    // The request taken apart, not its headers copied (as the `HeaderMap`
+    // extractor does).
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
     let span = crate::trace::ingest_span(&source_name, &headers);
-    let result = handle_webhook(state, &source_name, headers, body)
+    let result = handle_webhook(&state, &source_name, headers, body)
         .instrument(span)
         .await;
     let rejected = match &result {
@@ -160,6 +179,7 @@ async fn webhook(
         Ok(_) => None,
     };
     if let Some(reason) = rejected {
+        let known = state.live.load().config.sources.contains_key(&source_name);
         let source = if known {
             source_name
         } else {
@@ -172,7 +192,7 @@ async fn webhook(
 }
 
 async fn handle_webhook(
-    State(state): State<AppState>,
+    state: &AppState,
     source_name: &str,
     headers: HeaderMap,
     body: Body,
@@ -231,7 +251,7 @@ async fn handle_webhook(
     let provider_id = provider_id_from(source);
     let rules = source_rules(source, provider_id.as_ref());
     // Before the body is read: refuse what this source does not take.
-    decode::check_content_type(&rules, &headers).map_err(decode_error)?;
+    let checked = decode::check_content_type(&rules, &headers).map_err(decode_error)?;
     let body = read_body(
         body,
         &headers,
@@ -259,34 +279,27 @@ async fn handle_webhook(
             window_ms: source.dedup_window.as_millis() as u64,
         })
     };
-    let accepted = match decode::decode(&rules, &headers, &body).map_err(decode_error)? {
-        decode::Request::One(mut d) => {
-            crate::trace::stamp(&mut d.event, &headers);
-            accept(
-                &state,
-                &live,
-                &source.name,
-                d.event,
-                d.data.as_ref(),
-                dedup(d.dedup_key),
-            )
-            .await?
-        }
-        decode::Request::Batch(items) => {
-            let items = items
-                .into_iter()
-                .map(|r| {
-                    r.map(|mut d| {
-                        crate::trace::stamp(&mut d.event, &headers);
-                        (d.event, dedup(d.dedup_key))
+    let accepted =
+        match decode::decode_checked(&rules, &headers, &body, checked).map_err(decode_error)? {
+            decode::Request::One(mut d) => {
+                crate::trace::stamp(&mut d.event, &headers);
+                accept(state, &live, &source.name, d.event, dedup(d.dedup_key)).await?
+            }
+            decode::Request::Batch(items) => {
+                let items = items
+                    .into_iter()
+                    .map(|r| {
+                        r.map(|mut d| {
+                            crate::trace::stamp(&mut d.event, &headers);
+                            (d.event, dedup(d.dedup_key))
+                        })
                     })
-                })
-                .collect();
-            let webhook = source.name.clone();
-            return accept_batch(state, live.clone(), webhook, items).await;
-        }
-    };
-    Ok((StatusCode::ACCEPTED, Json(accepted.to_json())).into_response())
+                    .collect();
+                let webhook = source.name.clone();
+                return accept_batch(state.clone(), live.clone(), webhook, items).await;
+            }
+        };
+    Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
 }
 
 /// What became of one accepted event.
@@ -299,11 +312,23 @@ struct Accepted {
 
 impl Accepted {
     fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+}
+
+/// `{"id": …, "routes": […]}`, or `{"id": …, "duplicate": true}`: written
+/// straight to the answer, without a `Value` in between.
+impl serde::Serialize for Accepted {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = s.serialize_map(Some(2))?;
+        map.serialize_entry("id", &self.id)?;
         if self.duplicate {
-            json!({ "id": self.id, "duplicate": true })
+            map.serialize_entry("duplicate", &true)?;
         } else {
-            json!({ "id": self.id, "routes": self.routes })
+            map.serialize_entry("routes", &self.routes)?;
         }
+        map.end()
     }
 }
 
@@ -313,21 +338,21 @@ async fn accept(
     live: &Live,
     webhook: &str,
     event: Event,
-    data: Option<&Value>,
     dedup: Option<DedupKey>,
 ) -> Result<Accepted, ApiError> {
     let event = Arc::new(event);
     let matching = std::time::Instant::now();
-    let routes = tracing::info_span!("match").in_scope(|| live.config.routes.matching(&event));
-    metrics::histogram!("switchyard_match_seconds").record(matching.elapsed().as_secs_f64());
-    let planned: Vec<PlannedDelivery> = plan(&routes, &event, data);
+    let routes =
+        crate::ingest_stage_span!("match").in_scope(|| live.config.routes.matching(&event));
+    live.match_seconds.record(matching.elapsed().as_secs_f64());
+    let planned: Vec<PlannedDelivery> = plan(&routes, &event);
     let route_names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
     let accepted_ms = now_ms();
     let appended = state
         .backend
         .store()
         .append(event.clone(), accepted_ms, planned.clone(), dedup)
-        .instrument(tracing::info_span!("journal.append"))
+        .instrument(crate::ingest_stage_span!("journal.append"))
         .await?;
     let seq = match appended {
         Appended::New(seq) => seq,
@@ -363,8 +388,13 @@ async fn accept(
         })
         .collect();
     state.backend.deliveries().enqueue_all(work);
-    metrics::counter!("switchyard_events_accepted_total", "source" => webhook.to_string())
-        .increment(1);
+    match live.accepted.get(webhook) {
+        Some(counter) => counter.increment(1),
+        None => {
+            metrics::counter!("switchyard_events_accepted_total", "source" => webhook.to_string())
+                .increment(1)
+        }
+    }
     tracing::debug!(id = %event.id, source = %event.source, r#type = %event.ty, routes = ?route_names, "accepted");
     Ok(Accepted {
         id: event.id.clone(),
@@ -390,7 +420,7 @@ async fn accept_batch(
             Ok((event, dedup)) => {
                 let (state, live, webhook) = (state.clone(), live.clone(), webhook.clone());
                 tasks.spawn(async move {
-                    let accepted = accept(&state, &live, &webhook, event, None, dedup).await;
+                    let accepted = accept(&state, &live, &webhook, event, dedup).await;
                     (i, accepted)
                 });
             }
@@ -423,18 +453,11 @@ async fn accept_batch(
 
 /// The deliveries of an event to the routes it matched: one per (route,
 /// plugin), with the route's order key value if it has one.
-pub fn plan(
-    routes: &[&crate::rules::Route],
-    event: &Event,
-    data: Option<&Value>,
-) -> Vec<PlannedDelivery> {
+pub fn plan(routes: &[&crate::rules::Route], event: &Event) -> Vec<PlannedDelivery> {
     routes
         .iter()
         .flat_map(|r| {
-            let order_key = r
-                .order_key
-                .as_ref()
-                .and_then(|ptr| event.pointer_text(ptr, data));
+            let order_key = r.order_key.as_ref().and_then(|ptr| event.pointer_text(ptr));
             r.to.iter().map(move |p| PlannedDelivery {
                 route: r.name.clone(),
                 plugin: p.clone(),

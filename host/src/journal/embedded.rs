@@ -98,9 +98,7 @@ struct DedupEntry {
 /// An operation for the writer, with the channel its result goes back on.
 enum WriteOp {
     Append {
-        event: Arc<Event>,
-        accepted_ms: u64,
-        deliveries: Vec<PlannedDelivery>,
+        encoded: EncodedEvent,
         dedup: Option<DedupKey>,
         reply: oneshot::Sender<Result<Appended, JournalError>>,
     },
@@ -308,10 +306,16 @@ impl Journal {
         deliveries: Vec<PlannedDelivery>,
         dedup: Option<DedupKey>,
     ) -> Result<Appended, JournalError> {
-        self.call(|reply| WriteOp::Append {
-            event,
+        // Encoded here, on the caller's thread, so the single writer only
+        // writes.
+        let encoded = encode_event(
+            &event,
             accepted_ms,
             deliveries,
+            dedup.as_ref().map(|d| d.key.as_str()),
+        )?;
+        self.call(|reply| WriteOp::Append {
+            encoded,
             dedup,
             reply,
         })
@@ -769,6 +773,9 @@ struct Writer {
 impl Writer {
     fn run(mut self, queue: Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        // The commit histograms, looked up once.
+        let commit_ops = metrics::histogram!("switchyard_journal_commit_ops");
+        let commit_seconds = metrics::histogram!("switchyard_journal_commit_seconds");
         while let Ok(first) = queue.recv() {
             batch.push(first);
             while batch.len() < MAX_BATCH {
@@ -780,9 +787,8 @@ impl Writer {
             let started = Instant::now();
             let size = batch.len();
             self.commit_batch(&mut batch);
-            metrics::histogram!("switchyard_journal_commit_ops").record(size as f64);
-            metrics::histogram!("switchyard_journal_commit_seconds")
-                .record(started.elapsed().as_secs_f64());
+            commit_ops.record(size as f64);
+            commit_seconds.record(started.elapsed().as_secs_f64());
             tracing::trace!(size, elapsed = ?started.elapsed(), "journal batch committed");
         }
         tracing::debug!("journal writer stopped");
@@ -844,21 +850,11 @@ impl Writer {
         for op in ops {
             match op {
                 WriteOp::Append {
-                    event,
-                    accepted_ms,
-                    deliveries,
+                    encoded,
                     dedup,
                     reply: r,
                 } => {
-                    let res = append(
-                        &mut tx,
-                        s,
-                        self.next_seq,
-                        &event,
-                        accepted_ms,
-                        deliveries,
-                        dedup,
-                    );
+                    let res = append(&mut tx, s, self.next_seq, encoded, dedup);
                     if let Ok(Appended::New(_)) = res {
                         self.next_seq += 1;
                     }
@@ -960,12 +956,11 @@ fn append(
     tx: &mut WriteTransaction<'_>,
     s: &Store,
     seq: Seq,
-    event: &Event,
-    accepted_ms: u64,
-    planned: Vec<PlannedDelivery>,
+    encoded: EncodedEvent,
     dedup: Option<DedupKey>,
 ) -> Result<Appended, JournalError> {
-    check_key(event.id.as_bytes())?;
+    check_key(encoded.id.as_bytes())?;
+    let accepted_ms = encoded.accepted_ms;
     let mut dedup_write = None;
     if let Some(d) = &dedup {
         let k = dedup_key(&d.source, &d.key);
@@ -981,19 +976,28 @@ fn append(
         }
         let entry = DedupEntry {
             seq,
-            id: event.id.clone(),
+            id: encoded.id.clone(),
             first_ms: accepted_ms,
             duplicates: 0,
             last_duplicate_ms: None,
         };
         dedup_write = Some((k, encode(&entry)?));
     }
-    let staged = stage_event(seq, event, accepted_ms, planned, dedup.map(|d| d.key))?;
+    let staged = stage(seq, encoded)?;
     if let Some((k, v)) = dedup_write {
         tx.insert(&s.dedup, k, v);
     }
     staged.write(tx, s);
     Ok(Appended::New(seq))
+}
+
+/// An event and its planned deliveries, encoded, not yet given a sequence
+/// number.
+struct EncodedEvent {
+    id: String,
+    accepted_ms: u64,
+    stored: Vec<u8>,
+    records: Vec<(Vec<u8>, DeliveryRecord)>,
 }
 
 /// An event and its deliveries, encoded and checked, ready to write.
@@ -1005,21 +1009,27 @@ struct StagedEvent {
     records: Vec<(DeliveryKey, Vec<u8>, IndexEntries)>,
 }
 
-fn stage_event(
-    seq: Seq,
+/// `StoredEvent` as written, borrowing the event rather than copying it.
+#[derive(Serialize)]
+struct StoredEventRef<'a> {
+    accepted_ms: u64,
+    event: &'a Event,
+    dedup_key: Option<&'a str>,
+}
+
+fn encode_event(
     event: &Event,
     accepted_ms: u64,
     planned: Vec<PlannedDelivery>,
-    dedup_key: Option<String>,
-) -> Result<StagedEvent, JournalError> {
-    check_key(event.id.as_bytes())?;
-    let stored = encode(&StoredEvent {
+    dedup_key: Option<&str>,
+) -> Result<EncodedEvent, JournalError> {
+    let stored = encode(&StoredEventRef {
         accepted_ms,
-        event: event.clone(),
+        event,
         dedup_key,
     })?;
     let mut records = Vec::with_capacity(planned.len());
-    for (idx, p) in planned.into_iter().enumerate() {
+    for p in planned {
         let record = DeliveryRecord {
             route: p.route,
             plugin: p.plugin,
@@ -1031,19 +1041,44 @@ fn stage_event(
             replay: None,
             redriven_ms: Vec::new(),
         };
-        let key = DeliveryKey {
-            seq,
-            idx: idx as u32,
-        };
-        records.push((key, encode(&record)?, index_entries(key, &record)?));
+        records.push((encode(&record)?, record));
     }
-    Ok(StagedEvent {
-        seq,
+    Ok(EncodedEvent {
         id: event.id.clone(),
         accepted_ms,
         stored,
         records,
     })
+}
+
+/// Gives an encoded event its sequence number (and its deliveries their keys).
+fn stage(seq: Seq, encoded: EncodedEvent) -> Result<StagedEvent, JournalError> {
+    let mut records = Vec::with_capacity(encoded.records.len());
+    for (idx, (bytes, record)) in encoded.records.into_iter().enumerate() {
+        let key = DeliveryKey {
+            seq,
+            idx: idx as u32,
+        };
+        records.push((key, bytes, index_entries(key, &record)?));
+    }
+    Ok(StagedEvent {
+        seq,
+        id: encoded.id,
+        accepted_ms: encoded.accepted_ms,
+        stored: encoded.stored,
+        records,
+    })
+}
+
+fn stage_event(
+    seq: Seq,
+    event: &Event,
+    accepted_ms: u64,
+    planned: Vec<PlannedDelivery>,
+    dedup_key: Option<&str>,
+) -> Result<StagedEvent, JournalError> {
+    check_key(event.id.as_bytes())?;
+    stage(seq, encode_event(event, accepted_ms, planned, dedup_key)?)
 }
 
 impl StagedEvent {
@@ -1885,9 +1920,7 @@ mod tests {
         for (id, n) in [("a", 1), ("", 1), ("b", 1)] {
             let (reply, rx) = oneshot::channel();
             batch.push(WriteOp::Append {
-                event: event(id),
-                accepted_ms: 5,
-                deliveries: planned(n),
+                encoded: encode_event(&event(id), 5, planned(n), None).unwrap(),
                 dedup: None,
                 reply,
             });
@@ -1959,9 +1992,7 @@ mod tests {
             for id in ids {
                 let (reply, rx) = oneshot::channel();
                 batch.push(WriteOp::Append {
-                    event: event(id),
-                    accepted_ms: 1,
-                    deliveries: planned(1),
+                    encoded: encode_event(&event(id), 1, planned(1), None).unwrap(),
                     dedup: None,
                     reply,
                 });
