@@ -386,14 +386,49 @@ pub fn is_json_media_type(content_type: &str) -> bool {
 }
 
 /// A new, time-ordered event id (UUIDv7).
+///
+/// Ids of one process only grow, also within a millisecond (RFC 9562's
+/// "monotonic random": the 74 bits after the time are the last id's plus a
+/// random step), so their order is the order of acceptance, as with
+/// `Uuid::now_v7`, which however asks the kernel for its random bits, one
+/// system call per event.
 pub fn new_event_id() -> String {
-    // The random bits from a fast thread-local generator: `Uuid::now_v7`
-    // asks the kernel for them, one system call per event.
-    let mut random = [0u8; 10];
-    fastrand::fill(&mut random);
-    uuid::Builder::from_unix_timestamp_millis(now_ms(), &random)
-        .into_uuid()
-        .to_string()
+    static LAST: std::sync::Mutex<(u64, u128)> = std::sync::Mutex::new((0, 0));
+    // rand_a (12 bits) and rand_b (62 bits) as one number; a new millisecond
+    // starts in the lower half so that its steps have room.
+    const BITS: u32 = 74;
+    let fresh = || fastrand::u128(..) >> (128 - BITS + 1);
+    let now = now_ms();
+    let (ms, counter) = {
+        let mut last = LAST
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = if now > last.0 {
+            (now, fresh())
+        } else {
+            let r = last.1 + u128::from(fastrand::u32(1..));
+            if r >> BITS == 0 {
+                (last.0, r)
+            } else {
+                // This millisecond's ids are used up: go on in the next.
+                (last.0 + 1, fresh())
+            }
+        };
+        *last = next;
+        next
+    };
+    uuid_v7(ms, counter).to_string()
+}
+
+/// A UUIDv7 of a time and 74 bits (`rand_a` then `rand_b`), in that order.
+fn uuid_v7(ms: u64, counter: u128) -> uuid::Uuid {
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    let rand_a = ((counter >> 62) & 0xfff) as u16;
+    let rand_b = counter as u64 & ((1 << 62) - 1);
+    bytes[6..8].copy_from_slice(&(0x7000 | rand_a).to_be_bytes());
+    bytes[8..].copy_from_slice(&((1u64 << 63) | rand_b).to_be_bytes());
+    uuid::Uuid::from_bytes(bytes)
 }
 
 /// Milliseconds since the Unix epoch.
@@ -412,6 +447,24 @@ pub fn rfc3339_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_ids_grow_also_within_a_millisecond() {
+        let ids: Vec<String> = (0..10_000).map(|_| new_event_id()).collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0] < pair[1], "{} then {}", pair[0], pair[1]);
+        }
+        let u = uuid::Uuid::parse_str(&ids[0]).unwrap();
+        assert_eq!(u.get_version_num(), 7);
+        assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+        // Across the boundary of rand_a and rand_b, the text still grows.
+        let c = (1u128 << 62) - 1;
+        let (x, y) = (uuid_v7(5, c).to_string(), uuid_v7(5, c + 1).to_string());
+        assert!(x < y, "{x} then {y}");
+        let ms = u.get_timestamp().unwrap().to_unix();
+        let secs = now_ms() / 1000;
+        assert!(ms.0.abs_diff(secs) <= 2, "{ms:?}");
+    }
 
     fn pointers(doc: &str, ptrs: &[&str]) -> Vec<Option<String>> {
         json_pointers(doc.as_bytes(), ptrs).unwrap()
