@@ -217,7 +217,10 @@ fn pointer_tokens(pointer: &str) -> Vec<String> {
         None => Vec::new(),
         Some(rest) => rest
             .split('/')
-            .map(|t| t.replace("~1", "/").replace("~0", "~"))
+            .map(|t| match t.contains('~') {
+                true => t.replace("~1", "/").replace("~0", "~"),
+                false => t.to_string(),
+            })
             .collect(),
     }
 }
