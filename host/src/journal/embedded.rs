@@ -207,8 +207,8 @@ impl Store {
             .open()
             .map_err(open_err)?;
         // Tables compressed from the first level on (fjall leaves L0 and L1
-        // raw): a memtable flush then writes about half the bytes, and on a
-        // shared virtual disk that burst is what a concurrent commit's fsync
+        // raw): a 64 MiB memtable of events then flushes as 16 MB, not 60, and
+        // on a virtual disk that burst is what a concurrent commit's fsync
         // waits behind (docs/benchmarks.md, half-rate p99).
         let keyspace = |name| {
             db.keyspace(name, || {
