@@ -209,7 +209,9 @@ impl Store {
         // Tables compressed from the first level on (fjall leaves L0 and L1
         // raw): a 64 MiB memtable of events then flushes as 16 MB, not 60, and
         // on a virtual disk that burst is what a concurrent commit's fsync
-        // waits behind (docs/benchmarks.md, half-rate p99).
+        // waits behind (docs/benchmarks.md, half-rate p99). fjall stores these
+        // options with a keyspace when it creates it: a journal created before
+        // keeps its own (raw L0 and L1), and reads either kind.
         let keyspace = |name| {
             db.keyspace(name, || {
                 KeyspaceCreateOptions::default().data_block_compression_policy(
