@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The tail of the 202 at a fixed rate, and where in the run it comes from.
+#
+# For each binary given (LABEL=PATH, compared in alternation, ROUNDS times):
+# a fresh data directory and the `no-routes` config of ingest.sh (ROUTES=yes
+# adds the `audit-all` route), WARM seconds of wrk at full load (64
+# connections), then SECS seconds of oha at RATE req/s with latency
+# correction. Prints the full-load req/s, the fixed-rate p50/p99/p99.9/max,
+# the p99 of each half second, and the journal commits that took over 5 ms
+# (from /metrics).
+#
+#   host/benches/half-rate.sh                                  # target/release/switchyard
+#   RATE=15000 ROUNDS=3 host/benches/half-rate.sh before=/tmp/sy-old after=target/release/switchyard
+#
+# Needs wrk (Debian package), oha (`cargo install oha --locked`), python3.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+# shellcheck source=host/benches/lib.sh
+source "$HERE/lib.sh"
+RATE="${RATE:-15000}"
+ROUNDS="${ROUNDS:-1}"
+SECS="${SECS:-10}"
+WARM="${WARM:-10}"
+ROUTES="${ROUTES:-no}"
+(($# > 0)) || set -- "switchyard=${CARGO_TARGET_DIR:-$REPO/target}/release/switchyard"
+for tool in wrk oha python3; do
+	command -v "$tool" >/dev/null || {
+		echo "$tool is not installed" >&2
+		exit 1
+	}
+done
+
+TMP="$(mktemp -d -t switchyard-half-rate.XXXXXX)"
+PID=""
+cleanup() {
+	[[ -n "$PID" ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+	rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+
+run() {
+	local label="$1" bin="$2" dir="$TMP/$1.$3"
+	local port
+	port="$(free_port)"
+	local url="http://127.0.0.1:$port/webhooks/shop" cfg
+	cfg="$(write_config "$dir" "$port" "$ROUTES" true)"
+	"$bin" serve --config "$cfg" >"$TMP/$label.log" 2>&1 &
+	PID=$!
+	for _ in $(seq 1 600); do
+		[[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' --data "$BODY" "$url" || true)" == 202 ]] && break
+		kill -0 "$PID" 2>/dev/null || {
+			tail -n 20 "$TMP/$label.log" >&2
+			exit 1
+		}
+		sleep 0.2
+	done
+	local full
+	full="$(wrk -t2 -c64 -d"${WARM}s" -s "$HERE/ingest.lua" "$url" | sed -n 's/.*rps=\([0-9]*\).*/\1/p')"
+	oha -z "${SECS}s" -c 64 -q "$RATE" --latency-correction --no-tui -m POST \
+		-H 'content-type: application/json' -d "$BODY" "$url" --output-format csv >"$dir/lat.csv" 2>/dev/null
+	local slow
+	slow="$(curl -s "http://127.0.0.1:$port/metrics" | awk '
+		/^switchyard_journal_commit_seconds_bucket\{le="0.005"\}/ { a = $2 }
+		/^switchyard_journal_commit_seconds_count/ { b = $2 }
+		END { print b - a }')"
+	kill -TERM "$PID"
+	wait "$PID" 2>/dev/null || true
+	PID=""
+	python3 - "$dir/lat.csv" "$label" "$full" "$slow" <<'PY'
+import csv, sys, collections
+path, label, full, slow = sys.argv[1:]
+rows = [(float(r["request-start"]), float(r["request-duration"]) * 1e3)
+        for r in csv.DictReader(open(path)) if r["status"] == "202"]
+lat = sorted(d for _, d in rows)
+n = len(lat)
+q = lambda v, p: v[min(len(v) - 1, int(len(v) * p))]
+halves = collections.defaultdict(list)
+for start, d in rows:
+    halves[int(start * 2)].append(d)
+series = " ".join("%.0f" % q(sorted(v), 0.99) for _, v in sorted(halves.items()))
+print(f"{label}: full load {full} req/s; at the fixed rate {n} answered: "
+      f"p50 {q(lat, .5):.2f} p99 {q(lat, .99):.2f} p99.9 {q(lat, .999):.2f} max {lat[-1]:.1f} ms; "
+      f"commits over 5 ms: {slow}")
+print(f"  p99 per half second (ms): {series}")
+PY
+	rm -rf "$dir"
+}
+
+echo "== $(date -u +%Y-%m-%dT%H:%MZ), rate $RATE req/s for ${SECS}s after ${WARM}s at full load; routes: $ROUTES"
+for round in $(seq 1 "$ROUNDS"); do
+	for spec in "$@"; do
+		run "${spec%%=*}" "${spec#*=}" "$round"
+	done
+done
