@@ -14,12 +14,13 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::Instant;
 
 use fjall::{
-    KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase, SingleWriterTxKeyspace,
-    SingleWriterWriteTx as WriteTransaction,
+    AbstractTree as _, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
+    SingleWriterTxKeyspace, SingleWriterWriteTx as WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::reaper;
 use super::{
     Appended, ArchivedEvent, Compacted, DeadLetter, DeadLetterPage, DedupInfo, DedupKey,
     DeliveryKey, DeliveryRecord, DeliveryStatus, DueDelivery, EventTimeline, JournalError,
@@ -244,6 +245,28 @@ impl Store {
         };
         Ok((store, last.map_or(1, |s| s + 1)))
     }
+
+    /// The active memtable of each keyspace, for the reaper (`reaper.rs`).
+    fn active_memtables(&self) -> Vec<reaper::Held> {
+        [
+            &self.events,
+            &self.ids,
+            &self.by_time,
+            &self.deliveries,
+            &self.due,
+            &self.dead,
+            &self.order,
+            &self.dedup,
+            &self.replays,
+            &self.kv,
+            &self.kv_ttl,
+            &self.kv_exp,
+            &self.kv_usage,
+        ]
+        .into_iter()
+        .map(|keyspace| keyspace.inner().tree.active_memtable() as reaper::Held)
+        .collect()
+    }
 }
 
 /// Handle to the embedded journal. Cheap to clone.
@@ -284,6 +307,14 @@ impl Journal {
                 path: path.display().to_string(),
                 source: Box::new(e),
             })?;
+        // A weak reference, so that the reaper does not keep the store open.
+        let weak = Arc::downgrade(&store);
+        reaper::spawn(move || weak.upgrade().map(|s| s.active_memtables())).map_err(|e| {
+            JournalError::Open {
+                path: path.display().to_string(),
+                source: Box::new(e),
+            }
+        })?;
         Ok(Journal { store, writer })
     }
 
@@ -1901,6 +1932,29 @@ mod tests {
             (1..=20).contains(&commits),
             "200 concurrent appends took {commits} commits"
         );
+    }
+
+    /// The reaper is given every keyspace's active memtable, and after a
+    /// rotation the new one, so no flushed memtable is freed under fjall's lock.
+    #[test]
+    fn the_reaper_sees_each_keyspace_and_follows_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(&dir.path().join("journal"), true).unwrap();
+        let before = store.active_memtables();
+        assert_eq!(before.len(), 13);
+        for (i, a) in before.iter().enumerate() {
+            assert!(
+                before[i + 1..].iter().all(|b| !Arc::ptr_eq(a, b)),
+                "keyspace {i} listed twice"
+            );
+        }
+        let active = store.events.inner().tree.active_memtable() as reaper::Held;
+        assert!(Arc::ptr_eq(&before[0], &active));
+        store.events.insert("k", "v").unwrap();
+        store.events.inner().rotate_memtable_and_wait().unwrap();
+        let after = store.active_memtables();
+        assert!(!Arc::ptr_eq(&before[0], &after[0]), "events rotated");
+        assert!(Arc::ptr_eq(&before[1], &after[1]), "ids did not");
     }
 
     /// A store and a writer driven by the test itself (no thread).

@@ -11,6 +11,7 @@
 
 mod embedded;
 pub mod nats;
+mod reaper;
 
 use std::sync::Arc;
 
