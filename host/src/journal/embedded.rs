@@ -292,6 +292,10 @@ impl Journal {
         let path = dir.join("journal");
         let (store, next_seq) = Store::open(&path, fsync)?;
         let store = Arc::new(store);
+        let thread_err = |e: std::io::Error| JournalError::Open {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        };
         let (writer, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         let writer_store = store.clone();
         std::thread::Builder::new()
@@ -303,18 +307,10 @@ impl Journal {
                 }
                 .run(queue)
             })
-            .map_err(|e| JournalError::Open {
-                path: path.display().to_string(),
-                source: Box::new(e),
-            })?;
+            .map_err(thread_err)?;
         // A weak reference, so that the reaper does not keep the store open.
         let weak = Arc::downgrade(&store);
-        reaper::spawn(move || weak.upgrade().map(|s| s.active_memtables())).map_err(|e| {
-            JournalError::Open {
-                path: path.display().to_string(),
-                source: Box::new(e),
-            }
-        })?;
+        reaper::spawn(move || weak.upgrade().map(|s| s.active_memtables())).map_err(thread_err)?;
         Ok(Journal { store, writer })
     }
 
