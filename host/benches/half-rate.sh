@@ -12,6 +12,13 @@
 #   host/benches/half-rate.sh                                  # target/release/switchyard
 #   RATE=15000 ROUNDS=3 host/benches/half-rate.sh before=/tmp/sy-old after=target/release/switchyard
 #
+# EPISODES=1 also groups the requests over 5 ms into episodes (gaps under
+# 50 ms joined) and prints, beside each, what the store logged just before
+# and during it: fjall's memtable rotations, flushes and compactions
+# (`fjall=debug`) and the journal's slow commits (`switchyard::journal=debug`,
+# commits over 2 ms, with the store's part). The logging itself costs a
+# little; compare runs with the same setting.
+#
 # Needs wrk (Debian package), oha (`cargo install oha --locked`), python3.
 set -euo pipefail
 
@@ -46,7 +53,9 @@ run() {
 	port="$(free_port)"
 	local url="http://127.0.0.1:$port/webhooks/shop" cfg
 	cfg="$(write_config "$dir" "$port" "$ROUTES" true)"
-	"$bin" serve --config "$cfg" >"$TMP/$label.log" 2>&1 &
+	local log_env=()
+	[[ -n "${EPISODES:-}" ]] && log_env=(RUST_LOG="info,fjall=debug,switchyard::journal=debug")
+	env "${log_env[@]}" "$bin" serve --config "$cfg" >"$TMP/$label.log" 2>&1 &
 	PID=$!
 	for _ in $(seq 1 600); do
 		[[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' --data "$BODY" "$url" || true)" == 202 ]] && break
@@ -58,6 +67,8 @@ run() {
 	done
 	local full
 	full="$(wrk -t2 -c64 -d"${WARM}s" -s "$HERE/ingest.lua" "$url" | sed -n 's/.*rps=\([0-9]*\).*/\1/p')"
+	local t0
+	t0="$(date +%s.%N)"
 	oha -z "${SECS}s" -c 64 -q "$RATE" --latency-correction --no-tui -m POST \
 		-H 'content-type: application/json' -d "$BODY" "$url" --output-format csv >"$dir/lat.csv" 2>/dev/null
 	local slow
@@ -68,9 +79,9 @@ run() {
 	kill -TERM "$PID"
 	wait "$PID" 2>/dev/null || true
 	PID=""
-	python3 - "$dir/lat.csv" "$label" "$full" "$slow" <<'PY'
-import csv, sys, collections
-path, label, full, slow = sys.argv[1:]
+	python3 - "$dir/lat.csv" "$label" "$full" "$slow" "$t0" "${EPISODES:+$TMP/$label.log}" <<'PY'
+import csv, sys, collections, datetime, re
+path, label, full, slow, t0, log = sys.argv[1:]
 rows = [(float(r["request-start"]), float(r["request-duration"]) * 1e3)
         for r in csv.DictReader(open(path)) if r["status"] == "202"]
 lat = sorted(d for _, d in rows)
@@ -84,6 +95,35 @@ print(f"{label}: full load {full} req/s; at the fixed rate {n} answered: "
       f"p50 {q(lat, .5):.2f} p99 {q(lat, .99):.2f} p99.9 {q(lat, .999):.2f} max {lat[-1]:.1f} ms; "
       f"commits over 5 ms: {slow}")
 print(f"  p99 per half second (ms): {series}")
+if log:
+    # oha's request-start is seconds since its start; the server logs UTC.
+    t0 = float(t0)
+    events = []
+    for line in open(log):
+        m = re.match(r"(\S+Z)\s+\w+\s+(\S+): (.*)", line)
+        if not m or not (m[2].startswith("fjall") or "slow journal commit" in m[3]):
+            continue
+        c = re.search(r" ms=([\d.]+)", m[3])
+        if c and float(c[1]) < 4:  # only the commits that matter at a 5 ms bound
+            continue
+        at = datetime.datetime.fromisoformat(m[1].replace("Z", "+00:00")).timestamp()
+        text = re.sub(r"/\S*/", "", m[3])  # file names without their folders
+        events.append((at - t0, re.sub(r"\s+", " ", text)[:70]))
+    slow_rows = sorted((s, d) for s, d in rows if d > 5)
+    episodes = []
+    for s, d in slow_rows:
+        if episodes and s - episodes[-1][1] < 0.05:
+            episodes[-1][1] = s
+            episodes[-1][2].append(d)
+        else:
+            episodes.append([s, s, [d]])
+    print(f"  requests over 5 ms: {len(slow_rows)} of {n}, in {len(episodes)} episodes; "
+          "the store's events from 0.3 s before each:")
+    for a, z, ds in episodes:
+        seen = [f"{t:.2f} {e}" for t, e in events if a - 0.3 <= t <= z]
+        more = f" (+{len(seen) - 4} more)" if len(seen) > 4 else ""
+        print(f"    {a:6.2f}-{z:6.2f} s: {len(ds):5d} over 5 ms, max {max(ds):5.1f} ms | "
+              + "; ".join(seen[:4]) + more)
 PY
 	rm -rf "$dir"
 }

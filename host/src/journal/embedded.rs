@@ -11,7 +11,7 @@ use std::ops::Bound;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fjall::{
     AbstractTree as _, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
@@ -304,6 +304,7 @@ impl Journal {
                 Writer {
                     store: writer_store,
                     next_seq,
+                    store_time: Duration::ZERO,
                 }
                 .run(queue)
             })
@@ -805,6 +806,30 @@ impl Journal {
 struct Writer {
     store: Arc<Store>,
     next_seq: Seq,
+    /// How long the last batch spent in the store's commit (journal write,
+    /// fsync, memtable inserts), as opposed to staging its ops.
+    store_time: Duration,
+}
+
+/// Commits slower than this are logged at debug level, with when they
+/// ended, so that a latency tail can be lined up with the store's own events
+/// (`RUST_LOG=switchyard::journal=debug,fjall=debug`; `half-rate.sh`
+/// `EPISODES=1` does this). A group commit's time is added to every request
+/// in it.
+const SLOW_COMMIT: Duration = Duration::from_millis(2);
+/// Commits slower than this are logged as warnings: requests are waiting on
+/// a disk or store that has stalled.
+const STALLED_COMMIT: Duration = Duration::from_secs(1);
+
+/// The level a commit of this duration is logged at, if it is slow.
+fn slow_commit(elapsed: Duration) -> Option<tracing::Level> {
+    if elapsed >= STALLED_COMMIT {
+        Some(tracing::Level::WARN)
+    } else if elapsed >= SLOW_COMMIT {
+        Some(tracing::Level::DEBUG)
+    } else {
+        None
+    }
 }
 
 impl Writer {
@@ -823,10 +848,28 @@ impl Writer {
             }
             let started = Instant::now();
             let size = batch.len();
+            self.store_time = Duration::ZERO;
             self.commit_batch(&mut batch);
+            let elapsed = started.elapsed();
             commit_ops.record(size as f64);
-            commit_seconds.record(started.elapsed().as_secs_f64());
-            tracing::trace!(size, elapsed = ?started.elapsed(), "journal batch committed");
+            commit_seconds.record(elapsed.as_secs_f64());
+            let ms = elapsed.as_secs_f64() * 1e3;
+            let store_ms = self.store_time.as_secs_f64() * 1e3;
+            match slow_commit(elapsed) {
+                Some(tracing::Level::WARN) => tracing::warn!(
+                    ops = size,
+                    ms = %format_args!("{ms:.2}"),
+                    store_ms = %format_args!("{store_ms:.2}"),
+                    "a journal commit took over a second: the disk or the store is stalling"
+                ),
+                Some(_) => tracing::debug!(
+                    ops = size,
+                    ms = %format_args!("{ms:.2}"),
+                    store_ms = %format_args!("{store_ms:.2}"),
+                    "slow journal commit"
+                ),
+                None => tracing::trace!(ops = size, ms, "journal batch committed"),
+            }
         }
         tracing::debug!("journal writer stopped");
     }
@@ -972,7 +1015,10 @@ impl Writer {
         }
         // No-op (and no fsync) when the batch wrote nothing, e.g. only stale
         // settlements.
-        tx.commit()?;
+        let committing = Instant::now();
+        let committed = tx.commit();
+        self.store_time = committing.elapsed();
+        committed?;
         self.store
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1960,8 +2006,33 @@ mod tests {
         let writer = Writer {
             store: store.clone(),
             next_seq,
+            store_time: Duration::ZERO,
         };
         (store, writer)
+    }
+
+    /// Slow commits are logged at debug level from 2 ms, as warnings from
+    /// one second; the time is the store's commit as well as the whole batch.
+    #[test]
+    fn slow_commits_are_classified_and_the_store_part_is_timed() {
+        use tracing::Level;
+        assert_eq!(slow_commit(Duration::from_micros(1_999)), None);
+        assert_eq!(slow_commit(Duration::from_millis(2)), Some(Level::DEBUG));
+        assert_eq!(slow_commit(Duration::from_millis(999)), Some(Level::DEBUG));
+        assert_eq!(slow_commit(Duration::from_secs(1)), Some(Level::WARN));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut writer) = bare_writer(dir.path());
+        let (reply, _rx) = oneshot::channel();
+        let encoded = encode_event(&event("slow-1"), 1, planned(1), None).unwrap();
+        let mut batch = vec![WriteOp::Append {
+            encoded,
+            dedup: None,
+            reply,
+        }];
+        writer.commit_batch(&mut batch);
+        // An fsynced commit of a new event takes time in the store.
+        assert!(writer.store_time > Duration::ZERO);
     }
 
     /// Ops of one batch see each other: a settlement sees the delivery
