@@ -276,20 +276,26 @@ async fn a_delivery_cut_off_at_shutdown_runs_again_after_restart() {
     assert_eq!(t["deliveries"][0]["status"], "delivered", "{t}");
 }
 
+/// The real binary with the audit plugin, its config, data and log in `dir`:
+/// for the tests that look at the running process itself.
+#[cfg(target_os = "linux")]
+fn serve_audit(dir: &Path) -> Running {
+    let cfg = dir.join("rules.toml");
+    std::fs::write(
+        &cfg,
+        config(&dir.join("data"), &plugin_crate("audit"), "1s"),
+    )
+    .unwrap();
+    serve(&cfg, &dir.join("serve.log"))
+}
+
 /// The server turns transparent huge pages off for itself (`main.rs`): with
 /// them, a 2 MiB first-touch fault stalled a group commit for ≈ 6 ms.
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn the_server_runs_without_transparent_huge_pages() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("rules.toml");
-    let log = dir.path().join("serve.log");
-    std::fs::write(
-        &cfg,
-        config(&dir.path().join("data"), &plugin_crate("audit"), "1s"),
-    )
-    .unwrap();
-    let running = serve(&cfg, &log);
+    let running = serve_audit(dir.path());
     let status = std::fs::read_to_string(format!("/proc/{}/status", running.child.id())).unwrap();
     let thp = status
         .lines()
@@ -306,14 +312,7 @@ async fn the_server_runs_without_transparent_huge_pages() {
 #[tokio::test]
 async fn the_server_frees_memtables_on_a_low_priority_reaper_thread() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("rules.toml");
-    let log = dir.path().join("serve.log");
-    std::fs::write(
-        &cfg,
-        config(&dir.path().join("data"), &plugin_crate("audit"), "1s"),
-    )
-    .unwrap();
-    let running = serve(&cfg, &log);
+    let running = serve_audit(dir.path());
     let tasks = format!("/proc/{}/task", running.child.id());
     let mut names = Vec::new();
     let mut reaper_nice = None;
