@@ -688,12 +688,9 @@ impl NatsJournal {
                 replay: None,
                 dedup_key: None,
             };
-            self.publish(
-                self.deliver_subject(&delivery.route),
-                &env,
-                Some(&format!("redrive:{dlq_seq}")),
-            )
-            .await?;
+            // The record says pending before the message exists: a consumer
+            // may run it and record "delivered" at once, which an update
+            // made after the publish would turn back into "pending".
             let dead = msg.record.clone();
             self.update_delivery(
                 &env.event.id,
@@ -708,6 +705,38 @@ impl NatsJournal {
                 },
             )
             .await?;
+            if let Err(e) = self
+                .publish(
+                    self.deliver_subject(&delivery.route),
+                    &env,
+                    Some(&format!("redrive:{dlq_seq}")),
+                )
+                .await
+            {
+                // Not redriven: the dead letter is still in its stream, and
+                // its record says so again (at worst it stays "pending" with
+                // the letter listed, and a second redrive publishes it).
+                let undone = self
+                    .update_delivery(
+                        &env.event.id,
+                        delivery.idx,
+                        false,
+                        || dead.clone(),
+                        |e| {
+                            e.record.status = DeliveryStatus::Dead;
+                            e.record.due_ms = None;
+                            if e.record.redriven_ms.last() == Some(&now) {
+                                e.record.redriven_ms.pop();
+                            }
+                            e.dead_letter = Some(dlq_seq);
+                        },
+                    )
+                    .await;
+                if let Err(undo) = undone {
+                    tracing::warn!(error = %undo, dlq_seq, "a redrive failed, and its record still says pending");
+                }
+                return Err(e);
+            }
             if let Err(e) = self.inner.dlq.delete_message(dlq_seq).await {
                 tracing::warn!(error = %e, dlq_seq, "redriven, but cannot remove the dead letter");
             }
