@@ -41,13 +41,19 @@ struct Entry {
     total: Option<f64>,
 }
 
-/// Appends `entry` unless an entry with its id is there; keeps the newest
-/// `MAX_ENTRIES`. Returns whether it changed anything.
+/// Adds `entry` unless an entry with its id is there, in event-time order;
+/// keeps the newest `MAX_ENTRIES`. Returns whether it changed anything.
+///
+/// Deliveries of a route without `order_key` run concurrently, so events can
+/// arrive here out of order. `time` is the router's acceptance time (RFC 3339,
+/// UTC, one fixed precision, so it sorts as text); ids it generates increase
+/// within a millisecond, which breaks ties.
 fn fold(history: &mut Vec<Entry>, entry: Entry) -> bool {
     if history.iter().any(|e| e.id == entry.id) {
         return false;
     }
-    history.push(entry);
+    let at = history.partition_point(|e| (&e.time, &e.id) <= (&entry.time, &entry.id));
+    history.insert(at, entry);
     if history.len() > MAX_ENTRIES {
         let excess = history.len() - MAX_ENTRIES;
         history.drain(..excess);
@@ -148,10 +154,29 @@ mod tests {
     }
 
     #[test]
+    fn keeps_event_time_order_when_deliveries_finish_out_of_order() {
+        let at = |id: &str, time: &str| Entry {
+            time: time.into(),
+            ..entry(id)
+        };
+        let mut h = Vec::new();
+        fold(&mut h, at("b", "2026-01-01T00:00:00.002Z"));
+        fold(&mut h, at("a", "2026-01-01T00:00:00.001Z"));
+        fold(&mut h, at("d", "2026-01-01T00:00:00.003Z"));
+        fold(&mut h, at("c", "2026-01-01T00:00:00.003Z"));
+        assert_eq!(
+            h.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
+    }
+
+    #[test]
     fn keeps_the_newest_entries() {
         let mut h = Vec::new();
         for i in 0..MAX_ENTRIES + 3 {
-            fold(&mut h, entry(&i.to_string()));
+            let mut e = entry(&i.to_string());
+            e.time = format!("2026-01-01T00:00:00.{i:06}Z");
+            fold(&mut h, e);
         }
         assert_eq!(h.len(), MAX_ENTRIES);
         assert_eq!(h[0].id, "3");
