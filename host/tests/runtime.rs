@@ -45,6 +45,16 @@ fn cache_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         .unwrap_or_default()
 }
 
+/// Replaces a cache entry with `bytes` by a rename, as the cache itself
+/// replaces entries. Not in place: loaded components map their entry's file,
+/// and truncating a mapped file makes their next page fault a SIGBUS (this
+/// test once crashed so, from writing over the entry `again` maps).
+fn corrupt(entry: &std::path::Path, bytes: &[u8]) {
+    let tmp = entry.with_extension("corrupt");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, entry).unwrap();
+}
+
 #[tokio::test]
 async fn components_are_cached_on_disk_and_corrupt_entries_are_recompiled() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,14 +83,14 @@ async fn components_are_cached_on_disk_and_corrupt_entries_are_recompiled() {
     let mut bad = good.clone();
     let mid = bad.len() / 2;
     bad[mid] ^= 0xff;
-    std::fs::write(&entries[0], &bad).unwrap();
+    corrupt(&entries[0], &bad);
     let again = runtime
         .load("p", wasm.as_ref(), Limits::default(), Default::default())
         .unwrap();
     assert_eq!(again.hash, first.hash);
     assert_eq!(std::fs::read(&entries[0]).unwrap(), good, "entry rewritten");
     // A truncated entry too.
-    std::fs::write(&entries[0], &good[..good.len() / 3]).unwrap();
+    corrupt(&entries[0], &good[..good.len() / 3]);
     runtime
         .load("p", wasm.as_ref(), Limits::default(), Default::default())
         .unwrap();
