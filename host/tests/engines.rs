@@ -28,6 +28,8 @@ struct Harness {
     /// The `[engine]` table appended to every config text (empty: embedded).
     engine_table: String,
     nats: Option<NatsServer>,
+    /// The events stream's name (empty on the embedded engine).
+    stream: String,
 }
 
 impl Deref for Harness {
@@ -51,16 +53,16 @@ fn stream_name() -> String {
 
 impl Harness {
     async fn start(engine: Engine, config: &str) -> Harness {
-        let (nats, engine_table) = match engine {
-            Engine::Embedded => (None, String::new()),
+        let (nats, engine_table, stream) = match engine {
+            Engine::Embedded => (None, String::new(), String::new()),
             Engine::Nats => {
                 let nats = NatsServer::start().await;
+                let stream = stream_name();
                 let table = format!(
-                    "\n[engine]\nkind = \"nats\"\nurl = \"{}\"\nstream = \"{}\"\n",
+                    "\n[engine]\nkind = \"nats\"\nurl = \"{}\"\nstream = \"{stream}\"\n",
                     nats.url(),
-                    stream_name()
                 );
-                (Some(nats), table)
+                (Some(nats), table, stream)
             }
         };
         let dir = tempfile::tempdir().expect("tempdir");
@@ -69,6 +71,7 @@ impl Harness {
             t,
             engine_table,
             nats,
+            stream,
         }
     }
 
@@ -727,4 +730,63 @@ async fn nats_server_harness_stops_kills_and_restarts() {
     nats.restart().await;
     assert!(connects());
     assert_eq!(nats.log().matches("Server is ready").count(), 3);
+}
+
+/// A redrive whose publish fails (here: the events stream stops taking the
+/// delivery subjects, as a broken or misconfigured cluster might) answers an
+/// error and leaves the delivery dead with its letter listed, not "pending"
+/// with nothing to run it; a later redrive delivers it. NATS only: the
+/// embedded engine redrives in one transaction. The fault is injected with a
+/// NATS client, the rest is judged through the HTTP API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_redrive_that_cannot_publish_leaves_its_letter_dead() {
+    let config = flaky_config(QUICK_RETRY);
+    let h = Harness::start(Engine::Nats, &config).await;
+    let rejected = h.accept("s", &json!({"mode": "reject"})).await;
+    let item = dead_letter(&h, &rejected).await;
+    let dead_id = item["id"].as_str().expect("dead letter id").to_string();
+
+    let nats = h.nats.as_ref().expect("a nats-server");
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream(&h.stream).await.expect("the events stream");
+    let mut cfg = stream.info().await.expect("stream info").config.clone();
+    let subjects = cfg.subjects.clone();
+    cfg.subjects.retain(|s| !s.contains(".deliver."));
+    assert_eq!(cfg.subjects.len() + 1, subjects.len(), "{subjects:?}");
+    js.update_stream(cfg.clone())
+        .await
+        .expect("narrow the stream");
+
+    let (status, answer) = h
+        .post_api(&format!("/api/dlq/{dead_id}/redrive"), &json!({}))
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    let tl = h.event(&rejected).await;
+    let d = &tl["deliveries"][0];
+    assert_eq!(d["status"], "dead", "{tl}");
+    assert_eq!(d["redriven_at"], Value::Null, "{tl}");
+    let again = dead_letter(&h, &rejected).await;
+    assert_eq!(again["id"], dead_id.as_str(), "{again}");
+
+    // Mended: the same letter redrives, to a plugin that now takes it.
+    cfg.subjects = subjects;
+    js.update_stream(cfg).await.expect("restore the stream");
+    h.reconfigure(&config.replace(&plugin_crate("flaky"), &plugin_crate("audit")))
+        .await;
+    let (status, answer) = h
+        .post_api(&format!("/api/dlq/{dead_id}/redrive"), &json!({}))
+        .await;
+    assert_eq!(
+        (status, answer["redriven"].as_u64()),
+        (202, Some(1)),
+        "{answer}"
+    );
+    let tl = wait_for("the redriven delivery", || async {
+        let tl = h.event(&rejected).await;
+        (tl["deliveries"][0]["status"] == "delivered").then_some(tl)
+    })
+    .await;
+    assert_eq!(attempts(&tl["deliveries"][0]), 2, "{tl}");
+    h.stop().await;
 }
