@@ -761,7 +761,11 @@ async fn nats_a_redrive_that_cannot_publish_leaves_its_letter_dead() {
     let (status, answer) = h
         .post_api(&format!("/api/dlq/{dead_id}/redrive"), &json!({}))
         .await;
-    assert_eq!(status, 503, "{answer}");
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("store unavailable")),
+        "{answer}"
+    );
     let tl = h.event(&rejected).await;
     let d = &tl["deliveries"][0];
     assert_eq!(d["status"], "dead", "{tl}");

@@ -111,7 +111,7 @@ impl From<JournalError> for ApiError {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store unavailable",
-                    "the event could not be stored; retry later",
+                    "the store did not take the request; retry later",
                 )
             }
             other => {
@@ -119,7 +119,7 @@ impl From<JournalError> for ApiError {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "store unavailable",
-                    "the event could not be stored; retry later",
+                    "the store did not take the request; retry later",
                 )
             }
         }
