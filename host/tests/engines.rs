@@ -327,6 +327,19 @@ async fn dead_letter(h: &Harness, event: &str) -> Value {
     .await
 }
 
+/// Swaps `flaky` for `audit` (which takes everything), redrives the dead
+/// letter and returns the event's timeline once the delivery went through.
+async fn fix_and_redrive(h: &Harness, config: &str, dead_id: &str, event: &str) -> Value {
+    h.reconfigure(&config.replace(&plugin_crate("flaky"), &plugin_crate("audit")))
+        .await;
+    h.redrive_one(dead_id).await;
+    wait_for("the redriven delivery", || async {
+        let tl = h.event(event).await;
+        (tl["deliveries"][0]["status"] == "delivered").then_some(tl)
+    })
+    .await
+}
+
 async fn a_reject_is_dead_lettered_and_redriven(engine: Engine) {
     let config = flaky_config(QUICK_RETRY);
     let h = Harness::start(engine, &config).await;
@@ -369,21 +382,7 @@ async fn a_reject_is_dead_lettered_and_redriven(engine: Engine) {
 
     // Fixed: `flaky` is now a plugin that takes everything; the redriven
     // letter goes to it as it is now.
-    h.reconfigure(&config.replace(&plugin_crate("flaky"), &plugin_crate("audit")))
-        .await;
-    let (status, answer) = h
-        .post_api(&format!("/api/dlq/{dead_id}/redrive"), &json!({}))
-        .await;
-    assert_eq!(
-        (status, answer["redriven"].as_u64()),
-        (202, Some(1)),
-        "{answer}"
-    );
-    let tl = wait_for("the redriven delivery", || async {
-        let tl = h.event(&rejected).await;
-        (tl["deliveries"][0]["status"] == "delivered").then_some(tl)
-    })
-    .await;
+    let tl = fix_and_redrive(&h, &config, &dead_id, &rejected).await;
     let d = &tl["deliveries"][0];
     assert_eq!(attempts(d), 2, "{tl}");
     assert_eq!(d["attempts"][1]["error"], Value::Null, "{tl}");
@@ -776,21 +775,7 @@ async fn nats_a_redrive_that_cannot_publish_leaves_its_letter_dead() {
     // Mended: the same letter redrives, to a plugin that now takes it.
     cfg.subjects = subjects;
     js.update_stream(cfg).await.expect("restore the stream");
-    h.reconfigure(&config.replace(&plugin_crate("flaky"), &plugin_crate("audit")))
-        .await;
-    let (status, answer) = h
-        .post_api(&format!("/api/dlq/{dead_id}/redrive"), &json!({}))
-        .await;
-    assert_eq!(
-        (status, answer["redriven"].as_u64()),
-        (202, Some(1)),
-        "{answer}"
-    );
-    let tl = wait_for("the redriven delivery", || async {
-        let tl = h.event(&rejected).await;
-        (tl["deliveries"][0]["status"] == "delivered").then_some(tl)
-    })
-    .await;
+    let tl = fix_and_redrive(&h, &config, &dead_id, &rejected).await;
     assert_eq!(attempts(&tl["deliveries"][0]), 2, "{tl}");
     h.stop().await;
 }

@@ -104,6 +104,21 @@ impl TestServer {
             .unwrap_or_else(|e| panic!("reload: {e}"));
     }
 
+    /// Redrives one dead letter through the API, expecting it to be taken.
+    pub async fn redrive_one(&self, dead_id: &str) {
+        let (status, answer) = self
+            .post_api(
+                &format!("/api/dlq/{dead_id}/redrive"),
+                &serde_json::json!({}),
+            )
+            .await;
+        assert_eq!(
+            (status, answer["redriven"].as_u64()),
+            (202, Some(1)),
+            "{answer}"
+        );
+    }
+
     /// Posts JSON to a path; returns status and body.
     pub async fn post_api(&self, path: &str, body: &Value) -> (u16, Value) {
         let resp = self
