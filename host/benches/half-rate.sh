@@ -12,6 +12,14 @@
 #
 #   host/benches/half-rate.sh                                  # target/release/switchyard
 #   RATE=15000 ROUNDS=3 host/benches/half-rate.sh before=/tmp/sy-old after=target/release/switchyard
+#   RATE=10000 ROUNDS=3 host/benches/half-rate.sh bare=target/release/examples/bare_hyper \
+#       switchyard=target/release/switchyard
+#
+# The label `bare` runs its binary as host/examples/bare_hyper.rs (it takes the
+# address and stores nothing): the same load against the baseline, in the
+# same alternation, shows how much of the tail is the machine's and the
+# load tool's. Each run also prints the server's CPU per request at the fixed
+# rate, and the share of it that the store's background threads took.
 #
 # EPISODES=1 also groups the requests over 5 ms into episodes (gaps under
 # 50 ms joined) and prints, beside each, what the store logged just before
@@ -48,16 +56,35 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
+# "all,background": the CPU ticks (user + system) of every thread of $1, and
+# of its store background threads (names start with "fjall" or "memtable").
+cpu_ticks() {
+	local all=0 bg=0 t name ticks
+	for t in /proc/"$1"/task/*; do
+		name="$(cat "$t/comm" 2>/dev/null)" || continue
+		ticks="$(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)" || continue
+		all=$((all + ticks))
+		[[ "$name" == fjall* || "$name" == memtable* ]] && bg=$((bg + ticks))
+	done
+	echo "$all,$bg"
+}
+
 run() {
 	local label="$1" bin="$2" dir="$TMP/$1.$3"
 	local port
 	port="$(free_port)"
 	local url="http://127.0.0.1:$port/webhooks/shop" cfg
-	cfg="$(write_config "$dir" "$port" "$ROUTES" true)"
-	local log_env=()
-	[[ -n "${EPISODES:-}" ]] && log_env=(RUST_LOG="info,fjall=debug,switchyard::journal=debug")
-	env "${log_env[@]}" "$bin" serve --config "$cfg" >"$TMP/$label.log" 2>&1 &
+	if [[ "$label" == bare ]]; then
+		# The baseline: host/examples/bare_hyper.rs, which stores nothing.
+		"$bin" "127.0.0.1:$port" >"$TMP/$label.log" 2>&1 &
+	else
+		cfg="$(write_config "$dir" "$port" "$ROUTES" true)"
+		local log_env=()
+		[[ -n "${EPISODES:-}" ]] && log_env=(RUST_LOG="info,fjall=debug,switchyard::journal=debug")
+		env "${log_env[@]}" "$bin" serve --config "$cfg" >"$TMP/$label.log" 2>&1 &
+	fi
 	PID=$!
+	mkdir -p "$dir"
 	for _ in $(seq 1 600); do
 		[[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' --data "$BODY" "$url" || true)" == 202 ]] && break
 		kill -0 "$PID" 2>/dev/null || {
@@ -68,7 +95,8 @@ run() {
 	done
 	local full
 	full="$(wrk -t2 -c64 -d"${WARM}s" -s "$HERE/ingest.lua" "$url" | sed -n 's/.*rps=\([0-9]*\).*/\1/p')"
-	local t0
+	local t0 cpu0
+	cpu0="$(cpu_ticks "$PID")"
 	t0="$(date +%s.%N)"
 	oha -z "${SECS}s" -c 64 -q "$RATE" --latency-correction --no-tui -m POST \
 		-H 'content-type: application/json' -d "$BODY" "$url" --output-format csv >"$dir/lat.csv" 2>/dev/null
@@ -77,12 +105,15 @@ run() {
 		/^switchyard_journal_commit_seconds_bucket\{le="0.005"\}/ { a = $2 }
 		/^switchyard_journal_commit_seconds_count/ { b = $2 }
 		END { print b - a }')"
+	local cpu1
+	cpu1="$(cpu_ticks "$PID")"
 	kill -TERM "$PID"
 	wait "$PID" 2>/dev/null || true
 	PID=""
-	python3 - "$dir/lat.csv" "$label" "$full" "$slow" "$t0" "${EPISODES:+$TMP/$label.log}" <<'PY'
+	python3 - "$dir/lat.csv" "$label" "$full" "${slow:-0}" "$t0" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" \
+		"${EPISODES:+$TMP/$label.log}" <<'PY'
 import csv, sys, collections, datetime, re
-path, label, full, slow, t0, log = sys.argv[1:]
+path, label, full, slow, t0, cpu0, cpu1, tick, log = sys.argv[1:]
 rows = [(float(r["request-start"]), float(r["request-duration"]) * 1e3)
         for r in csv.DictReader(open(path)) if r["status"] == "202"]
 lat = sorted(d for _, d in rows)
@@ -96,6 +127,12 @@ over = sum(d > 5 for d in lat)
 print(f"{label}: full load {full} req/s; at the fixed rate {n} answered: "
       f"p50 {q(lat, .5):.2f} p99 {q(lat, .99):.2f} p99.9 {q(lat, .999):.2f} max {lat[-1]:.1f} ms; "
       f"over 5 ms: {over} ({100 * over / max(n, 1):.1f} %); commits over 5 ms: {slow}")
+# The server's CPU during the fixed-rate phase, per request: all threads, and
+# the store's background threads (fjall's flushes and compactions, the reaper).
+(a0, b0), (a1, b1) = (map(int, c.split(",")) for c in (cpu0, cpu1))
+us = lambda ticks: ticks / int(tick) / max(n, 1) * 1e6
+print(f"  CPU per request at the fixed rate: {us(a1 - a0):.1f} µs, "
+      f"of which the store's background threads {us(b1 - b0):.1f} µs")
 print(f"  p99 per half second (ms): {series}")
 if log:
     # oha's request-start is seconds since its start; the server logs UTC.
