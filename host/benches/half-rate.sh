@@ -56,15 +56,17 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-# "all,background": the CPU ticks (user + system) of every thread of $1, and
-# of its store background threads (names start with "fjall" or "memtable").
+# "all,background": the CPU ticks (user + system) of process $1 (threads that
+# ended included), and of its store background threads (names start with
+# "fjall" or "memtable"; they live as long as the store).
 cpu_ticks() {
-	local all=0 bg=0 t name ticks
+	local all bg=0 t name ticks
+	all="$(awk '{print $14 + $15}' "/proc/$1/stat")"
 	for t in /proc/"$1"/task/*; do
 		name="$(cat "$t/comm" 2>/dev/null)" || continue
+		[[ "$name" == fjall* || "$name" == memtable* ]] || continue
 		ticks="$(awk '{print $14 + $15}' "$t/stat" 2>/dev/null)" || continue
-		all=$((all + ticks))
-		[[ "$name" == fjall* || "$name" == memtable* ]] && bg=$((bg + ticks))
+		bg=$((bg + ticks))
 	done
 	echo "$all,$bg"
 }
