@@ -102,8 +102,9 @@ run() {
 	t0="$(date +%s.%N)"
 	oha -z "${SECS}s" -c 64 -q "$RATE" --latency-correction --no-tui -m POST \
 		-H 'content-type: application/json' -d "$BODY" "$url" --output-format csv >"$dir/lat.csv" 2>/dev/null
-	local slow
-	slow="$(curl -s "http://127.0.0.1:$port/metrics" | awk '
+	# The journal's commits over 5 ms; bare has no journal ("-").
+	local slow=-
+	[[ "$label" == bare ]] || slow="$(curl -s "http://127.0.0.1:$port/metrics" | awk '
 		/^switchyard_journal_commit_seconds_bucket\{le="0.005"\}/ { a = $2 }
 		/^switchyard_journal_commit_seconds_count/ { b = $2 }
 		END { print b - a }')"
@@ -112,7 +113,7 @@ run() {
 	kill -TERM "$PID"
 	wait "$PID" 2>/dev/null || true
 	PID=""
-	python3 - "$dir/lat.csv" "$label" "$full" "${slow:-0}" "$t0" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" \
+	python3 - "$dir/lat.csv" "$label" "$full" "$slow" "$t0" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" \
 		"${EPISODES:+$TMP/$label.log}" <<'PY'
 import csv, sys, collections, datetime, re
 path, label, full, slow, t0, cpu0, cpu1, tick, log = sys.argv[1:]
