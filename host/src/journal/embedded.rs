@@ -1,11 +1,15 @@
-//! The embedded journal on fjall: an LSM tree with one write-ahead journal, in
-//! `<data dir>/journal/`. `docs/adr/0001-embedded-store.md` says why fjall.
+//! The embedded journal on fjall: an LSM tree, in `<data dir>/journal/`, with a
+//! commit log of our own in front of it, in `<data dir>/wal/log`.
+//! `docs/adr/0001-embedded-store.md` says why fjall, `0002-own-commit-log.md`
+//! why the log.
 //!
-//! Durability: the writer commits each batch as one `SingleWriterTxDatabase`
-//! transaction with `PersistMode::SyncData`, so the whole batch is in the
-//! fsynced journal before any caller hears back. Readers see a commit only
-//! after that (fjall publishes the batch's sequence number last). After a crash,
-//! opening replays the journal: a batch is recovered whole or not at all.
+//! Durability: the writer stages each batch's writes, writes them to the
+//! commit log as one frame (`O_DIRECT | O_DSYNC`, so the write is durable
+//! when it returns), makes the frame readable (the overlay), and answers.
+//! The applier writes frames into fjall behind the answers, without a sync,
+//! and from time to time persists fjall and releases the log up to there.
+//! After a crash, opening replays fjall's journal, then the log's frames after
+//! the position fjall recorded: a batch is recovered whole or not at all.
 
 use std::ops::Bound;
 use std::path::Path;
@@ -14,13 +18,15 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use fjall::{
-    AbstractTree as _, KeyspaceCreateOptions, PersistMode, Readable, SingleWriterTxDatabase,
-    SingleWriterTxKeyspace, SingleWriterWriteTx as WriteTransaction,
+    AbstractTree as _, KeyspaceCreateOptions, PersistMode, SingleWriterTxDatabase,
+    SingleWriterTxKeyspace, Slice,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::overlay::{Frame, KEYSPACES, Ks, Merged, Overlay, Reads, Spaces, View, Writes};
 use super::reaper;
+use super::wal::{Wal, WalError, WalPos, WalSpace};
 use super::{
     Appended, ArchivedEvent, Compacted, DeadLetter, DeadLetterPage, DedupInfo, DedupKey,
     DeliveryKey, DeliveryRecord, DeliveryStatus, DueDelivery, EventTimeline, JournalError,
@@ -55,19 +61,16 @@ use crate::event::Event;
 //             order, for the sweep
 // kv_usage:   plugin                           → bytes (8 B): the sum of key
 //             and value lengths of the plugin's entries, for its quota
-const EVENTS: &str = "events";
-const EVENT_IDS: &str = "event_ids";
-const BY_TIME: &str = "by_time";
-const DELIVERIES: &str = "deliveries";
-const DUE: &str = "due";
-const DEAD: &str = "dead";
-const ORDER: &str = "order";
-const DEDUP: &str = "dedup";
-const REPLAYS: &str = "replays";
-const KV: &str = "kv";
-const KV_TTL: &str = "kv_ttl";
-const KV_EXP: &str = "kv_exp";
-const KV_USAGE: &str = "kv_usage";
+// wal:        "position"                       → LSN (8 B) ‖ log position
+//             (8 B): the last commit log frame in fjall (`Ks::Wal`)
+const WAL_POSITION: &[u8] = b"position";
+
+/// The commit log's size. Whole 4 KiB blocks per batch; a quarter of it
+/// between checkpoints.
+const WAL_SIZE: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+/// The applier persists fjall and releases the log once no frame has come
+/// for this long, so a restart after a quiet spell replays little.
+const CHECKPOINT_IDLE: Duration = Duration::from_millis(500);
 
 /// fjall keys are 1 to 65535 bytes long; longer or empty ones would panic.
 const MAX_KEY_LEN: usize = u16::MAX as usize;
@@ -174,30 +177,23 @@ impl WriteOp {
 /// The open store: the database and its keyspaces.
 struct Store {
     db: SingleWriterTxDatabase,
-    events: SingleWriterTxKeyspace,
-    ids: SingleWriterTxKeyspace,
-    by_time: SingleWriterTxKeyspace,
-    deliveries: SingleWriterTxKeyspace,
-    due: SingleWriterTxKeyspace,
-    dead: SingleWriterTxKeyspace,
-    order: SingleWriterTxKeyspace,
-    dedup: SingleWriterTxKeyspace,
-    replays: SingleWriterTxKeyspace,
-    kv: SingleWriterTxKeyspace,
-    kv_ttl: SingleWriterTxKeyspace,
-    kv_exp: SingleWriterTxKeyspace,
-    kv_usage: SingleWriterTxKeyspace,
-    /// Whether commits fsync (off only for benchmarks: see `[server] fsync`).
+    spaces: Spaces,
+    /// The batches logged but not yet in fjall.
+    overlay: Overlay,
+    /// Whether batches go through the commit log (off only for benchmarks:
+    /// see `[server] fsync`).
     fsync: bool,
-    /// Transactions the writer has committed (each one fsync), for tests and
-    /// metrics: with concurrent requests it stays well below the op count.
+    /// Batches the writer has made durable (one log write each), for tests
+    /// and metrics: with concurrent requests it stays well below the op count.
     commits: std::sync::atomic::AtomicU64,
+    /// Set when the applier failed: fjall no longer takes writes, so the
+    /// writer takes none either.
+    poisoned: std::sync::OnceLock<String>,
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`, replaying its journal, and
-    /// returns it with the next sequence number.
-    fn open(path: &Path, fsync: bool) -> Result<(Store, Seq), JournalError> {
+    /// Opens (or creates) the store at `path`, replaying fjall's journal.
+    fn open(path: &Path, fsync: bool) -> Result<Store, JournalError> {
         let open_err = |e: fjall::Error| JournalError::Open {
             path: path.display().to_string(),
             source: Box::new(e),
@@ -213,59 +209,105 @@ impl Store {
         // waits behind (docs/benchmarks.md, half-rate p99). fjall stores these
         // options with a keyspace when it creates it: a journal created before
         // keeps its own (raw L0 and L1), and reads either kind.
-        let keyspace = |name| {
-            db.keyspace(name, || {
-                KeyspaceCreateOptions::default().data_block_compression_policy(
-                    fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4),
-                )
-            })
-            .map_err(open_err)
-        };
-        let store = Store {
-            events: keyspace(EVENTS)?,
-            ids: keyspace(EVENT_IDS)?,
-            by_time: keyspace(BY_TIME)?,
-            deliveries: keyspace(DELIVERIES)?,
-            due: keyspace(DUE)?,
-            dead: keyspace(DEAD)?,
-            order: keyspace(ORDER)?,
-            dedup: keyspace(DEDUP)?,
-            replays: keyspace(REPLAYS)?,
-            kv: keyspace(KV)?,
-            kv_ttl: keyspace(KV_TTL)?,
-            kv_exp: keyspace(KV_EXP)?,
-            kv_usage: keyspace(KV_USAGE)?,
-            db: db.clone(),
+        let mut spaces = Vec::with_capacity(KEYSPACES);
+        for ks in Ks::ALL {
+            spaces.push(
+                db.keyspace(ks.name(), || {
+                    KeyspaceCreateOptions::default().data_block_compression_policy(
+                        fjall::config::CompressionPolicy::all(fjall::CompressionType::Lz4),
+                    )
+                })
+                .map_err(open_err)?,
+            );
+        }
+        let spaces: Spaces = spaces
+            .try_into()
+            .map_err(|_| JournalError::Encoding("keyspace count".into()))?;
+        Ok(Store {
+            db,
+            spaces,
+            overlay: Overlay::default(),
             fsync,
             commits: Default::default(),
-        };
-        let last = match store.db.read_tx().last_key_value(&store.events) {
-            Some(guard) => Some(seq_from(&guard.key()?)?),
+            poisoned: Default::default(),
+        })
+    }
+
+    fn ks(&self, ks: Ks) -> &SingleWriterTxKeyspace {
+        &self.spaces[ks as usize]
+    }
+
+    /// One key's value, as last committed.
+    fn get(&self, ks: Ks, key: impl AsRef<[u8]>) -> Result<Option<Slice>, fjall::Error> {
+        self.overlay.get(self.ks(ks), ks, key.as_ref())
+    }
+
+    /// A consistent read of everything committed so far.
+    fn view(&self) -> View<'_> {
+        View::new(&self.overlay, &self.db, &self.spaces)
+    }
+
+    /// The sequence number the next event gets.
+    fn next_seq(&self) -> Result<Seq, JournalError> {
+        let last = match self
+            .view()
+            .range_in(None, Ks::Events, Bound::Unbounded, Bound::Unbounded, true)
+            .next()
+        {
+            Some(entry) => Some(seq_from(&entry?.0)?),
             None => None,
         };
-        Ok((store, last.map_or(1, |s| s + 1)))
+        Ok(last.map_or(1, |s| s + 1))
+    }
+
+    /// Where the applier stands in the commit log.
+    fn wal_position(&self) -> Result<WalPos, JournalError> {
+        match self.ks(Ks::Wal).get(WAL_POSITION)? {
+            Some(v) if v.len() == 16 => Ok(WalPos {
+                lsn: be_u64(&v[..8]),
+                end: be_u64(&v[8..]),
+            }),
+            Some(_) => Err(JournalError::Encoding("bad commit log position".into())),
+            None => Ok(WalPos::default()),
+        }
+    }
+
+    /// Writes logged frames into fjall, with the log position after the
+    /// last one, in one fjall batch. No sync: the log has them until a
+    /// checkpoint persists fjall.
+    fn apply_frames<'f>(
+        &self,
+        frames: impl IntoIterator<Item = (&'f Writes, WalPos)>,
+    ) -> Result<Option<WalPos>, fjall::Error> {
+        let mut tx = self.db.write_tx().durability(Some(PersistMode::Buffer));
+        let mut last = None;
+        for (writes, pos) in frames {
+            for (ks, k, v) in writes.iter() {
+                match v {
+                    Some(v) => tx.insert(self.ks(ks), k, v.clone()),
+                    None => tx.remove(self.ks(ks), k),
+                }
+            }
+            last = Some(pos);
+        }
+        if let Some(pos) = last
+            && self.fsync
+        {
+            let mut b = [0; 16];
+            b[..8].copy_from_slice(&pos.lsn.to_be_bytes());
+            b[8..].copy_from_slice(&pos.end.to_be_bytes());
+            tx.insert(self.ks(Ks::Wal), WAL_POSITION, b);
+        }
+        tx.commit()?;
+        Ok(last)
     }
 
     /// The active memtable of each keyspace, for the reaper (`reaper.rs`).
     fn active_memtables(&self) -> Vec<reaper::Held> {
-        [
-            &self.events,
-            &self.ids,
-            &self.by_time,
-            &self.deliveries,
-            &self.due,
-            &self.dead,
-            &self.order,
-            &self.dedup,
-            &self.replays,
-            &self.kv,
-            &self.kv_ttl,
-            &self.kv_exp,
-            &self.kv_usage,
-        ]
-        .into_iter()
-        .map(|keyspace| keyspace.inner().tree.active_memtable() as reaper::Held)
-        .collect()
+        self.spaces
+            .iter()
+            .map(|keyspace| keyspace.inner().tree.active_memtable() as reaper::Held)
+            .collect()
     }
 }
 
@@ -285,17 +327,69 @@ impl Journal {
     /// As [`Journal::open`]; `fsync = false` commits without waiting for the
     /// disk (benchmarks only: a crash may lose acknowledged writes).
     pub fn open_with(dir: &Path, fsync: bool) -> Result<Journal, JournalError> {
-        std::fs::create_dir_all(dir).map_err(|e| JournalError::Open {
-            path: dir.display().to_string(),
-            source: Box::new(e),
-        })?;
+        let open_err =
+            |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| JournalError::Open {
+                path: path.display().to_string(),
+                source: e,
+            };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(dir, Box::new(e)))?;
         let path = dir.join("journal");
-        let (store, next_seq) = Store::open(&path, fsync)?;
-        let store = Arc::new(store);
-        let thread_err = |e: std::io::Error| JournalError::Open {
-            path: path.display().to_string(),
-            source: Box::new(e),
+        let store = Store::open(&path, fsync)?;
+        let wal = if fsync {
+            let wal_dir = dir.join("wal");
+            std::fs::create_dir_all(&wal_dir).map_err(|e| open_err(&wal_dir, Box::new(e)))?;
+            let log = wal_dir.join("log");
+            let mut wal = Wal::open(&log, WAL_SIZE).map_err(|e| open_err(&log, Box::new(e)))?;
+            tracing::debug!(path = %log.display(), direct_io = wal.direct(), "commit log open");
+            let after = store.wal_position()?;
+            let frames = wal
+                .recover(after)
+                .map_err(|e| open_err(&log, Box::new(e)))?;
+            if !frames.is_empty() {
+                // The batches that were answered but had not reached fjall,
+                // or whose fjall writes a machine crash took back.
+                let mut writes = Vec::with_capacity(frames.len());
+                for (_, payload) in &frames {
+                    writes.push(Writes::decode(payload).map_err(|e| open_err(&log, Box::new(e)))?);
+                }
+                let end = wal.position();
+                let last = writes.len() - 1;
+                store.apply_frames(writes.iter().enumerate().map(|(i, w)| {
+                    (
+                        w,
+                        if i == last {
+                            end
+                        } else {
+                            WalPos {
+                                lsn: frames[i].0,
+                                end: 0,
+                            }
+                        },
+                    )
+                }))?;
+                store.db.persist(PersistMode::SyncAll)?;
+                wal.space().release(end.end);
+                tracing::info!(
+                    batches = frames.len(),
+                    "replayed the commit log's batches that fjall did not have"
+                );
+            }
+            Some(wal)
+        } else {
+            None
         };
+        let next_seq = store.next_seq()?;
+        let store = Arc::new(store);
+        let thread_err = |e: std::io::Error| open_err(&path, Box::new(e));
+        let (applier, frames) = std::sync::mpsc::channel();
+        let applier_store = store.clone();
+        let space = wal
+            .as_ref()
+            .map(|w| (w.space(), w.size(), w.position().end));
+        std::thread::Builder::new()
+            .name("journal-applier".into())
+            .spawn(move || apply_loop(&applier_store, frames, space))
+            .map_err(thread_err)?;
         let (writer, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         let writer_store = store.clone();
         std::thread::Builder::new()
@@ -305,6 +399,10 @@ impl Journal {
                     store: writer_store,
                     next_seq,
                     store_time: Duration::ZERO,
+                    wal,
+                    applier,
+                    lsn: 0,
+                    carry: Vec::new(),
                 }
                 .run(queue)
             })
@@ -377,8 +475,11 @@ impl Journal {
             RedriveSelect::Route(route) => {
                 let s = &*self.store;
                 let mut keys = Vec::new();
-                for entry in s.db.read_tx().iter(&s.dead) {
-                    let (k, v) = entry.into_inner()?;
+                for entry in
+                    s.view()
+                        .range_in(None, Ks::Dead, Bound::Unbounded, Bound::Unbounded, false)
+                {
+                    let (k, v) = entry?;
                     if route.as_deref().is_none_or(|r| r.as_bytes() == &v[..]) {
                         let (seq, idx) = delivery_from(&k)?;
                         keys.push(DeliveryKey { seq, idx });
@@ -459,11 +560,11 @@ impl Journal {
     /// Every delivery that is not final, in the order it is due.
     pub fn due_deliveries(&self) -> Result<Vec<DueDelivery>, JournalError> {
         let s = &*self.store;
-        let snap = s.db.read_tx();
+        let snap = s.view();
         let mut out = Vec::new();
-        for entry in snap.iter(&s.due) {
-            let (due_ms, seq, idx) = due_from(&entry.key()?)?;
-            if let Some(v) = snap.get(&s.deliveries, delivery_key(seq, idx))? {
+        for entry in snap.range_in(None, Ks::Due, Bound::Unbounded, Bound::Unbounded, false) {
+            let (due_ms, seq, idx) = due_from(&entry?.0)?;
+            if let Some(v) = snap.get(Ks::Deliveries, delivery_key(seq, idx))? {
                 out.push(DueDelivery {
                     key: DeliveryKey { seq, idx },
                     due_ms,
@@ -476,7 +577,7 @@ impl Journal {
 
     /// The event stored at `seq`.
     pub fn event(&self, seq: Seq) -> Result<Option<Arc<Event>>, JournalError> {
-        match self.store.events.get(seq.to_be_bytes())? {
+        match self.store.get(Ks::Events, seq.to_be_bytes())? {
             Some(v) => Ok(Some(Arc::new(decode::<StoredEvent>(&v)?.event))),
             None => Ok(None),
         }
@@ -484,7 +585,10 @@ impl Journal {
 
     /// One delivery's record.
     pub fn delivery(&self, key: DeliveryKey) -> Result<Option<DeliveryRecord>, JournalError> {
-        match self.store.deliveries.get(delivery_key(key.seq, key.idx))? {
+        match self
+            .store
+            .get(Ks::Deliveries, delivery_key(key.seq, key.idx))?
+        {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -495,9 +599,9 @@ impl Journal {
     pub fn order_head(&self, route: &str, key: &str) -> Result<Option<DeliveryKey>, JournalError> {
         let s = &*self.store;
         let prefix = order_prefix(route, key);
-        match s.db.read_tx().prefix(&s.order, &prefix).next() {
+        match s.view().prefix_in(None, Ks::Order, &prefix, false).next() {
             Some(entry) => {
-                let k = entry.key()?;
+                let k = entry?.0;
                 let (seq, idx) = delivery_from(&k[prefix.len()..])?;
                 Ok(Some(DeliveryKey { seq, idx }))
             }
@@ -511,25 +615,25 @@ impl Journal {
             return Ok(None); // could not have been stored
         }
         let s = &*self.store;
-        let snap = s.db.read_tx();
-        let Some(seq) = snap.get(&s.ids, id)? else {
+        let snap = s.view();
+        let Some(seq) = snap.get(Ks::Ids, id)? else {
             return Ok(None);
         };
         let seq = seq_from(&seq)?;
-        let Some(stored) = snap.get(&s.events, seq.to_be_bytes())? else {
+        let Some(stored) = snap.get(Ks::Events, seq.to_be_bytes())? else {
             return Ok(None);
         };
         let stored: StoredEvent = decode(&stored)?;
         let mut deliveries = Vec::new();
-        for entry in snap.prefix(&s.deliveries, seq.to_be_bytes()) {
-            let (k, v) = entry.into_inner()?;
+        for entry in snap.prefix_in(None, Ks::Deliveries, &seq.to_be_bytes(), false) {
+            let (k, v) = entry?;
             let (seq, idx) = delivery_from(&k)?;
             deliveries.push((DeliveryKey { seq, idx }, decode(&v)?));
         }
         let dedup = match &stored.dedup_key {
             Some(key) => {
                 let entry = snap
-                    .get(&s.dedup, dedup_key(&stored.event.source, key))?
+                    .get(Ks::Dedup, dedup_key(&stored.event.source, key))?
                     .map(|v| decode::<DedupEntry>(&v))
                     .transpose()?
                     .filter(|e| e.seq == seq);
@@ -561,19 +665,28 @@ impl Journal {
         keep: impl Fn(&Event) -> bool,
     ) -> Result<Vec<EventTimeline>, JournalError> {
         let s = &*self.store;
-        let snap = s.db.read_tx();
+        let snap = s.view();
         let upper = before.unwrap_or(Seq::MAX).to_be_bytes();
         let mut out = Vec::new();
-        for entry in snap.range(&s.events, ..upper).rev().take(scan) {
-            let (k, v) = entry.into_inner()?;
+        for entry in snap
+            .range_in(
+                None,
+                Ks::Events,
+                Bound::Unbounded,
+                Bound::Excluded(&upper),
+                true,
+            )
+            .take(scan)
+        {
+            let (k, v) = entry?;
             let seq = seq_from(&k)?;
             let stored: StoredEvent = decode(&v)?;
             if !keep(&stored.event) {
                 continue;
             }
             let mut deliveries = Vec::new();
-            for d in snap.prefix(&s.deliveries, seq.to_be_bytes()) {
-                let (k, v) = d.into_inner()?;
+            for d in snap.prefix_in(None, Ks::Deliveries, &seq.to_be_bytes(), false) {
+                let (k, v) = d?;
                 let (seq, idx) = delivery_from(&k)?;
                 deliveries.push((DeliveryKey { seq, idx }, decode(&v)?));
             }
@@ -600,21 +713,22 @@ impl Journal {
         limit: usize,
     ) -> Result<DeadLetterPage, JournalError> {
         let s = &*self.store;
-        let snap = s.db.read_tx();
+        let snap = s.view();
         let start = after.map(|k| {
             // The smallest key after `k`: its 12 bytes followed by a zero.
             let mut b = delivery_key(k.seq, k.idx).to_vec();
             b.push(0);
             b
         });
-        let iter = match &start {
-            Some(b) => snap.range(&s.dead, b.as_slice()..),
-            None => snap.iter(&s.dead),
+        let lo = match &start {
+            Some(b) => Bound::Included(b.as_slice()),
+            None => Bound::Unbounded,
         };
+        let iter = snap.range_in(None, Ks::Dead, lo, Bound::Unbounded, false);
         let mut items = Vec::new();
         let mut next = None;
         for entry in iter {
-            let (k, v) = entry.into_inner()?;
+            let (k, v) = entry?;
             if route.is_some_and(|r| r.as_bytes() != &v[..]) {
                 continue;
             }
@@ -633,24 +747,23 @@ impl Journal {
 
     /// One dead letter (`None` if that delivery is not dead).
     pub fn dead_letter(&self, key: DeliveryKey) -> Result<Option<DeadLetter>, JournalError> {
-        let snap = self.store.db.read_tx();
+        let snap = self.store.view();
         self.dead_letter_in(&snap, key)
     }
 
     fn dead_letter_in(
         &self,
-        snap: &fjall::Snapshot,
+        snap: &View<'_>,
         key: DeliveryKey,
     ) -> Result<Option<DeadLetter>, JournalError> {
-        let s = &*self.store;
-        let Some(record) = snap.get(&s.deliveries, delivery_key(key.seq, key.idx))? else {
+        let Some(record) = snap.get(Ks::Deliveries, delivery_key(key.seq, key.idx))? else {
             return Ok(None);
         };
         let record: DeliveryRecord = decode(&record)?;
         if record.status != DeliveryStatus::Dead {
             return Ok(None);
         }
-        let Some(stored) = snap.get(&s.events, key.seq.to_be_bytes())? else {
+        let Some(stored) = snap.get(Ks::Events, key.seq.to_be_bytes())? else {
             return Ok(None);
         };
         let stored: StoredEvent = decode(&stored)?;
@@ -671,7 +784,7 @@ impl Journal {
         limit: usize,
     ) -> Result<Vec<ArchivedEvent>, JournalError> {
         let s = &*self.store;
-        let snap = s.db.read_tx();
+        let snap = s.view();
         let start = match after {
             Some((ms, seq)) => {
                 let mut b = time_key(ms, seq).to_vec();
@@ -682,13 +795,19 @@ impl Journal {
         };
         let end = time_key(until_ms.unwrap_or(u64::MAX), 0);
         let mut out = Vec::new();
-        for entry in snap.range(&s.by_time, start.as_slice()..end.as_slice()) {
+        for entry in snap.range_in(
+            None,
+            Ks::ByTime,
+            Bound::Included(start.as_slice()),
+            Bound::Excluded(end.as_slice()),
+            false,
+        ) {
             if out.len() == limit {
                 break;
             }
-            let k = entry.key()?;
+            let k = entry?.0;
             let (accepted_ms, seq) = time_from(&k)?;
-            if let Some(v) = snap.get(&s.events, seq.to_be_bytes())? {
+            if let Some(v) = snap.get(Ks::Events, seq.to_be_bytes())? {
                 out.push(ArchivedEvent {
                     seq,
                     accepted_ms,
@@ -701,7 +820,7 @@ impl Journal {
 
     /// A replay and the deliveries it planned.
     pub fn replay_job(&self, id: u64) -> Result<Option<ReplayJob>, JournalError> {
-        match self.store.replays.get(id.to_be_bytes())? {
+        match self.store.get(Ks::Replays, id.to_be_bytes())? {
             Some(v) => Ok(Some(decode(&v)?)),
             None => Ok(None),
         }
@@ -712,7 +831,7 @@ impl Journal {
         if id.is_empty() || id.len() > MAX_KEY_LEN {
             return Ok(None);
         }
-        match self.store.ids.get(id.as_bytes())? {
+        match self.store.get(Ks::Ids, id.as_bytes())? {
             Some(v) => Ok(Some(seq_from(&v)?)),
             None => Ok(None),
         }
@@ -725,8 +844,7 @@ impl Journal {
             return Ok(None); // could not have been stored
         };
         let s = &*self.store;
-        let snap = s.db.read_tx();
-        kv_live(&snap, s, &k, crate::event::now_ms())
+        kv_live(&s.view(), &k, crate::event::now_ms())
     }
 
     /// Up to `limit` of a plugin's keys that start with `prefix`, after `after`
@@ -754,17 +872,22 @@ impl Journal {
             }
             _ => Bound::Included(start.clone()),
         };
-        let snap = s.db.read_tx();
+        let snap = s.view();
         let now = crate::event::now_ms();
         let mut out = Vec::new();
-        for entry in snap.range(&s.kv, (lower, Bound::Unbounded)) {
-            let k = entry.key()?;
+        let lower = match &lower {
+            Bound::Excluded(l) => Bound::Excluded(l.as_slice()),
+            Bound::Included(l) => Bound::Included(l.as_slice()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        for entry in snap.range_in(None, Ks::Kv, lower, Bound::Unbounded, false) {
+            let k = entry?.0;
             if !k.starts_with(&start) {
                 break;
             }
             let key = std::str::from_utf8(&k[name_len..])
                 .map_err(|_| JournalError::Encoding("a kv key is not UTF-8".into()))?;
-            if let Some(exp) = snap.get(&s.kv_ttl, &k)?
+            if let Some(exp) = snap.get(Ks::KvTtl, &k)?
                 && be_u64(&exp) <= now
             {
                 continue;
@@ -781,8 +904,7 @@ impl Journal {
     pub fn kv_usage(&self, plugin: &str) -> Result<u64, JournalError> {
         Ok(self
             .store
-            .kv_usage
-            .get(plugin.as_bytes())?
+            .get(Ks::KvUsage, plugin.as_bytes())?
             .map_or(0, |v| be_u64(&v)))
     }
 
@@ -790,25 +912,35 @@ impl Journal {
     /// (O(n)): fine for tests and the admin API, not for a hot path.
     pub fn stats(&self) -> Result<JournalStats, JournalError> {
         let s = &*self.store;
-        let snap = s.db.read_tx();
+        let snap = s.view();
         Ok(JournalStats {
-            events: snap.len(&s.events)? as u64,
-            deliveries: snap.len(&s.deliveries)? as u64,
-            due: snap.len(&s.due)? as u64,
-            dead: snap.len(&s.dead)? as u64,
-            kv_entries: snap.len(&s.kv)? as u64,
+            events: snap.len(Ks::Events)? as u64,
+            deliveries: snap.len(Ks::Deliveries)? as u64,
+            due: snap.len(Ks::Due)? as u64,
+            dead: snap.len(Ks::Dead)? as u64,
+            kv_entries: snap.len(Ks::Kv)? as u64,
         })
     }
 }
 
-/// The single writer: drains the queue, applies everything in one transaction,
-/// commits once, then answers every caller.
+/// The single writer: drains the queue, stages everything as one batch of
+/// writes, makes it durable in the commit log with one write, publishes it
+/// to readers, then answers every caller; the applier writes it into fjall
+/// behind the answers (ADR 0002).
 struct Writer {
     store: Arc<Store>,
     next_seq: Seq,
-    /// How long the last batch spent in the store's commit (journal write,
-    /// fsync, memtable inserts), as opposed to staging its ops.
+    /// How long the last batch spent in the log's write (and sync), as
+    /// opposed to staging its ops.
     store_time: Duration,
+    /// The commit log; `None` with `fsync = false`.
+    wal: Option<Wal>,
+    /// Where logged frames go to be written into fjall.
+    applier: std::sync::mpsc::Sender<Arc<Frame>>,
+    /// The last frame's LSN without a log.
+    lsn: u64,
+    /// Ops left for the next batch when one reached the log's frame limit.
+    carry: Vec<WriteOp>,
 }
 
 /// Commits slower than this are logged at debug level, with when they
@@ -832,14 +964,55 @@ fn slow_commit(elapsed: Duration) -> Option<tracing::Level> {
     }
 }
 
+/// A batch being staged: its writes over a view of everything logged before.
+/// Reads see the batch's own earlier writes, so each op sees the ops before
+/// it in the batch.
+struct Tx<'a> {
+    view: View<'a>,
+    writes: Writes,
+}
+
+impl Tx<'_> {
+    fn insert(&mut self, ks: Ks, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        self.writes
+            .put(ks, key.as_ref().to_vec(), Some(Slice::from(value.as_ref())));
+    }
+
+    fn remove(&mut self, ks: Ks, key: impl AsRef<[u8]>) {
+        self.writes.put(ks, key.as_ref().to_vec(), None);
+    }
+
+    fn range(&self, ks: Ks, lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> Merged {
+        self.view.range_in(Some(&self.writes), ks, lo, hi, false)
+    }
+
+    fn prefix(&self, ks: Ks, prefix: impl AsRef<[u8]>, rev: bool) -> Merged {
+        self.view
+            .prefix_in(Some(&self.writes), ks, prefix.as_ref(), rev)
+    }
+}
+
+impl Reads for Tx<'_> {
+    fn get(&self, ks: Ks, key: impl AsRef<[u8]>) -> Result<Option<Slice>, fjall::Error> {
+        self.view.get_in(Some(&self.writes), ks, key.as_ref())
+    }
+}
+
 impl Writer {
     fn run(mut self, queue: Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         // The commit histograms, looked up once.
         let commit_ops = metrics::histogram!("switchyard_journal_commit_ops");
         let commit_seconds = metrics::histogram!("switchyard_journal_commit_seconds");
-        while let Ok(first) = queue.recv() {
-            batch.push(first);
+        loop {
+            if self.carry.is_empty() {
+                match queue.recv() {
+                    Ok(first) => batch.push(first),
+                    Err(_) => break,
+                }
+            } else {
+                batch.append(&mut self.carry);
+            }
             while batch.len() < MAX_BATCH {
                 match queue.try_recv() {
                     Ok(op) => batch.push(op),
@@ -880,17 +1053,18 @@ impl Writer {
         let mut ops = batch.drain(..);
         match self.apply(&mut ops, &mut replies) {
             Ok(()) => {
+                self.carry.extend(ops);
                 for reply in replies {
                     reply(None);
                 }
             }
             Err(e) => {
-                // Nothing of this batch became visible. Either it failed before
-                // reaching fjall's journal, or writing/fsyncing the journal
-                // failed, which poisons the database so that it takes no more
-                // writes (the batch may or may not be replayed after a restart,
-                // which recomputes the next seq). Tell every caller, including
-                // those of ops not applied yet, and give back the sequence numbers.
+                // Nothing of this batch became visible: it failed before the
+                // log had it, or the log's write failed, which poisons the
+                // journal (the batch may or may not be replayed after a
+                // restart, which recomputes the next seq). Tell every caller,
+                // including those of ops not applied yet, and give back the
+                // sequence numbers.
                 tracing::error!(error = %e, "journal commit failed");
                 self.next_seq = seq_before;
                 let text = e.to_string();
@@ -906,35 +1080,37 @@ impl Writer {
         ops: &mut impl Iterator<Item = WriteOp>,
         replies: &mut Vec<Reply>,
     ) -> Result<(), JournalError> {
-        let s = &*self.store;
-        // Reads inside the transaction see its own earlier writes, so each op
-        // sees the ops before it in the batch.
-        // fdatasync: the journal is append-only, and fdatasync also flushes
-        // the file size it needs to be read back (fjall fsyncs new journal
-        // files in full when it creates them).
-        let durability = if s.fsync {
-            PersistMode::SyncData
-        } else {
-            PersistMode::Buffer
+        if let Some(why) = self.store.poisoned.get() {
+            return Err(JournalError::CommitFailed(why.clone()));
+        }
+        let store = self.store.clone();
+        let s = &*store;
+        let mut tx = Tx {
+            view: s.view(),
+            writes: Writes::default(),
         };
-        let mut tx = s.db.write_tx().durability(Some(durability));
-        // A store error fails the whole batch (the transaction is dropped,
-        // i.e. rolled back); any other error concerns only its op, which
-        // wrote nothing.
+        // Stops taking ops once the frame nears the log's limit; the rest
+        // wait for the next batch.
+        let limit = self
+            .wal
+            .as_ref()
+            .map_or(usize::MAX, |w| w.max_payload() / 2);
+        // A store error fails the whole batch (nothing is logged); any other
+        // error concerns only its op, which wrote nothing.
         fn fatal<T>(r: &Result<T, JournalError>) -> Option<fjall::Error> {
             match r {
                 Err(JournalError::Store(e)) => Some(clone_store_error(e)),
                 _ => None,
             }
         }
-        for op in ops {
+        for op in ops.by_ref() {
             match op {
                 WriteOp::Append {
                     encoded,
                     dedup,
                     reply: r,
                 } => {
-                    let res = append(&mut tx, s, self.next_seq, encoded, dedup);
+                    let res = append(&mut tx, self.next_seq, encoded, dedup);
                     if let Ok(Appended::New(_)) = res {
                         self.next_seq += 1;
                     }
@@ -948,7 +1124,7 @@ impl Writer {
                     settlement,
                     reply: r,
                 } => {
-                    let res = settle(&mut tx, s, &settlement, &mut self.next_seq);
+                    let res = settle(&mut tx, &settlement, &mut self.next_seq);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -960,7 +1136,7 @@ impl Writer {
                     now_ms,
                     reply: r,
                 } => {
-                    let res = redrive(&mut tx, s, &keys, now_ms);
+                    let res = redrive(&mut tx, &keys, now_ms);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -974,7 +1150,7 @@ impl Writer {
                     now_ms,
                     reply: r,
                 } => {
-                    let res = replay(&mut tx, s, job, spec, items, now_ms);
+                    let res = replay(&mut tx, job, spec, items, now_ms);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -987,7 +1163,7 @@ impl Writer {
                     limit,
                     reply: r,
                 } => {
-                    let res = compact(&mut tx, s, cutoff_ms, resume, limit);
+                    let res = compact(&mut tx, cutoff_ms, resume, limit);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -999,7 +1175,7 @@ impl Writer {
                     limit,
                     reply: r,
                 } => {
-                    let res = expire_kv(&mut tx, s, now_ms, limit);
+                    let res = expire_kv(&mut tx, now_ms, limit);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -1008,22 +1184,143 @@ impl Writer {
                 }
                 WriteOp::Flush { reply: r } => replies.push(reply(r, Ok(()))),
             }
+            if tx.writes.bytes() >= limit {
+                break;
+            }
         }
         #[cfg(test)]
         if tests::FAIL_COMMIT.get() {
             return Err(fjall::Error::Io(std::io::Error::other("injected")).into());
         }
-        // No-op (and no fsync) when the batch wrote nothing, e.g. only stale
-        // settlements.
+        let writes = tx.writes;
+        // Nothing to log (and no sync) when the batch wrote nothing, e.g.
+        // only stale settlements.
+        if writes.is_empty() {
+            return Ok(());
+        }
         let committing = Instant::now();
-        let committed = tx.commit();
+        let pos = match &mut self.wal {
+            Some(wal) => match wal.append(&writes.encode()) {
+                Ok(pos) => pos,
+                Err(e @ WalError::TooLarge { .. }) => {
+                    return Err(JournalError::CommitFailed(e.to_string()));
+                }
+                Err(e) => {
+                    // The frame may be partly written: no later frame may
+                    // follow it, as after a failed fsync in fjall.
+                    let text = e.to_string();
+                    let _ = s.poisoned.set(format!("the commit log failed: {text}"));
+                    return Err(JournalError::CommitFailed(text));
+                }
+            },
+            None => {
+                self.lsn += 1;
+                WalPos {
+                    lsn: self.lsn,
+                    end: 0,
+                }
+            }
+        };
         self.store_time = committing.elapsed();
-        committed?;
-        self.store
-            .commits
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let frame = Arc::new(Frame {
+            lsn: pos.lsn,
+            end: pos.end,
+            writes,
+        });
+        // Readable before anyone hears back.
+        s.overlay.push(frame.clone());
+        // The applier is gone only after it poisoned the store; the frame
+        // stays readable, and the log has it for the next start.
+        let _ = self.applier.send(frame);
+        s.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// The applier: writes logged frames into fjall in log order, without a sync,
+/// then drops them from the overlay. When the log's unreleased part grows
+/// past a quarter of the log (or the writer goes quiet), it persists fjall
+/// (`SyncAll`) and releases the log up to there: only then may the writer
+/// overwrite it.
+fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpace, u64, u64)>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut applied: Option<WalPos> = None;
+    let mut released = space.as_ref().map_or(0, |s| s.2);
+    let checkpoint = |applied: Option<WalPos>, released: &mut u64| -> Result<(), fjall::Error> {
+        let (Some((space, _, _)), Some(pos)) = (&space, applied) else {
+            return Ok(());
+        };
+        if pos.end <= *released {
+            return Ok(());
+        }
+        store.db.persist(PersistMode::SyncAll)?;
+        space.release(pos.end);
+        *released = pos.end;
+        Ok(())
+    };
+    let fail = |what: &str, e: fjall::Error| {
+        tracing::error!(error = %e, "the journal's {what} failed: it takes no more writes");
+        let _ = store
+            .poisoned
+            .set(format!("the journal's {what} failed: {e}"));
+        if let Some((space, _, _)) = &space {
+            space.close();
+        }
+    };
+    let unapplied = metrics::gauge!("switchyard_journal_unapplied_batches");
+    let mut batch = Vec::new();
+    loop {
+        unapplied.set(store.overlay.pending() as f64);
+        match frames.recv_timeout(CHECKPOINT_IDLE) {
+            Ok(frame) => batch.push(frame),
+            Err(RecvTimeoutError::Timeout) => {
+                if let Err(e) = checkpoint(applied, &mut released) {
+                    fail("checkpoint", e);
+                    return;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        while batch.len() < 64 {
+            match frames.try_recv() {
+                Ok(frame) => batch.push(frame),
+                Err(_) => break,
+            }
+        }
+        let res = store.apply_frames(batch.iter().map(|f| {
+            (
+                &f.writes,
+                WalPos {
+                    lsn: f.lsn,
+                    end: f.end,
+                },
+            )
+        }));
+        batch.clear();
+        match res {
+            Ok(Some(pos)) => {
+                store.overlay.applied(pos.lsn);
+                applied = Some(pos);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                fail("apply", e);
+                return;
+            }
+        }
+        if let (Some((_, size, _)), Some(pos)) = (&space, applied)
+            && pos.end - released >= size / 4
+            && let Err(e) = checkpoint(applied, &mut released)
+        {
+            fail("checkpoint", e);
+            return;
+        }
+    }
+    if let Err(e) = checkpoint(applied, &mut released) {
+        fail("checkpoint", e);
+    }
+    tracing::debug!("journal applier stopped");
 }
 
 /// fjall's error is not `Clone`; the op's caller gets one copy (as text, if
@@ -1036,8 +1333,7 @@ fn clone_store_error(e: &fjall::Error) -> fjall::Error {
 /// seen within the window. Everything is encoded and checked before the first
 /// write, so an error leaves the transaction as it was.
 fn append(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
+    tx: &mut Tx<'_>,
     seq: Seq,
     encoded: EncodedEvent,
     dedup: Option<DedupKey>,
@@ -1048,12 +1344,12 @@ fn append(
     if let Some(d) = &dedup {
         let k = dedup_key(&d.source, &d.key);
         check_key(&k)?;
-        if let Some(v) = tx.get(&s.dedup, &k)? {
+        if let Some(v) = tx.get(Ks::Dedup, &k)? {
             let mut entry: DedupEntry = decode(&v)?;
             if accepted_ms.saturating_sub(entry.first_ms) < d.window_ms {
                 entry.duplicates += 1;
                 entry.last_duplicate_ms = Some(accepted_ms);
-                tx.insert(&s.dedup, &k, encode(&entry)?);
+                tx.insert(Ks::Dedup, &k, encode(&entry)?);
                 return Ok(Appended::Duplicate { id: entry.id });
             }
         }
@@ -1068,9 +1364,9 @@ fn append(
     }
     let staged = stage(seq, encoded)?;
     if let Some((k, v)) = dedup_write {
-        tx.insert(&s.dedup, k, v);
+        tx.insert(Ks::Dedup, k, v);
     }
-    staged.write(tx, s);
+    staged.write(tx);
     Ok(Appended::New(seq))
 }
 
@@ -1165,14 +1461,14 @@ fn stage_event(
 }
 
 impl StagedEvent {
-    fn write(self, tx: &mut WriteTransaction<'_>, s: &Store) {
+    fn write(self, tx: &mut Tx<'_>) {
         let seq = self.seq;
-        tx.insert(&s.events, seq.to_be_bytes(), self.stored);
-        tx.insert(&s.ids, self.id.as_str(), seq.to_be_bytes());
-        tx.insert(&s.by_time, time_key(self.accepted_ms, seq), b"");
+        tx.insert(Ks::Events, seq.to_be_bytes(), self.stored);
+        tx.insert(Ks::Ids, self.id.as_str(), seq.to_be_bytes());
+        tx.insert(Ks::ByTime, time_key(self.accepted_ms, seq), b"");
         for (key, record, indexes) in self.records {
-            tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), record);
-            add_indexes(tx, s, indexes);
+            tx.insert(Ks::Deliveries, delivery_key(key.seq, key.idx), record);
+            add_indexes(tx, indexes);
         }
     }
 }
@@ -1207,35 +1503,34 @@ fn index_entries(key: DeliveryKey, r: &DeliveryRecord) -> Result<IndexEntries, J
     })
 }
 
-fn add_indexes(tx: &mut WriteTransaction<'_>, s: &Store, e: IndexEntries) {
+fn add_indexes(tx: &mut Tx<'_>, e: IndexEntries) {
     if let Some(k) = e.due {
-        tx.insert(&s.due, k, b"");
+        tx.insert(Ks::Due, k, b"");
     }
     if let Some((k, route)) = e.dead {
-        tx.insert(&s.dead, k, route);
+        tx.insert(Ks::Dead, k, route);
     }
     if let Some(k) = e.order {
-        tx.insert(&s.order, k, b"");
+        tx.insert(Ks::Order, k, b"");
     }
 }
 
-fn remove_indexes(tx: &mut WriteTransaction<'_>, s: &Store, e: IndexEntries) {
+fn remove_indexes(tx: &mut Tx<'_>, e: IndexEntries) {
     if let Some(k) = e.due {
-        tx.remove(&s.due, k);
+        tx.remove(Ks::Due, k);
     }
     if let Some((k, _)) = e.dead {
-        tx.remove(&s.dead, k);
+        tx.remove(Ks::Dead, k);
     }
     if let Some(k) = e.order {
-        tx.remove(&s.order, k);
+        tx.remove(Ks::Order, k);
     }
 }
 
 /// Replaces a delivery's record and moves its index entries along. Encodes
 /// before it writes, so an error leaves the transaction as it was.
 fn update_delivery(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
+    tx: &mut Tx<'_>,
     key: DeliveryKey,
     old: &DeliveryRecord,
     new: &DeliveryRecord,
@@ -1243,18 +1538,14 @@ fn update_delivery(
     let encoded = encode(new)?;
     let old_idx = index_entries(key, old)?;
     let new_idx = index_entries(key, new)?;
-    remove_indexes(tx, s, old_idx);
-    add_indexes(tx, s, new_idx);
-    tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), encoded);
+    remove_indexes(tx, old_idx);
+    add_indexes(tx, new_idx);
+    tx.insert(Ks::Deliveries, delivery_key(key.seq, key.idx), encoded);
     Ok(())
 }
 
-fn read_delivery(
-    tx: &WriteTransaction<'_>,
-    s: &Store,
-    key: DeliveryKey,
-) -> Result<Option<DeliveryRecord>, JournalError> {
-    tx.get(&s.deliveries, delivery_key(key.seq, key.idx))?
+fn read_delivery(tx: &Tx<'_>, key: DeliveryKey) -> Result<Option<DeliveryRecord>, JournalError> {
+    tx.get(Ks::Deliveries, delivery_key(key.seq, key.idx))?
         .map(|v| decode::<DeliveryRecord>(&v[..]))
         .transpose()
 }
@@ -1263,13 +1554,8 @@ fn read_delivery(
 /// earlier ops of the same batch. All checks and encoding come before the first
 /// write, so `Stale`, `Conflict` or an error leave the transaction as it was.
 /// Emitted events of a delivered attempt are appended under `next_seq` on.
-fn settle(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
-    st: &Settlement,
-    next_seq: &mut Seq,
-) -> Result<Settled, JournalError> {
-    let Some(old) = read_delivery(tx, s, st.key)? else {
+fn settle(tx: &mut Tx<'_>, st: &Settlement, next_seq: &mut Seq) -> Result<Settled, JournalError> {
+    let Some(old) = read_delivery(tx, st.key)? else {
         return Ok(Settled::Stale);
     };
     if old.status.is_final() {
@@ -1281,7 +1567,7 @@ fn settle(
     if delivered {
         for (k, seen) in &st.kv.reads {
             let now = match kv_key(&st.plugin, k) {
-                Ok(k) => kv_live(tx, s, &k, now_ms)?,
+                Ok(k) => kv_live(tx, &k, now_ms)?,
                 Err(_) => None, // could not have been stored
             };
             if now.as_deref() != seen.as_deref() {
@@ -1313,41 +1599,36 @@ fn settle(
         Outcome::Dead => (DeliveryStatus::Dead, None),
         Outcome::Retry { due_ms } => (DeliveryStatus::Retrying, Some(due_ms)),
     };
-    update_delivery(tx, s, st.key, &old, &record)?;
+    update_delivery(tx, st.key, &old, &record)?;
     if !delivered {
         return Ok(Settled::Committed);
     }
     // In order: the last write of a key wins.
     let mut usage: i128 = 0;
     for (k, w) in kv_writes {
-        usage += kv_write(tx, s, &k, w)?;
+        usage += kv_write(tx, &k, w)?;
     }
     if usage != 0 {
         let before = tx
-            .get(&s.kv_usage, st.plugin.as_bytes())?
+            .get(Ks::KvUsage, st.plugin.as_bytes())?
             .map_or(0, |v| be_u64(&v));
         let after = (before as i128 + usage).max(0) as u64;
-        tx.insert(&s.kv_usage, st.plugin.as_bytes(), after.to_be_bytes());
+        tx.insert(Ks::KvUsage, st.plugin.as_bytes(), after.to_be_bytes());
     }
     *next_seq += staged.len() as Seq;
     for e in staged {
-        e.write(tx, s);
+        e.write(tx);
     }
     Ok(Settled::Committed)
 }
 
 /// The live value under a kv key: absent once its TTL ran out (the sweep
 /// deletes it later).
-fn kv_live(
-    r: &impl Readable,
-    s: &Store,
-    k: &[u8],
-    now_ms: u64,
-) -> Result<Option<Vec<u8>>, JournalError> {
-    let Some(v) = r.get(&s.kv, k)? else {
+fn kv_live(r: &impl Reads, k: &[u8], now_ms: u64) -> Result<Option<Vec<u8>>, JournalError> {
+    let Some(v) = r.get(Ks::Kv, k)? else {
         return Ok(None);
     };
-    if let Some(exp) = r.get(&s.kv_ttl, k)?
+    if let Some(exp) = r.get(Ks::KvTtl, k)?
         && be_u64(&exp) <= now_ms
     {
         return Ok(None);
@@ -1357,30 +1638,25 @@ fn kv_live(
 
 /// Stages one kv write with its TTL entries; returns the change in the
 /// plugin's usage (bytes).
-fn kv_write(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
-    k: &[u8],
-    w: &crate::journal::KvWrite,
-) -> Result<i128, JournalError> {
+fn kv_write(tx: &mut Tx<'_>, k: &[u8], w: &crate::journal::KvWrite) -> Result<i128, JournalError> {
     let mut delta: i128 = 0;
-    if let Some(old) = tx.get(&s.kv, k)? {
+    if let Some(old) = tx.get(Ks::Kv, k)? {
         delta -= (k.len() + old.len()) as i128;
     }
-    if let Some(old_exp) = tx.get(&s.kv_ttl, k)? {
-        tx.remove(&s.kv_exp, exp_key(be_u64(&old_exp), k));
-        tx.remove(&s.kv_ttl, k);
+    if let Some(old_exp) = tx.get(Ks::KvTtl, k)? {
+        tx.remove(Ks::KvExp, exp_key(be_u64(&old_exp), k));
+        tx.remove(Ks::KvTtl, k);
     }
     match &w.value {
         Some(v) => {
-            tx.insert(&s.kv, k, v.as_slice());
+            tx.insert(Ks::Kv, k, v.as_slice());
             delta += (k.len() + v.len()) as i128;
             if let Some(exp) = w.expires_ms {
-                tx.insert(&s.kv_ttl, k, exp.to_be_bytes());
-                tx.insert(&s.kv_exp, exp_key(exp, k), b"");
+                tx.insert(Ks::KvTtl, k, exp.to_be_bytes());
+                tx.insert(Ks::KvExp, exp_key(exp, k), b"");
             }
         }
-        None => tx.remove(&s.kv, k),
+        None => tx.remove(Ks::Kv, k),
     }
     Ok(delta)
 }
@@ -1394,15 +1670,11 @@ fn exp_key(exp: u64, k: &[u8]) -> Vec<u8> {
 }
 
 /// Stages the deletion of up to `limit` expired kv entries.
-fn expire_kv(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
-    now_ms: u64,
-    limit: usize,
-) -> Result<usize, JournalError> {
+fn expire_kv(tx: &mut Tx<'_>, now_ms: u64, limit: usize) -> Result<usize, JournalError> {
     let mut expired = Vec::new();
-    for entry in tx.range(&s.kv_exp, ..exp_key(now_ms.saturating_add(1), b"")) {
-        let k = entry.key()?;
+    let end = exp_key(now_ms.saturating_add(1), b"");
+    for entry in tx.range(Ks::KvExp, Bound::Unbounded, Bound::Excluded(&end)) {
+        let k = entry?.0;
         if k.len() <= 8 {
             return Err(bad_key(&k));
         }
@@ -1413,17 +1685,17 @@ fn expire_kv(
     }
     for e in &expired {
         let k = &e[8..];
-        tx.remove(&s.kv_exp, e.as_slice());
-        tx.remove(&s.kv_ttl, k);
-        if let Some(old) = tx.get(&s.kv, k)? {
-            tx.remove(&s.kv, k);
+        tx.remove(Ks::KvExp, e.as_slice());
+        tx.remove(Ks::KvTtl, k);
+        if let Some(old) = tx.get(Ks::Kv, k)? {
+            tx.remove(Ks::Kv, k);
             let Some(end) = k.iter().position(|&b| b == 0) else {
                 continue;
             };
             let plugin = &k[..end];
-            let before = tx.get(&s.kv_usage, plugin)?.map_or(0, |v| be_u64(&v));
+            let before = tx.get(Ks::KvUsage, plugin)?.map_or(0, |v| be_u64(&v));
             let after = before.saturating_sub((k.len() + old.len()) as u64);
-            tx.insert(&s.kv_usage, plugin, after.to_be_bytes());
+            tx.insert(Ks::KvUsage, plugin, after.to_be_bytes());
         }
     }
     Ok(expired.len())
@@ -1431,14 +1703,13 @@ fn expire_kv(
 
 /// Stages the redrive of those of `keys` that are dead letters.
 fn redrive(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
+    tx: &mut Tx<'_>,
     keys: &[DeliveryKey],
     now_ms: u64,
 ) -> Result<Vec<DueDelivery>, JournalError> {
     let mut out = Vec::new();
     for &key in keys {
-        let Some(old) = read_delivery(tx, s, key)? else {
+        let Some(old) = read_delivery(tx, key)? else {
             continue;
         };
         if old.status != DeliveryStatus::Dead {
@@ -1448,7 +1719,7 @@ fn redrive(
         record.status = DeliveryStatus::Pending;
         record.due_ms = Some(now_ms);
         record.redriven_ms.push(now_ms);
-        update_delivery(tx, s, key, &old, &record)?;
+        update_delivery(tx, key, &old, &record)?;
         out.push(DueDelivery {
             key,
             due_ms: now_ms,
@@ -1460,21 +1731,27 @@ fn redrive(
 
 /// Stages new deliveries of archived events, marked with the replay's id.
 fn replay(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
+    tx: &mut Tx<'_>,
     job: Option<u64>,
     spec: ReplaySpec,
     items: Vec<(Seq, Vec<PlannedDelivery>)>,
     now_ms: u64,
 ) -> Result<(u64, Vec<DueDelivery>), JournalError> {
     let mut record = match job {
-        Some(id) => match tx.get(&s.replays, id.to_be_bytes())? {
+        Some(id) => match tx.get(Ks::Replays, id.to_be_bytes())? {
             Some(v) => decode::<ReplayJob>(&v)?,
             None => return Err(JournalError::Encoding(format!("no replay {id}"))),
         },
         None => {
-            let id = match tx.last_key_value(&s.replays) {
-                Some(guard) => seq_from(&guard.key()?)? + 1,
+            let mut last = tx.view.range_in(
+                Some(&tx.writes),
+                Ks::Replays,
+                Bound::Unbounded,
+                Bound::Unbounded,
+                true,
+            );
+            let id = match last.next() {
+                Some(entry) => seq_from(&entry?.0)? + 1,
                 None => 1,
             };
             ReplayJob {
@@ -1489,11 +1766,11 @@ fn replay(
     let mut writes = Vec::new();
     let mut out = Vec::new();
     for (seq, planned) in items {
-        if planned.is_empty() || tx.get(&s.events, seq.to_be_bytes())?.is_none() {
+        if planned.is_empty() || tx.get(Ks::Events, seq.to_be_bytes())?.is_none() {
             continue; // compacted meanwhile
         }
-        let first = match tx.prefix(&s.deliveries, seq.to_be_bytes()).next_back() {
-            Some(entry) => delivery_from(&entry.key()?)?.1 + 1,
+        let first = match tx.prefix(Ks::Deliveries, seq.to_be_bytes(), true).next() {
+            Some(entry) => delivery_from(&entry?.0)?.1 + 1,
             None => 0,
         };
         record.events += 1;
@@ -1521,17 +1798,16 @@ fn replay(
     }
     let job_bytes = encode(&record)?;
     for (key, bytes, indexes) in writes {
-        tx.insert(&s.deliveries, delivery_key(key.seq, key.idx), bytes);
-        add_indexes(tx, s, indexes);
+        tx.insert(Ks::Deliveries, delivery_key(key.seq, key.idx), bytes);
+        add_indexes(tx, indexes);
     }
-    tx.insert(&s.replays, record.id.to_be_bytes(), job_bytes);
+    tx.insert(Ks::Replays, record.id.to_be_bytes(), job_bytes);
     Ok((record.id, out))
 }
 
 /// Stages one compaction step; see [`Journal::compact`].
 fn compact(
-    tx: &mut WriteTransaction<'_>,
-    s: &Store,
+    tx: &mut Tx<'_>,
     cutoff_ms: u64,
     resume: Option<(u64, Seq)>,
     limit: usize,
@@ -1540,8 +1816,12 @@ fn compact(
     let end = time_key(cutoff_ms, 0);
     let mut candidates = Vec::new();
     let mut resume = None;
-    for entry in tx.range(&s.by_time, start.as_slice()..end.as_slice()) {
-        let pos = time_from(&entry.key()?)?;
+    for entry in tx.range(
+        Ks::ByTime,
+        Bound::Included(start.as_slice()),
+        Bound::Excluded(end.as_slice()),
+    ) {
+        let pos = time_from(&entry?.0)?;
         if candidates.len() == limit {
             resume = Some(pos);
             break;
@@ -1554,32 +1834,32 @@ fn compact(
     };
     'events: for (ms, seq) in candidates {
         let mut keys = Vec::new();
-        for entry in tx.prefix(&s.deliveries, seq.to_be_bytes()) {
-            let (k, v) = entry.into_inner()?;
+        for entry in tx.prefix(Ks::Deliveries, seq.to_be_bytes(), false) {
+            let (k, v) = entry?;
             if decode::<DeliveryRecord>(&v)?.status != DeliveryStatus::Delivered {
                 continue 'events; // unfinished or dead: keep the event
             }
             keys.push(k);
         }
-        if let Some(v) = tx.get(&s.events, seq.to_be_bytes())? {
+        if let Some(v) = tx.get(Ks::Events, seq.to_be_bytes())? {
             let stored: StoredEvent = decode(&v)?;
-            tx.remove(&s.ids, stored.event.id.as_str());
+            tx.remove(Ks::Ids, stored.event.id.as_str());
             if let Some(key) = &stored.dedup_key {
                 let dk = dedup_key(&stored.event.source, key);
-                let ours = match tx.get(&s.dedup, &dk)? {
+                let ours = match tx.get(Ks::Dedup, &dk)? {
                     Some(v) => decode::<DedupEntry>(&v)?.seq == seq,
                     None => false,
                 };
                 if ours {
-                    tx.remove(&s.dedup, dk);
+                    tx.remove(Ks::Dedup, dk);
                 }
             }
         }
-        tx.remove(&s.events, seq.to_be_bytes());
-        tx.remove(&s.by_time, time_key(ms, seq));
+        tx.remove(Ks::Events, seq.to_be_bytes());
+        tx.remove(Ks::ByTime, time_key(ms, seq));
         done.deliveries += keys.len() as u64;
         for k in keys {
-            tx.remove(&s.deliveries, k);
+            tx.remove(Ks::Deliveries, k);
         }
         done.events += 1;
     }
@@ -1981,32 +2261,46 @@ mod tests {
     #[test]
     fn the_reaper_sees_each_keyspace_and_follows_rotation() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(&dir.path().join("journal"), true).unwrap();
+        let store = Store::open(&dir.path().join("journal"), true).unwrap();
         let before = store.active_memtables();
-        assert_eq!(before.len(), 13);
+        assert_eq!(before.len(), KEYSPACES);
         for (i, a) in before.iter().enumerate() {
             assert!(
                 before[i + 1..].iter().all(|b| !Arc::ptr_eq(a, b)),
                 "keyspace {i} listed twice"
             );
         }
-        let active = store.events.inner().tree.active_memtable() as reaper::Held;
+        let events = store.ks(Ks::Events);
+        let active = events.inner().tree.active_memtable() as reaper::Held;
         assert!(Arc::ptr_eq(&before[0], &active));
-        store.events.insert("k", "v").unwrap();
-        store.events.inner().rotate_memtable_and_wait().unwrap();
+        events.insert("k", "v").unwrap();
+        events.inner().rotate_memtable_and_wait().unwrap();
         let after = store.active_memtables();
         assert!(!Arc::ptr_eq(&before[0], &after[0]), "events rotated");
         assert!(Arc::ptr_eq(&before[1], &after[1]), "ids did not");
     }
 
-    /// A store and a writer driven by the test itself (no thread).
+    /// A store and a writer driven by the test itself, with a commit log
+    /// and no applier: what it commits is only in the log and the overlay.
     fn bare_writer(dir: &std::path::Path) -> (Arc<Store>, Writer) {
-        let (store, next_seq) = Store::open(&dir.join("journal"), true).unwrap();
+        let store = Store::open(&dir.join("journal"), true).unwrap();
+        std::fs::create_dir_all(dir.join("wal")).unwrap();
+        let mut wal = Wal::open(&dir.join("wal").join("log"), WAL_SIZE).unwrap();
+        assert!(
+            wal.recover(store.wal_position().unwrap())
+                .unwrap()
+                .is_empty()
+        );
+        let next_seq = store.next_seq().unwrap();
         let store = Arc::new(store);
         let writer = Writer {
             store: store.clone(),
             next_seq,
             store_time: Duration::ZERO,
+            wal: Some(wal),
+            applier: std::sync::mpsc::channel().0,
+            lsn: 0,
+            carry: Vec::new(),
         };
         (store, writer)
     }
@@ -2400,6 +2694,116 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept, Appended::Duplicate { id: "e3".into() });
+    }
+
+    /// Opens the journal in `dir`, waiting for an earlier handle's threads
+    /// to let go of fjall's lock.
+    fn reopen(dir: &std::path::Path) -> Journal {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Journal::open(dir) {
+                Ok(j) => break j,
+                Err(e) if Instant::now() > deadline => panic!("cannot reopen: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// What the writer answered is in the commit log: with no applier, fjall
+    /// never got it, and opening the journal replays it from the log.
+    #[tokio::test]
+    async fn answered_batches_come_back_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, mut writer) = bare_writer(dir.path());
+            let mut batch = Vec::new();
+            let mut rxs = Vec::new();
+            for id in ["a", "b"] {
+                let (reply, rx) = oneshot::channel();
+                batch.push(WriteOp::Append {
+                    encoded: encode_event(
+                        &event(id),
+                        7,
+                        planned(1),
+                        dedup(id, 1_000).as_ref().map(|d| d.key.as_str()),
+                    )
+                    .unwrap(),
+                    dedup: dedup(id, 1_000),
+                    reply,
+                });
+                rxs.push(rx);
+            }
+            writer.commit_batch(&mut batch);
+            let (reply, mut settled) = oneshot::channel();
+            let mut s = settlement(1, Outcome::Delivered, KvChanges::default());
+            s.kv.writes = vec![KvWrite::set("k", "v")];
+            batch.push(WriteOp::Settle {
+                settlement: Box::new(s),
+                reply,
+            });
+            writer.commit_batch(&mut batch);
+            for mut rx in rxs {
+                assert!(matches!(rx.try_recv().unwrap(), Ok(Appended::New(_))));
+            }
+            assert_eq!(settled.try_recv().unwrap().unwrap(), Settled::Committed);
+            assert_eq!(store.overlay.pending(), 2);
+            // fjall itself has none of it.
+            assert!(
+                store
+                    .ks(Ks::Events)
+                    .get(1u64.to_be_bytes())
+                    .unwrap()
+                    .is_none()
+            );
+        }
+        let j = reopen(dir.path());
+        assert_eq!(j.store.overlay.pending(), 0);
+        assert_eq!(j.timeline("b").unwrap().unwrap().seq, 2);
+        assert_eq!(j.kv_get("p", "k").unwrap(), Some(b"v".to_vec()));
+        let due: Vec<_> = j.due_deliveries().unwrap().iter().map(|d| d.key).collect();
+        assert_eq!(due, [DeliveryKey { seq: 2, idx: 0 }]);
+        // The dedup entries came back too, and the next event gets seq 3.
+        let again = j.append(event("x"), 8, planned(0), dedup("a", 1_000)).await;
+        assert_eq!(again.unwrap(), Appended::Duplicate { id: "a".into() });
+        assert_eq!(
+            new(j.append(event("c"), 9, planned(0), None).await.unwrap()),
+            3
+        );
+    }
+
+    /// The log is a ring: many times its size goes through it (the applier
+    /// checkpoints fjall and releases it), and everything is there after a
+    /// reopen.
+    #[tokio::test]
+    async fn the_log_is_reused_after_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = vec![b'x'; 3000];
+        let total = 4 * WAL_SIZE as usize / 4096;
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            let mut tasks = Vec::new();
+            for i in 0..total {
+                let j = j.clone();
+                let mut e = (*event(&format!("e{i}"))).clone();
+                e.data = body.clone();
+                tasks.push(tokio::spawn(async move {
+                    j.append(Arc::new(e), i as u64, planned(1), None).await
+                }));
+            }
+            for t in tasks {
+                assert!(matches!(t.await.unwrap(), Ok(Appended::New(_))));
+            }
+        }
+        let j = reopen(dir.path());
+        assert_eq!(j.stats().unwrap().events, total as u64);
+        assert_eq!(
+            j.timeline(&format!("e{}", total - 1))
+                .unwrap()
+                .unwrap()
+                .event
+                .data,
+            body
+        );
     }
 
     fn journal_without_writer(store: Arc<Store>) -> (Journal, Receiver<WriteOp>) {

@@ -11,7 +11,9 @@
 
 mod embedded;
 pub mod nats;
+mod overlay;
 mod reaper;
+mod wal;
 
 use std::sync::Arc;
 
