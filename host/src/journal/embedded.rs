@@ -65,9 +65,14 @@ use crate::event::Event;
 //             (8 B): the last commit log frame in fjall (`Ks::Wal`)
 const WAL_POSITION: &[u8] = b"position";
 
-/// The commit log's size. Whole 4 KiB blocks per batch; a quarter of it
-/// between checkpoints.
+/// The commit log's size. Whole 4 KiB blocks per batch.
 const WAL_SIZE: u64 = if cfg!(test) { 1 << 20 } else { 64 << 20 };
+/// The applier persists fjall and releases the log each time this fraction
+/// of it has been applied: small checkpoints, because each one's `fsync` of
+/// fjall's journal competes with the log's writes for the disk (a sixteenth
+/// halved the batches over 5 ms against a quarter: docs/benchmarks.md, "the
+/// commit log built").
+const CHECKPOINT_FRACTION: u64 = 16;
 /// The applier persists fjall and releases the log once no frame has come
 /// for this long, so a restart after a quiet spell replays little.
 const CHECKPOINT_IDLE: Duration = Duration::from_millis(500);
@@ -1239,7 +1244,7 @@ impl Writer {
 
 /// The applier: writes logged frames into fjall in log order, without a sync,
 /// then drops them from the overlay. When the log's unreleased part grows
-/// past a quarter of the log (or the writer goes quiet), it persists fjall
+/// past [`CHECKPOINT_FRACTION`] of the log (or the writer goes quiet), it persists fjall
 /// (`SyncAll`) and releases the log up to there: only then may the writer
 /// overwrite it.
 fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpace, u64, u64)>) {
@@ -1310,7 +1315,7 @@ fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpa
             }
         }
         if let (Some((_, size, _)), Some(pos)) = (&space, applied)
-            && pos.end - released >= size / 4
+            && pos.end - released >= size / CHECKPOINT_FRACTION
             && let Err(e) = checkpoint(applied, &mut released)
         {
             fail("checkpoint", e);

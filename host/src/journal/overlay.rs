@@ -369,10 +369,13 @@ fn is_empty_range(lo: Bound<&[u8]>, hi: Bound<&[u8]>) -> bool {
     }
 }
 
+/// The upper layer's entries of a range, in the iteration's direction.
+type Upper = Box<dyn Iterator<Item = (Vec<u8>, Option<Slice>)>>;
+
 /// The entries of a range: an upper layer (frames and the batch in
 /// progress, where `None` hides the key) merged over fjall's iterator.
 pub(super) struct Merged {
-    upper: Peekable<Box<dyn Iterator<Item = (Vec<u8>, Option<Slice>)>>>,
+    upper: Peekable<Upper>,
     lower: Option<fjall::Iter>,
     pending: Option<(Slice, Slice)>,
     rev: bool,
@@ -380,7 +383,7 @@ pub(super) struct Merged {
 
 impl Merged {
     fn new(upper: Map, lower: fjall::Iter, rev: bool) -> Merged {
-        let upper: Box<dyn Iterator<Item = _>> = if rev {
+        let upper: Upper = if rev {
             Box::new(upper.into_iter().rev())
         } else {
             Box::new(upper.into_iter())
@@ -394,7 +397,7 @@ impl Merged {
     }
 
     fn empty(rev: bool) -> Merged {
-        let upper: Box<dyn Iterator<Item = _>> = Box::new(std::iter::empty());
+        let upper: Upper = Box::new(std::iter::empty());
         Merged {
             upper: upper.peekable(),
             lower: None,
