@@ -260,8 +260,50 @@ impl Wal {
         }
         self.next = pos;
         self.space.reset(after.end);
+        self.scrub(&reader, pos.end, after.end + self.size)?;
         self.recovered = true;
         Ok(frames)
+    }
+
+    /// Zeroes whatever is not zero in positions `[from, to)`: everything
+    /// after the log's end up to the part still in use. A frame torn by a
+    /// crash may leave blocks there that a later, shorter frame does not
+    /// overwrite; those blocks hold a payload (event bodies), which must never
+    /// be read back as a frame after the next crash.
+    fn scrub(&mut self, reader: &File, from: u64, to: u64) -> Result<(), WalError> {
+        let from = from.next_multiple_of(BLOCK);
+        let mut pos = from;
+        let mut chunk = vec![0u8; ZERO_CHUNK];
+        while pos < to {
+            let offset = pos % self.size;
+            let len = (to - pos).min(self.size - offset).min(ZERO_CHUNK as u64) as usize;
+            let len = len / BLOCK_USIZE * BLOCK_USIZE;
+            if len == 0 {
+                break;
+            }
+            reader
+                .read_exact_at(&mut chunk[..len], offset)
+                .map_err(|e| self.io_err(e))?;
+            if chunk[..len].iter().any(|&b| b != 0) {
+                if self.buf.len() < len + BLOCK_USIZE {
+                    self.buf.resize(len + BLOCK_USIZE, 0);
+                }
+                let skip = self.buf.as_ptr().align_offset(BLOCK_USIZE);
+                if skip >= BLOCK_USIZE {
+                    return Err(self.io_err(io::Error::other("cannot align the zero buffer")));
+                }
+                let zeros = &mut self.buf[skip..skip + len];
+                zeros.fill(0);
+                self.file
+                    .write_all_at(zeros, offset)
+                    .map_err(|e| self.io_err(e))?;
+                if !self.direct {
+                    self.file.sync_data().map_err(|e| self.io_err(e))?;
+                }
+            }
+            pos += len as u64;
+        }
+        Ok(())
     }
 
     /// Appends one frame with the next LSN; durable when it returns. Blocks
@@ -614,6 +656,47 @@ mod tests {
         assert_eq!(frames, vec![(3, payload(9, 40))]);
     }
 
+    /// A crash tears a long frame: its first block never lands, its later
+    /// ones do, and one of them holds bytes that form a valid frame with the
+    /// LSN that comes next (a payload can hold anything). The next start
+    /// writes a shorter frame in its place; after another crash, recovery
+    /// must not take the planted frame. `recover` zeroes what follows the log.
+    #[test]
+    fn blocks_left_by_a_torn_frame_are_not_taken_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal");
+        let mut wal = fresh(dir.path());
+        let first = wal.append(&payload(1, 10)).unwrap();
+        wal.append(&payload(2, 3 * BLOCK_USIZE)).unwrap();
+        drop(wal);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // The torn frame's header block is lost...
+        file.write_all_at(&[0u8; BLOCK_USIZE], first.end % RING)
+            .unwrap();
+        // ...and its third block holds a frame with LSN 3.
+        let mut planted = vec![0u8; BLOCK_USIZE];
+        encode(&mut planted, 3, &payload(7, 100));
+        let third = first.end + 2 * BLOCK;
+        file.write_all_at(&planted, third % RING).unwrap();
+        drop(file);
+
+        let mut wal = Wal::open(&path, RING).unwrap();
+        assert_eq!(wal.recover(first).unwrap(), vec![]);
+        // A short frame 2 ends where the planted frame begins.
+        let p2 = payload(8, 2 * BLOCK_USIZE - HEADER);
+        let second = wal.append(&p2).unwrap();
+        assert_eq!(second.end, third);
+        drop(wal);
+
+        let mut wal = Wal::open(&path, RING).unwrap();
+        assert_eq!(wal.recover(first).unwrap(), vec![(2, p2)]);
+        assert_eq!(wal.position(), second);
+    }
+
     #[test]
     fn corrupt_length_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
@@ -693,7 +776,11 @@ mod tests {
         assert_eq!(wal.recover(positions[7]).unwrap(), vec![]);
         assert_eq!(wal.position(), positions[7]);
         // And from after frame 3, frame 4 (lap 0) is taken: the stale one is
-        // a valid frame, refused for its LSN alone.
+        // a valid frame, refused for its LSN alone. (On a ring of its own:
+        // `recover` zeroed everything after frame 8 in this one.)
+        let dir = tempfile::tempdir().unwrap();
+        let positions = wrapped(dir.path());
+        let mut wal = Wal::open(&dir.path().join("wal"), RING).unwrap();
         let frames = wal.recover(positions[2]).unwrap();
         assert_eq!(frames.len(), 5);
         assert_eq!(frames[0], (4, payload(4, 10_000)));
