@@ -600,14 +600,21 @@ mod tests {
         assert_eq!(wal.position(), last);
     }
 
+    /// A fresh ring in `dir` holding frames 1–3 of these payload lengths;
+    /// returns the file and the position after each frame.
+    fn three_frames(dir: &Path, lens: [usize; 3]) -> (PathBuf, [WalPos; 3]) {
+        let mut wal = fresh(dir);
+        let mut at = [WalPos::default(); 3];
+        for (i, len) in lens.into_iter().enumerate() {
+            at[i] = wal.append(&payload(i as u8 + 1, len)).unwrap();
+        }
+        (dir.join("wal"), at)
+    }
+
     #[test]
     fn recover_from_middle() {
         let dir = tempfile::tempdir().unwrap();
-        let mut wal = fresh(dir.path());
-        let first = wal.append(&payload(1, 10)).unwrap();
-        wal.append(&payload(2, 6000)).unwrap();
-        let last = wal.append(&payload(3, 20)).unwrap();
-        drop(wal);
+        let (_, [first, _, last]) = three_frames(dir.path(), [10, 6000, 20]);
 
         let mut wal = Wal::open(&dir.path().join("wal"), RING).unwrap();
         let frames = wal.recover(first).unwrap();
@@ -618,12 +625,7 @@ mod tests {
     #[test]
     fn torn_tail_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal");
-        let mut wal = fresh(dir.path());
-        wal.append(&payload(1, 10)).unwrap();
-        let second = wal.append(&payload(2, 5000)).unwrap();
-        wal.append(&payload(3, 300)).unwrap();
-        drop(wal);
+        let (path, [_, second, _]) = three_frames(dir.path(), [10, 5000, 300]);
 
         // Flip one byte of frame 3's payload.
         let file = OpenOptions::new()
@@ -700,12 +702,7 @@ mod tests {
     #[test]
     fn corrupt_length_ends_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("wal");
-        let mut wal = fresh(dir.path());
-        wal.append(&payload(1, 10)).unwrap();
-        let second = wal.append(&payload(2, 20)).unwrap();
-        wal.append(&payload(3, 30)).unwrap();
-        drop(wal);
+        let (path, [_, second, _]) = three_frames(dir.path(), [10, 20, 30]);
 
         // Frame 3's length now runs past the end of the file.
         let file = OpenOptions::new().write(true).open(&path).unwrap();
