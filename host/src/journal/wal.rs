@@ -285,14 +285,9 @@ impl Wal {
                 .read_exact_at(&mut chunk[..len], offset)
                 .map_err(|e| self.io_err(e))?;
             if chunk[..len].iter().any(|&b| b != 0) {
-                if self.buf.len() < len + BLOCK_USIZE {
-                    self.buf.resize(len + BLOCK_USIZE, 0);
-                }
-                let skip = self.buf.as_ptr().align_offset(BLOCK_USIZE);
-                if skip >= BLOCK_USIZE {
+                let Some(zeros) = aligned(&mut self.buf, len) else {
                     return Err(self.io_err(io::Error::other("cannot align the zero buffer")));
-                }
-                let zeros = &mut self.buf[skip..skip + len];
+                };
                 zeros.fill(0);
                 self.file
                     .write_all_at(zeros, offset)
@@ -327,17 +322,9 @@ impl Wal {
         self.space.wait_for(end, self.size)?;
 
         let lsn = self.next.lsn + 1;
-        // Grow once to the largest frame seen; a reallocation moves the data,
-        // so the aligned window is found again for every frame.
-        if self.buf.len() < frame_len + BLOCK_USIZE {
-            self.buf.resize(frame_len + BLOCK_USIZE, 0);
-        }
-        let skip = self.buf.as_ptr().align_offset(BLOCK_USIZE);
-        if skip >= BLOCK_USIZE {
-            // `align_offset` may give up in principle; never seen at run time.
+        let Some(frame) = aligned(&mut self.buf, frame_len) else {
             return Err(self.io_err(io::Error::other("cannot align the frame buffer")));
-        }
-        let frame = &mut self.buf[skip..skip + frame_len];
+        };
         encode(frame, lsn, payload);
         let offset = start % self.size;
         self.file
@@ -439,6 +426,18 @@ fn checksum(lsn: u64, len: u32, payload: &[u8]) -> u32 {
 /// Writes a whole frame into `frame` (exactly `frame_len(payload.len())`
 /// bytes): header, payload, zero padding. The buffer is reused, so every byte
 /// is written.
+/// A window of `len` bytes of `buf` aligned for direct I/O. `buf` grows
+/// once to the largest window asked for; a reallocation moves the data, so
+/// the window is found again each time. `None` only if `align_offset` gives
+/// up, which it may in principle (never seen at run time).
+fn aligned(buf: &mut Vec<u8>, len: usize) -> Option<&mut [u8]> {
+    if buf.len() < len + BLOCK_USIZE {
+        buf.resize(len + BLOCK_USIZE, 0);
+    }
+    let skip = buf.as_ptr().align_offset(BLOCK_USIZE);
+    (skip < BLOCK_USIZE).then(move || &mut buf[skip..skip + len])
+}
+
 fn encode(frame: &mut [u8], lsn: u64, payload: &[u8]) {
     // Fits: `append` checked the payload against `max_payload`.
     let len = payload.len() as u32;
