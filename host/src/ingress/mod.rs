@@ -99,6 +99,11 @@ impl IntoResponse for ApiError {
 impl From<JournalError> for ApiError {
     fn from(e: JournalError) -> ApiError {
         match e {
+            e @ JournalError::TooLarge { .. } => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "event too large",
+                e.to_string(),
+            ),
             JournalError::Saturated => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",

@@ -1115,6 +1115,17 @@ impl Writer {
                     dedup,
                     reply: r,
                 } => {
+                    // Refused alone, before it is staged: a frame over the
+                    // log's limit would fail the whole batch. Half the batch
+                    // limit, so that a batch just under it plus this event
+                    // (estimated) still fits a frame.
+                    let bytes = encoded.bytes();
+                    let most = limit / 2;
+                    if bytes > most {
+                        let e = JournalError::TooLarge { bytes, limit: most };
+                        replies.push(reply(r, Err(e)));
+                        continue;
+                    }
                     let res = append(&mut tx, self.next_seq, encoded, dedup);
                     if let Ok(Appended::New(_)) = res {
                         self.next_seq += 1;
@@ -1382,6 +1393,19 @@ struct EncodedEvent {
     accepted_ms: u64,
     stored: Vec<u8>,
     records: Vec<(Vec<u8>, DeliveryRecord)>,
+}
+
+impl EncodedEvent {
+    /// About the bytes its writes take in a frame.
+    fn bytes(&self) -> usize {
+        self.stored.len()
+            + 2 * self.id.len()
+            + self
+                .records
+                .iter()
+                .map(|(b, r)| b.len() + 2 * r.route.len() + 64)
+                .sum::<usize>()
+    }
 }
 
 /// An event and its deliveries, encoded and checked, ready to write.
@@ -2705,6 +2729,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept, Appended::Duplicate { id: "e3".into() });
+    }
+
+    /// An event too large for the commit log is refused alone, with
+    /// `TooLarge`; the events batched with it are stored.
+    #[test]
+    fn an_event_too_large_for_the_log_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut writer) = bare_writer(dir.path());
+        let mut huge = (*event("huge")).clone();
+        // More than a frame holds: without the check the whole batch fails.
+        huge.data = vec![b'x'; WAL_SIZE as usize * 3 / 4];
+        let mut batch = Vec::new();
+        let mut rxs = Vec::new();
+        for e in [event("a"), Arc::new(huge), event("b")] {
+            let (reply, rx) = oneshot::channel();
+            batch.push(WriteOp::Append {
+                encoded: encode_event(&e, 1, planned(1), None).unwrap(),
+                dedup: None,
+                reply,
+            });
+            rxs.push(rx);
+        }
+        writer.commit_batch(&mut batch);
+        let got: Vec<_> = rxs.iter_mut().map(|rx| rx.try_recv().unwrap()).collect();
+        assert_eq!(got[0].as_ref().unwrap(), &Appended::New(1));
+        assert!(
+            matches!(got[1], Err(JournalError::TooLarge { .. })),
+            "{:?}",
+            got[1]
+        );
+        assert_eq!(got[2].as_ref().unwrap(), &Appended::New(2));
+        let (j, _queue) = journal_without_writer(store);
+        assert!(j.timeline("huge").unwrap().is_none());
+        assert_eq!(j.timeline("b").unwrap().unwrap().seq, 2);
     }
 
     /// Opens the journal in `dir`, waiting for an earlier handle's threads

@@ -34,6 +34,11 @@ pub enum JournalError {
     /// (an empty event id, or a key over 64 KiB).
     #[error("record encoding error: {0}")]
     Encoding(String),
+    /// One event takes more bytes than a batch of the commit log holds
+    /// (HTTP 413); nothing is stored, and the ops batched with it are not
+    /// affected.
+    #[error("an event of {bytes} bytes is more than the journal takes ({limit} bytes at most)")]
+    TooLarge { bytes: usize, limit: usize },
     /// The write queue is full: the caller should shed load (HTTP 503).
     #[error("journal write queue is full")]
     Saturated,
