@@ -52,6 +52,12 @@ timeout = "30s"
 memory = "16MiB"
 kv_quota = "1MiB"
 
+# The default quota (64 MiB): a flood meets the cap on one delivery's output.
+[[plugins]]
+name = "hostile-roomy"
+wasm = "{hostile}"
+timeout = "30s"
+
 [[plugins]]
 name = "audit"
 wasm = "{audit}"
@@ -70,8 +76,14 @@ retry = {{ attempts = 1 }}
 
 [[routes]]
 name = "hostile"
-match = {{ source = ["attack"], type = [{{ anything-but = ["loop", "fuel"] }}] }}
+match = {{ source = ["attack"], type = [{{ anything-but = ["loop", "fuel", "kv-flood-large"] }}] }}
 to = ["hostile-patient"]
+retry = {{ attempts = 1 }}
+
+[[routes]]
+name = "roomy"
+match = {{ source = ["attack"], type = ["kv-flood-large"] }}
+to = ["hostile-roomy"]
 retry = {{ attempts = 1 }}
 
 [[routes]]
@@ -146,11 +158,29 @@ const ATTACKS: &[(&str, &str, Expect, Option<&str>)] = &[
         Some("kv"),
     ),
     (
+        "kv-flood-large",
+        r#"{"value_bytes": 1048576}"#,
+        Expect::DeadWith(
+            "rejected: kv: invalid key or value: ",
+            "one delivery may store at most 4 MiB of kv writes and emitted events together",
+        ),
+        Some("kv"),
+    ),
+    (
         "emit-storm",
         "{}",
         Expect::DeadWith(
             "rejected: emit: emit refused",
             "more than 100 events from one delivery",
+        ),
+        Some("emit"),
+    ),
+    (
+        "emit-flood",
+        "{}",
+        Expect::DeadWith(
+            "rejected: emit: emit refused",
+            "one delivery may store at most 4 MiB of kv writes and emitted events together",
         ),
         Some("emit"),
     ),
@@ -272,6 +302,7 @@ async fn every_attack_fails_only_its_own_delivery() {
     }
     // Nothing the flood wrote was kept: a failed delivery leaves no writes.
     assert_eq!(t.kv("hostile-patient", "flood/0").await, None);
+    assert_eq!(t.kv("hostile-roomy", "flood/0").await, None);
     // Nor did the storm's emits: only the posted events are stored.
     assert_eq!(
         t.journal().stats().unwrap().events,
@@ -287,6 +318,7 @@ async fn every_attack_fails_only_its_own_delivery() {
         let plugin = match *mode {
             "loop" => "hostile",
             "fuel" => "hostile-fuel",
+            "kv-flood-large" => "hostile-roomy",
             _ => "hostile-patient",
         };
         let series =

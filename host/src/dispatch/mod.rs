@@ -667,19 +667,41 @@ impl Context {
     ) {
         let ctx = self.clone();
         self.tasks.spawn(async move {
-            let derived: Vec<(Arc<Event>, Vec<PlannedDelivery>)> = emitted
+            let mut derived: Vec<(Arc<Event>, Vec<PlannedDelivery>)> = emitted
                 .iter()
                 .map(|e| (e.event.clone(), e.deliveries.clone()))
                 .collect();
+            let mut outcome = outcome;
             let settlement = Settlement {
                 key: work.key,
                 plugin: work.plugin.clone(),
-                attempt,
+                attempt: attempt.clone(),
                 outcome: outcome.clone(),
                 kv,
                 emitted,
             };
-            let result = ctx.journal.settle(settlement).await;
+            let mut result = ctx.journal.settle(settlement).await;
+            if let Err(e @ JournalError::TooLarge { .. }) = &result {
+                // The same run would make the same result again: the
+                // delivery is dead, with why, and without its writes.
+                let error = format!("the delivery's result cannot be stored: {e}");
+                tracing::warn!(event_id = %event.id, route = %work.route, plugin = %work.plugin, %error, "delivery failed");
+                outcome = Outcome::Dead;
+                derived.clear();
+                let settlement = Settlement {
+                    key: work.key,
+                    plugin: work.plugin.clone(),
+                    attempt: Attempt {
+                        error: Some(error),
+                        emitted: Vec::new(),
+                        ..attempt
+                    },
+                    outcome: Outcome::Dead,
+                    kv: KvChanges::default(),
+                    emitted: Vec::new(),
+                };
+                result = ctx.journal.settle(settlement).await;
+            }
             // Only now, with the result committed, may the next delivery of
             // the same order key start.
             ctx.done(&work);

@@ -1140,6 +1140,15 @@ impl Writer {
                     settlement,
                     reply: r,
                 } => {
+                    // As for an event: a result too large for a frame is
+                    // refused alone (the dispatcher dead-letters it).
+                    let bytes = settlement.approx_bytes();
+                    let most = limit / 2;
+                    if bytes > most {
+                        let e = JournalError::TooLarge { bytes, limit: most };
+                        replies.push(reply(r, Err(e)));
+                        continue;
+                    }
                     let res = settle(&mut tx, &settlement, &mut self.next_seq);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
@@ -2763,6 +2772,54 @@ mod tests {
         let (j, _queue) = journal_without_writer(store);
         assert!(j.timeline("huge").unwrap().is_none());
         assert_eq!(j.timeline("b").unwrap().unwrap().seq, 2);
+    }
+
+    /// A delivery's result too large for the commit log is refused alone,
+    /// with `TooLarge`: the ops batched with it are stored, and the dead
+    /// settlement the dispatcher sends instead (without the writes) commits.
+    #[test]
+    fn a_result_too_large_for_the_log_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut writer) = bare_writer(dir.path());
+        let append = |name: &str| {
+            let (reply, rx) = oneshot::channel();
+            let op = WriteOp::Append {
+                encoded: encode_event(&event(name), 1, planned(1), None).unwrap(),
+                dedup: None,
+                reply,
+            };
+            (op, rx)
+        };
+        let settle = |outcome: Outcome, kv: KvChanges| {
+            let (reply, rx) = oneshot::channel();
+            let op = WriteOp::Settle {
+                settlement: Box::new(settlement(1, outcome, kv)),
+                reply,
+            };
+            (op, rx)
+        };
+        let (op, mut a) = append("a");
+        writer.commit_batch(&mut vec![op]);
+        assert_eq!(a.try_recv().unwrap().unwrap(), Appended::New(1));
+
+        // More than a frame holds: without the check the whole batch fails.
+        let huge = KvChanges {
+            reads: Vec::new(),
+            writes: vec![KvWrite::set("big", vec![b'x'; WAL_SIZE as usize * 3 / 4])],
+        };
+        let (op1, mut too_large) = settle(Outcome::Delivered, huge);
+        let (op2, mut b) = append("b");
+        let (op3, mut dead) = settle(Outcome::Dead, KvChanges::default());
+        writer.commit_batch(&mut vec![op1, op2, op3]);
+        let got = too_large.try_recv().unwrap();
+        assert!(matches!(got, Err(JournalError::TooLarge { .. })), "{got:?}");
+        assert_eq!(b.try_recv().unwrap().unwrap(), Appended::New(2));
+        assert_eq!(dead.try_recv().unwrap().unwrap(), Settled::Committed);
+
+        let (j, _queue) = journal_without_writer(store);
+        assert_eq!(j.kv_get("p", "big").unwrap(), None);
+        let t = j.timeline("a").unwrap().unwrap();
+        assert_eq!(t.deliveries[0].1.status, DeliveryStatus::Dead);
     }
 
     /// Opens the journal in `dir`, waiting for an earlier handle's threads

@@ -34,10 +34,13 @@ pub enum JournalError {
     /// (an empty event id, or a key over 64 KiB).
     #[error("record encoding error: {0}")]
     Encoding(String),
-    /// One event takes more bytes than a batch of the commit log holds
-    /// (HTTP 413); nothing is stored, and the ops batched with it are not
-    /// affected.
-    #[error("an event of {bytes} bytes is more than the journal takes ({limit} bytes at most)")]
+    /// One event, or one delivery's result (its kv writes and emitted
+    /// events), takes more bytes than a batch of the commit log holds (HTTP
+    /// 413 for an event); nothing of it is stored, and the ops batched with
+    /// it are not affected.
+    #[error(
+        "a write of {bytes} bytes is more than the journal takes in one commit ({limit} bytes at most)"
+    )]
     TooLarge { bytes: usize, limit: usize },
     /// The write queue is full: the caller should shed load (HTTP 503).
     #[error("journal write queue is full")]
@@ -229,6 +232,47 @@ pub struct Settlement {
     pub kv: KvChanges,
     /// Events to store with a `Delivered` outcome (dropped otherwise).
     pub emitted: Vec<Emitted>,
+}
+
+impl Settlement {
+    /// About the bytes its writes take when stored: the kv writes, the
+    /// emitted events with their deliveries, and the attempt.
+    pub fn approx_bytes(&self) -> usize {
+        let kv: usize = self
+            .kv
+            .writes
+            .iter()
+            .map(|w| w.key.len() + w.value.as_ref().map_or(0, Vec::len) + 32)
+            .sum();
+        let emitted: usize = self
+            .emitted
+            .iter()
+            .map(|e| {
+                let ev = &e.event;
+                let ext: usize = ev.extensions.iter().map(|(k, v)| k.len() + v.len()).sum();
+                2 * ev.id.len()
+                    + ev.source.len()
+                    + ev.ty.len()
+                    + ev.subject.as_ref().map_or(0, String::len)
+                    + ev.data.len()
+                    + ext
+                    + e.deliveries
+                        .iter()
+                        .map(|d| {
+                            2 * d.route.len()
+                                + d.plugin.len()
+                                + d.order_key.as_ref().map_or(0, String::len)
+                                + 64
+                        })
+                        .sum::<usize>()
+                    + 128
+            })
+            .sum();
+        let attempt = self.attempt.error.as_ref().map_or(0, String::len)
+            + self.attempt.emitted.iter().map(String::len).sum::<usize>()
+            + 128;
+        kv + emitted + attempt
+    }
 }
 
 /// What committing a settlement did.

@@ -31,6 +31,11 @@ pub const MAX_LIST_KEYS: u32 = 1000;
 pub const MAX_EMITS_PER_DELIVERY: usize = 100;
 /// Largest `data` of an emitted event, bytes.
 pub const MAX_EMIT_DATA: usize = 1 << 20;
+/// Most bytes one delivery may ask the journal to store: its kv writes (key
+/// and value, last write of each key) and its emitted events together. The
+/// settlement is one commit, and a commit has to fit the journal's log
+/// (as DynamoDB caps a transaction at 4 MB).
+pub const MAX_OUTPUT_PER_DELIVERY: usize = 4 << 20;
 /// The extension attribute naming the event whose delivery emitted an event.
 pub const CAUSATION_EXTENSION: &str = "causationid";
 /// The extension attribute counting emits since the webhook event.
@@ -71,6 +76,9 @@ pub struct HostState {
     parent_trace: Vec<(String, String)>,
     max_hops: u32,
     emitted: Vec<Event>,
+    /// What this delivery's writes and emits take, for
+    /// [`MAX_OUTPUT_PER_DELIVERY`].
+    output_bytes: usize,
     /// Why an emit was refused for a limit: the delivery is dead-lettered even
     /// if the plugin went on and returned Ok.
     emit_violation: Option<String>,
@@ -110,6 +118,7 @@ impl HostState {
             parent_trace: Vec::new(),
             max_hops: DEFAULT_MAX_HOPS,
             emitted: Vec::new(),
+            output_bytes: 0,
             emit_violation: None,
             log_bytes: 0,
             log_dropped: 0,
@@ -345,12 +354,22 @@ impl HostState {
                 "more than {MAX_WRITES_PER_DELIVERY} kv keys written in one delivery"
             )));
         }
+        let size = |key: &str, value: Option<&[u8]>| key.len() + value.map_or(0, <[u8]>::len);
+        let before = self.write_index.get(&key).map_or(0, |&i| {
+            size(&self.writes[i].key, self.writes[i].value.as_deref())
+        });
+        let output = self.output_bytes - before + size(&key, value.as_deref());
+        if output > self.output_bytes && output > MAX_OUTPUT_PER_DELIVERY {
+            super::count_limit_hit(&self.plugin, Limit::Kv);
+            return Err(kv::Error::Invalid(output_over_limit(output)));
+        }
         if let Err(e) = self.charge_quota(&key, value.as_deref()) {
             if let kv::Error::Invalid(_) = e {
                 super::count_limit_hit(&self.plugin, Limit::Kv);
             }
             return Err(e);
         }
+        self.output_bytes = output;
         self.overlay.insert(key.clone(), value.clone());
         // Only the last write of a key is committed: rewriting one key again
         // and again keeps one value in memory, not one per write.
@@ -561,6 +580,14 @@ impl emit::Host for HostState {
                 event.data.len()
             )));
         }
+        let output = self.output_bytes
+            + event.data.len()
+            + event.type_.len()
+            + event.subject.as_ref().map_or(0, String::len)
+            + EMIT_OVERHEAD;
+        if output > MAX_OUTPUT_PER_DELIVERY {
+            return limit(self, format!("emit refused: {}", output_over_limit(output)));
+        }
         let datacontenttype = event
             .datacontenttype
             .unwrap_or_else(|| "application/json".to_string());
@@ -571,6 +598,7 @@ impl emit::Host for HostState {
                 "an emitted event's data is not valid JSON ({datacontenttype}): {e}"
             )));
         }
+        self.output_bytes = output;
         let id = crate::event::new_event_id();
         let mut extensions = std::collections::BTreeMap::new();
         extensions.insert(CAUSATION_EXTENSION.to_string(), parent_id);
@@ -589,6 +617,18 @@ impl emit::Host for HostState {
         });
         Ok(id)
     }
+}
+
+/// What an emitted event takes beyond its data, type and subject: its id,
+/// source, time, extensions and delivery records, roughly.
+const EMIT_OVERHEAD: usize = 256;
+
+fn output_over_limit(bytes: usize) -> String {
+    format!(
+        "one delivery may store at most {} of kv writes and emitted events together \
+         (this would make {bytes} bytes)",
+        super::format_bytes(MAX_OUTPUT_PER_DELIVERY as u64)
+    )
 }
 
 /// Enforces a plugin's [`Limits`] on one store: linear memory (summed over all

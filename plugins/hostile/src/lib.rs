@@ -10,8 +10,9 @@
 //! | `trap` | executes `unreachable` | trap |
 //! | `log-flood` | logs lines of 4 KiB, 16 MiB in all, then succeeds | caps and drops log output |
 //! | `print-flood` | prints 16 MiB to stdout, then succeeds | caps the captured stdout |
-//! | `kv-flood` | writes distinct keys until a kv call fails, then returns that error | the plugin's `kv_quota` |
+//! | `kv-flood` | writes distinct keys until a kv call fails, then returns that error | the plugin's `kv_quota`, or what one delivery may store |
 //! | `emit-storm` | emits events until an emit fails, then returns that error | emits per delivery; the delivery is dead-lettered |
+//! | `emit-flood` | emits events of 512 KiB until an emit fails, then returns that error | what one delivery may store; the delivery is dead-lettered |
 //! | anything else | succeeds | |
 //!
 //! `kv-flood` writes values of `{"value_bytes": N}` bytes (default 64 KiB).
@@ -33,6 +34,7 @@ enum Mode {
     PrintFlood,
     KvFlood,
     EmitStorm,
+    EmitFlood,
     Harmless,
 }
 
@@ -47,8 +49,11 @@ impl Mode {
             "trap" => Mode::Trap,
             "log-flood" => Mode::LogFlood,
             "print-flood" => Mode::PrintFlood,
-            "kv-flood" => Mode::KvFlood,
+            // `kv-flood-large` is the same attack, for a route to a plugin
+            // whose quota is larger than what one delivery may store.
+            "kv-flood" | "kv-flood-large" => Mode::KvFlood,
             "emit-storm" => Mode::EmitStorm,
+            "emit-flood" => Mode::EmitFlood,
             _ => Mode::Harmless,
         }
     }
@@ -65,6 +70,8 @@ const FLOOD_BYTES: usize = 16 << 20;
 /// One log line or print of the flood modes.
 const FLOOD_LINE: usize = 4 << 10;
 const DEFAULT_VALUE_BYTES: usize = 64 << 10;
+/// The data of each event `emit-flood` emits (a JSON string).
+const FLOOD_EMIT: usize = 512 << 10;
 
 struct Hostile;
 
@@ -102,6 +109,12 @@ impl Plugin for Hostile {
             Mode::EmitStorm => {
                 for i in 0u64.. {
                     emit::json("storm", &i)?;
+                }
+            }
+            Mode::EmitFlood => {
+                let data = "e".repeat(FLOOD_EMIT);
+                loop {
+                    emit::json("flood", &data)?;
                 }
             }
             Mode::Harmless => {}
