@@ -63,9 +63,28 @@ impl NatsServer {
             dir: tempfile::tempdir().expect("tempdir for nats-server"),
             binary: find_binary(),
         };
-        server.spawn();
-        server.wait_ready().await;
-        server
+        // The ports were free when picked, but another test may bind one
+        // before nats-server does: it then exits at once, and new ports are
+        // tried.
+        for _ in 0..5 {
+            let seen = server.log().len();
+            server.spawn();
+            match server.wait_ready().await {
+                Ok(()) => return server,
+                Err(_) if server.log()[seen..].contains("address already in use") => {
+                    server.port = free_port();
+                    server.monitor = free_port();
+                }
+                Err(status) => panic!(
+                    "nats-server exited while starting ({status}):\n{}",
+                    server.log()
+                ),
+            }
+        }
+        panic!(
+            "nats-server found its ports taken five times:\n{}",
+            server.log()
+        );
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -120,9 +139,9 @@ impl NatsServer {
     }
 
     /// Polls until the client port accepts TCP and `/healthz` (which covers
-    /// JetStream) answers 200; panics with the log if the server exits or
-    /// takes too long.
-    async fn wait_ready(&mut self) {
+    /// JetStream) answers 200; the exit status if the server exits first,
+    /// and a panic with the log if it takes too long.
+    async fn wait_ready(&mut self) -> Result<(), std::process::ExitStatus> {
         let deadline = Instant::now() + READY_WITHIN;
         let health = format!("http://127.0.0.1:{}/healthz", self.monitor);
         let client = reqwest::Client::builder()
@@ -131,11 +150,8 @@ impl NatsServer {
             .expect("http client");
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
-                    "nats-server exited while starting ({status}); is port {} taken?\n{}",
-                    self.port,
-                    self.log()
-                );
+                self.child = None;
+                return Err(status);
             }
             let tcp = TcpStream::connect_timeout(
                 &([127, 0, 0, 1], self.port).into(),
@@ -149,7 +165,7 @@ impl NatsServer {
                     .await
                     .is_ok_and(|r| r.status().is_success());
                 if healthy {
-                    return;
+                    return Ok(());
                 }
             }
             assert!(
@@ -204,7 +220,13 @@ impl NatsServer {
     pub async fn restart(&mut self) {
         self.stop().await;
         self.spawn();
-        self.wait_ready().await;
+        if let Err(status) = self.wait_ready().await {
+            panic!(
+                "nats-server exited while restarting ({status}); is port {} taken?\n{}",
+                self.port,
+                self.log()
+            );
+        }
     }
 
     /// The dir holding the store and the log, for keeping after a failure.
