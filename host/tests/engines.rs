@@ -138,6 +138,7 @@ engines!(
     kv_writes_are_visible_and_concurrent_updates_are_not_lost,
     emitted_events_are_routed_with_their_causation,
     an_order_key_keeps_acceptance_order_per_key,
+    what_the_engine_cannot_store_is_refused_with_a_reason,
 );
 
 fn attempts(delivery: &Value) -> usize {
@@ -777,5 +778,65 @@ async fn nats_a_redrive_that_cannot_publish_leaves_its_letter_dead() {
     js.update_stream(cfg).await.expect("restore the stream");
     let tl = fix_and_redrive(&h, &config, &dead_id, &rejected).await;
     assert_eq!(attempts(&tl["deliveries"][0]), 2, "{tl}");
+    h.stop().await;
+}
+
+/// What the engine cannot store is refused with a reason, never retried
+/// forever. On NATS a message is at most the server's `max_payload` (1 MiB
+/// by default): a kv value of 1 MiB (which the runtime allows) makes its
+/// delivery dead, with nothing written, and a webhook body over it is a 413.
+/// The embedded engine takes both.
+async fn what_the_engine_cannot_store_is_refused_with_a_reason(engine: Engine) {
+    let config = format!(
+        r#"
+[server]
+data_dir = "DATA"
+build_dir = "BUILD"
+max_body = "4MiB"
+
+[[sources]]
+name = "s"
+type_pointer = "/type"
+
+[[plugins]]
+name = "hostile"
+wasm = "{hostile}"
+timeout = "30s"
+
+[[routes]]
+name = "big"
+match = {{ type = ["kv-large"] }}
+to = ["hostile"]
+retry = {{ attempts = 1 }}
+"#,
+        hostile = plugin_crate("hostile"),
+    );
+    let h = Harness::start(engine, &config).await;
+    let big = h
+        .accept("s", &json!({"type": "kv-large", "value_bytes": 1 << 20}))
+        .await;
+    let tl = h.settled(&big).await;
+    let d = &tl["deliveries"][0];
+    let body = json!({"type": "other", "pad": "p".repeat(1_500_000)});
+    let (status, answer) = h.post("s", &body).await;
+    match engine {
+        Engine::Embedded => {
+            assert_eq!(d["status"], "delivered", "{tl}");
+            let value = h.kv_eventually("hostile", "large").await;
+            assert_eq!(value.len(), 1 << 20);
+            assert_eq!(status, 202, "{answer}");
+        }
+        Engine::Nats => {
+            assert_eq!(d["status"], "dead", "{tl}");
+            let error = d["attempts"][0]["error"].as_str().unwrap_or_default();
+            assert!(
+                error.starts_with("the delivery's result cannot be stored: ")
+                    && error.contains("(1048576 bytes at most)"),
+                "{error}"
+            );
+            assert_eq!(h.kv("hostile", "large").await, None);
+            assert_eq!(status, 413, "{answer}");
+        }
+    }
     h.stop().await;
 }

@@ -375,10 +375,21 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
     loop {
         let live = ctx.live.load_full();
         let a = run_attempt(&ctx.runtime, &ctx.stats, &live, &work, &event).await;
+        let mut outcome = a.outcome.clone();
         let result = match a.outcome {
             Outcome::Delivered => {
-                match ctx.journal.commit_kv(plugin, &a.kv).await {
-                    Ok(true) => {}
+                let envelopes = emitted_envelopes(seq, &delivery, a.emitted);
+                // Everything is checked against the server's message size
+                // before the kv writes commit: a result it cannot take is
+                // refused whole, and the delivery is dead.
+                let stored = match ctx.journal.check_emitted(&envelopes) {
+                    Ok(()) => ctx.journal.commit_kv(plugin, &a.kv).await,
+                    Err(e) => Err(e),
+                };
+                match stored {
+                    Ok(true) => {
+                        delivered_ok(ctx, &env, seq, &delivery, first, a.attempt, envelopes).await
+                    }
                     Ok(false) => {
                         // A key it read changed meanwhile: run it again on the
                         // new values (run_attempt gives up after too many).
@@ -386,12 +397,22 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
                         work.conflicts += 1;
                         continue;
                     }
+                    Err(e @ JournalError::TooLarge { .. }) => {
+                        let error = format!("the delivery's result cannot be stored: {e}");
+                        tracing::warn!(event_id = %event.id, route, plugin, %error, "delivery failed");
+                        outcome = Outcome::Dead;
+                        let attempt = crate::journal::Attempt {
+                            error: Some(error),
+                            emitted: Vec::new(),
+                            ..a.attempt
+                        };
+                        dead(ctx, &env, seq, &delivery, first, attempt).await
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, event_id = %event.id, "cannot commit kv writes; will try again");
                         return ack(&msg, AckKind::Nak(Some(BACKOFF))).await;
                     }
                 }
-                delivered_ok(ctx, &env, seq, &delivery, first, a.attempt, a.emitted).await
             }
             Outcome::Retry { due_ms } => {
                 let delay = Duration::from_millis(due_ms.saturating_sub(now_ms()));
@@ -413,7 +434,7 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
         };
         match result {
             Ok(kind) => {
-                let word = match (&a.outcome, &kind) {
+                let word = match (&outcome, &kind) {
                     (Outcome::Delivered, _) => "delivered",
                     (Outcome::Retry { .. }, _) => "retry",
                     (Outcome::Dead, _) => "dead",
@@ -436,6 +457,43 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
     }
 }
 
+/// The envelopes of the events a delivery emitted, each with its message id.
+fn emitted_envelopes(
+    seq: u64,
+    delivery: &EnvelopeDelivery,
+    emitted: Vec<crate::journal::Emitted>,
+) -> Vec<(Envelope, String)> {
+    let now = now_ms();
+    emitted
+        .into_iter()
+        .enumerate()
+        .map(|(n, e)| {
+            let deliveries = e
+                .deliveries
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| EnvelopeDelivery {
+                    idx: i as u32,
+                    route: p.route,
+                    plugin: p.plugin,
+                    order_key: p.order_key,
+                })
+                .collect();
+            let env = Envelope {
+                event: Event::clone(&e.event),
+                accepted_ms: now,
+                deliveries,
+                event_seq: None,
+                replay: None,
+                dedup_key: None,
+            };
+            // Stable per (delivery, n): a re-run after a crash before the
+            // ack publishes nothing new within the dedup window.
+            (env, format!("emit:{seq}:{}:{n}", delivery.idx))
+        })
+        .collect()
+}
+
 /// After a successful attempt: publishes what it emitted, then records it.
 async fn delivered_ok(
     ctx: &Ctx,
@@ -444,38 +502,9 @@ async fn delivered_ok(
     delivery: &EnvelopeDelivery,
     first: bool,
     mut attempt: crate::journal::Attempt,
-    emitted: Vec<crate::journal::Emitted>,
+    envelopes: Vec<(Envelope, String)>,
 ) -> Result<AckKind, crate::journal::JournalError> {
-    if !emitted.is_empty() {
-        let now = now_ms();
-        let envelopes: Vec<(Envelope, String)> = emitted
-            .into_iter()
-            .enumerate()
-            .map(|(n, e)| {
-                let deliveries = e
-                    .deliveries
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, p)| EnvelopeDelivery {
-                        idx: i as u32,
-                        route: p.route,
-                        plugin: p.plugin,
-                        order_key: p.order_key,
-                    })
-                    .collect();
-                let env = Envelope {
-                    event: Event::clone(&e.event),
-                    accepted_ms: now,
-                    deliveries,
-                    event_seq: None,
-                    replay: None,
-                    dedup_key: None,
-                };
-                // Stable per (delivery, n): a re-run after a crash before the
-                // ack publishes nothing new within the dedup window.
-                (env, format!("emit:{seq}:{}:{n}", delivery.idx))
-            })
-            .collect();
+    if !envelopes.is_empty() {
         ctx.journal.publish_emitted(&envelopes).await?;
         metrics::counter!("switchyard_events_emitted_total", "plugin" => delivery.plugin.clone())
             .increment(envelopes.len() as u64);

@@ -149,6 +149,10 @@ struct Inner {
     usage: Mutex<HashMap<String, (std::time::Instant, u64)>>,
 }
 
+/// What a message carries besides its payload (subject, headers such as
+/// `Nats-Msg-Id`), at most, for the size check against `max_payload`.
+const MESSAGE_OVERHEAD: usize = 512;
+
 fn unavailable(e: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(e.to_string())
 }
@@ -369,6 +373,18 @@ impl NatsJournal {
         format!("{}.deliver.{}", self.inner.prefix, token(route))
     }
 
+    /// Refuses a message over the server's `max_payload` (1 MiB unless its
+    /// config says otherwise) before it is sent: the server would refuse it
+    /// every time, and a retry could never succeed.
+    fn check_size(&self, bytes: usize) -> Result<(), JournalError> {
+        let limit = self.inner.client.server_info().max_payload;
+        // 0 until the server's INFO arrives: nothing to check against yet.
+        if limit > 0 && bytes > limit {
+            return Err(JournalError::TooLarge { bytes, limit });
+        }
+        Ok(())
+    }
+
     /// Publishes an envelope and waits for the server's acknowledgement.
     async fn publish(
         &self,
@@ -376,7 +392,10 @@ impl NatsJournal {
         envelope: &Envelope,
         msg_id: Option<&str>,
     ) -> Result<jetstream::publish::PublishAck, JournalError> {
-        let mut publish = jetstream::message::PublishMessage::build().payload(envelope.encode()?);
+        let payload = envelope.encode()?;
+        // Headers and subject ride in the same message: a little room.
+        self.check_size(payload.len() + MESSAGE_OVERHEAD)?;
+        let mut publish = jetstream::message::PublishMessage::build().payload(payload);
         if let Some(id) = msg_id {
             publish = publish.message_id(id);
         }
@@ -396,6 +415,14 @@ impl NatsJournal {
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// Whether every emitted event fits a message (see [`Self::check_size`]).
+    pub fn check_emitted(&self, emitted: &[(Envelope, String)]) -> Result<(), JournalError> {
+        for (env, _) in emitted {
+            self.check_size(env.encode()?.len() + MESSAGE_OVERHEAD)?;
+        }
+        Ok(())
     }
 
     /// Publishes events a delivery emitted (with the deliveries planned for
@@ -1050,6 +1077,13 @@ impl NatsJournal {
     pub async fn commit_kv(&self, plugin: &str, kv: &KvChanges) -> Result<bool, JournalError> {
         if kv.writes.is_empty() {
             return Ok(true);
+        }
+        // Checked before anything is written: JetStream kv has no
+        // transaction to undo the writes before a refused one.
+        for w in &kv.writes {
+            if let Some(v) = &w.value {
+                self.check_size(8 + v.len() + w.key.len() + MESSAGE_OVERHEAD)?;
+            }
         }
         let bucket = self.plugin_bucket(plugin).await?;
         let now = now_ms();

@@ -11,11 +11,13 @@
 //! | `log-flood` | logs lines of 4 KiB, 16 MiB in all, then succeeds | caps and drops log output |
 //! | `print-flood` | prints 16 MiB to stdout, then succeeds | caps the captured stdout |
 //! | `kv-flood` | writes distinct keys until a kv call fails, then returns that error | the plugin's `kv_quota`, or what one delivery may store |
+//! | `kv-large` | writes one value of `value_bytes` under `large`, then succeeds | what the engine can store in one message |
 //! | `emit-storm` | emits events until an emit fails, then returns that error | emits per delivery; the delivery is dead-lettered |
 //! | `emit-flood` | emits events of 512 KiB until an emit fails, then returns that error | what one delivery may store; the delivery is dead-lettered |
 //! | anything else | succeeds | |
 //!
-//! `kv-flood` writes values of `{"value_bytes": N}` bytes (default 64 KiB).
+//! `kv-flood` and `kv-large` write values of `{"value_bytes": N}` bytes
+//! (default 64 KiB).
 
 use std::hint::black_box;
 
@@ -33,6 +35,7 @@ enum Mode {
     LogFlood,
     PrintFlood,
     KvFlood,
+    KvLarge,
     EmitStorm,
     EmitFlood,
     Harmless,
@@ -52,6 +55,7 @@ impl Mode {
             // `kv-flood-large` is the same attack, for a route to a plugin
             // whose quota is larger than what one delivery may store.
             "kv-flood" | "kv-flood-large" => Mode::KvFlood,
+            "kv-large" => Mode::KvLarge,
             "emit-storm" => Mode::EmitStorm,
             "emit-flood" => Mode::EmitFlood,
             _ => Mode::Harmless,
@@ -105,6 +109,13 @@ impl Plugin for Hostile {
                     // host's error back as the delivery's failure.
                     kv::set(&format!("flood/{i}"), &value)?;
                 }
+            }
+            Mode::KvLarge => {
+                let options: Options = event.data_as().unwrap_or_default();
+                kv::set(
+                    "large",
+                    &vec![b'v'; options.value_bytes.unwrap_or(DEFAULT_VALUE_BYTES)],
+                )?;
             }
             Mode::EmitStorm => {
                 for i in 0u64.. {
