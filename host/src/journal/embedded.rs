@@ -1100,6 +1100,14 @@ impl Writer {
             .wal
             .as_ref()
             .map_or(usize::MAX, |w| w.max_payload() / 2);
+        // An event or a delivery's result larger than this is refused alone,
+        // before it is staged: a frame over the log's limit would fail the
+        // whole batch. Half the batch limit, so that a batch just under it
+        // plus this op (estimated) still fits a frame.
+        let fits = |bytes: usize| match limit / 2 {
+            most if bytes > most => Err(JournalError::TooLarge { bytes, limit: most }),
+            _ => Ok(()),
+        };
         // A store error fails the whole batch (nothing is logged); any other
         // error concerns only its op, which wrote nothing.
         fn fatal<T>(r: &Result<T, JournalError>) -> Option<fjall::Error> {
@@ -1115,14 +1123,7 @@ impl Writer {
                     dedup,
                     reply: r,
                 } => {
-                    // Refused alone, before it is staged: a frame over the
-                    // log's limit would fail the whole batch. Half the batch
-                    // limit, so that a batch just under it plus this event
-                    // (estimated) still fits a frame.
-                    let bytes = encoded.bytes();
-                    let most = limit / 2;
-                    if bytes > most {
-                        let e = JournalError::TooLarge { bytes, limit: most };
+                    if let Err(e) = fits(encoded.bytes()) {
                         replies.push(reply(r, Err(e)));
                         continue;
                     }
@@ -1140,12 +1141,8 @@ impl Writer {
                     settlement,
                     reply: r,
                 } => {
-                    // As for an event: a result too large for a frame is
-                    // refused alone (the dispatcher dead-letters it).
-                    let bytes = settlement.approx_bytes();
-                    let most = limit / 2;
-                    if bytes > most {
-                        let e = JournalError::TooLarge { bytes, limit: most };
+                    // The dispatcher dead-letters a result refused here.
+                    if let Err(e) = fits(settlement.approx_bytes()) {
                         replies.push(reply(r, Err(e)));
                         continue;
                     }
