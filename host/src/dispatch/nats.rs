@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_nats::jetstream::{AckKind, Message, consumer};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -382,13 +383,14 @@ async fn handle(ctx: &Ctx, route: &str, plugin: &str, msg: Message) {
                 // Everything is checked against the server's message size
                 // before the kv writes commit: a result it cannot take is
                 // refused whole, and the delivery is dead.
-                let stored = match ctx.journal.check_emitted(&envelopes) {
-                    Ok(()) => ctx.journal.commit_kv(plugin, &a.kv).await,
-                    Err(e) => Err(e),
+                let (stored, payloads) = match ctx.journal.encode_emitted(&envelopes) {
+                    Ok(p) => (ctx.journal.commit_kv(plugin, &a.kv).await, p),
+                    Err(e) => (Err(e), Vec::new()),
                 };
                 match stored {
                     Ok(true) => {
-                        delivered_ok(ctx, &env, seq, &delivery, first, a.attempt, envelopes).await
+                        let emitted = (envelopes, payloads);
+                        delivered_ok(ctx, &env, seq, &delivery, first, a.attempt, emitted).await
                     }
                     Ok(false) => {
                         // A key it read changed meanwhile: run it again on the
@@ -502,10 +504,10 @@ async fn delivered_ok(
     delivery: &EnvelopeDelivery,
     first: bool,
     mut attempt: crate::journal::Attempt,
-    envelopes: Vec<(Envelope, String)>,
+    (envelopes, payloads): (Vec<(Envelope, String)>, Vec<Bytes>),
 ) -> Result<AckKind, crate::journal::JournalError> {
     if !envelopes.is_empty() {
-        ctx.journal.publish_emitted(&envelopes).await?;
+        ctx.journal.publish_emitted(&envelopes, payloads).await?;
         metrics::counter!("switchyard_events_emitted_total", "plugin" => delivery.plugin.clone())
             .increment(envelopes.len() as u64);
         attempt.emitted = envelopes.iter().map(|(e, _)| e.event.id.clone()).collect();

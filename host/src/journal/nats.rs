@@ -377,12 +377,20 @@ impl NatsJournal {
     /// config says otherwise) before it is sent: the server would refuse it
     /// every time, and a retry could never succeed.
     fn check_size(&self, bytes: usize) -> Result<(), JournalError> {
-        let limit = self.inner.client.server_info().max_payload;
-        // 0 until the server's INFO arrives: nothing to check against yet.
-        if limit > 0 && bytes > limit {
+        // The client keeps the limit the server announced (an atomic read).
+        let limit = self.inner.client.max_payload();
+        if bytes > limit {
             return Err(JournalError::TooLarge { bytes, limit });
         }
         Ok(())
+    }
+
+    /// An envelope's payload, if it fits a message. Headers and subject
+    /// ride in the same message: a little room is kept for them.
+    fn encode_checked(&self, envelope: &Envelope) -> Result<Bytes, JournalError> {
+        let payload = envelope.encode()?;
+        self.check_size(payload.len() + MESSAGE_OVERHEAD)?;
+        Ok(payload)
     }
 
     /// Publishes an envelope and waits for the server's acknowledgement.
@@ -392,9 +400,17 @@ impl NatsJournal {
         envelope: &Envelope,
         msg_id: Option<&str>,
     ) -> Result<jetstream::publish::PublishAck, JournalError> {
-        let payload = envelope.encode()?;
-        // Headers and subject ride in the same message: a little room.
-        self.check_size(payload.len() + MESSAGE_OVERHEAD)?;
+        let payload = self.encode_checked(envelope)?;
+        self.publish_payload(subject, payload, msg_id).await
+    }
+
+    /// Publishes an encoded envelope and waits for the acknowledgement.
+    async fn publish_payload(
+        &self,
+        subject: String,
+        payload: Bytes,
+        msg_id: Option<&str>,
+    ) -> Result<jetstream::publish::PublishAck, JournalError> {
         let mut publish = jetstream::message::PublishMessage::build().payload(payload);
         if let Some(id) = msg_id {
             publish = publish.message_id(id);
@@ -417,25 +433,32 @@ impl NatsJournal {
         }
     }
 
-    /// Whether every emitted event fits a message (see [`Self::check_size`]).
-    pub fn check_emitted(&self, emitted: &[(Envelope, String)]) -> Result<(), JournalError> {
-        for (env, _) in emitted {
-            self.check_size(env.encode()?.len() + MESSAGE_OVERHEAD)?;
-        }
-        Ok(())
+    /// The payloads of the events a delivery emitted, once each is known to
+    /// fit a message: checked before the delivery's kv writes commit, so a
+    /// result the server cannot take writes nothing.
+    pub fn encode_emitted(
+        &self,
+        emitted: &[(Envelope, String)],
+    ) -> Result<Vec<Bytes>, JournalError> {
+        emitted
+            .iter()
+            .map(|(env, _)| self.encode_checked(env))
+            .collect()
     }
 
     /// Publishes events a delivery emitted (with the deliveries planned for
-    /// them). `msg_ids` make a re-run of the same delivery (after a crash
-    /// before its ack) publish nothing new within the dedup window.
+    /// them), with their payloads from [`Self::encode_emitted`]. `msg_ids`
+    /// make a re-run of the same delivery (after a crash before its ack)
+    /// publish nothing new within the dedup window.
     pub async fn publish_emitted(
         &self,
         emitted: &[(Envelope, String)],
+        payloads: Vec<Bytes>,
     ) -> Result<Vec<Seq>, JournalError> {
         let mut out = Vec::with_capacity(emitted.len());
-        for (env, msg_id) in emitted {
+        for ((env, msg_id), payload) in emitted.iter().zip(payloads) {
             let ack = self
-                .publish(self.event_subject(&env.event.source), env, Some(msg_id))
+                .publish_payload(self.event_subject(&env.event.source), payload, Some(msg_id))
                 .await?;
             if !ack.duplicate {
                 self.create_record(&env.event.id, ack.sequence, env).await;
