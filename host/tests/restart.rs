@@ -245,10 +245,15 @@ async fn sigterm_drains_in_flight_deliveries_and_exits_zero() {
     assert_eq!(ready.status().as_u16(), 503);
     let exit = wait_exit(&mut first.child, std::time::Duration::from_secs(20));
     assert!(exit.success(), "exit status {exit:?}");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(said.contains("journal checkpointed"), "{said}");
 
     // The delivery was finished and committed before the exit: after a
-    // restart it is delivered, once.
+    // restart it is delivered, once, and the commit log had nothing left
+    // for fjall (the checkpoint at shutdown).
     let second = serve(&cfg, &log);
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("replayed the commit log"), "{said}");
     let t = timeline(&client, &second.base, &id).await;
     let d = &t["deliveries"][0];
     assert_eq!(d["status"], "delivered", "{t}");

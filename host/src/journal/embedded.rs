@@ -321,6 +321,17 @@ impl Store {
 pub struct Journal {
     store: Arc<Store>,
     writer: SyncSender<WriteOp>,
+    /// For [`Journal::checkpoint`], which asks the applier directly.
+    applier: std::sync::mpsc::Sender<ToApplier>,
+}
+
+/// What the applier is sent.
+enum ToApplier {
+    /// A logged batch, in log order.
+    Frame(Arc<Frame>),
+    /// Apply what came before, persist fjall and release the log, then
+    /// answer.
+    Checkpoint(oneshot::Sender<Result<(), JournalError>>),
 }
 
 impl Journal {
@@ -395,6 +406,7 @@ impl Journal {
             .name("journal-applier".into())
             .spawn(move || apply_loop(&applier_store, frames, space))
             .map_err(thread_err)?;
+        let checkpoints = applier.clone();
         let (writer, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
         let writer_store = store.clone();
         std::thread::Builder::new()
@@ -415,7 +427,11 @@ impl Journal {
         // A weak reference, so that the reaper does not keep the store open.
         let weak = Arc::downgrade(&store);
         reaper::spawn(move || weak.upgrade().map(|s| s.active_memtables())).map_err(thread_err)?;
-        Ok(Journal { store, writer })
+        Ok(Journal {
+            store,
+            writer,
+            applier: checkpoints,
+        })
     }
 
     /// How many transactions the writer has committed since the journal opened.
@@ -560,6 +576,29 @@ impl Journal {
     /// Waits until everything submitted before is committed.
     pub async fn flush(&self) -> Result<(), JournalError> {
         self.call(|reply| WriteOp::Flush { reply }).await
+    }
+
+    /// Waits until everything submitted before is committed and in fjall,
+    /// synced, with the commit log released: a start after this replays
+    /// nothing from the log. For a clean shutdown; the applier does the
+    /// same on its own every so often.
+    pub async fn checkpoint(&self) -> Result<(), JournalError> {
+        self.flush().await?;
+        // The flush's answer came after the writer sent its last frame to
+        // the applier, so this request follows every frame committed so far.
+        let (reply, rx) = oneshot::channel();
+        self.applier
+            .send(ToApplier::Checkpoint(reply))
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())?
+    }
+
+    /// Why the applier is gone: it stops only after poisoning the store.
+    fn gone(&self) -> JournalError {
+        match self.store.poisoned.get() {
+            Some(why) => JournalError::CommitFailed(why.clone()),
+            None => JournalError::Closed,
+        }
     }
 
     /// Every delivery that is not final, in the order it is due.
@@ -941,7 +980,7 @@ struct Writer {
     /// The commit log; `None` with `fsync = false`.
     wal: Option<Wal>,
     /// Where logged frames go to be written into fjall.
-    applier: std::sync::mpsc::Sender<Arc<Frame>>,
+    applier: std::sync::mpsc::Sender<ToApplier>,
     /// The last frame's LSN without a log.
     lsn: u64,
     /// Ops left for the next batch when one reached the log's frame limit.
@@ -1253,7 +1292,7 @@ impl Writer {
         s.overlay.push(frame.clone());
         // The applier is gone only after it poisoned the store; the frame
         // stays readable, and the log has it for the next start.
-        let _ = self.applier.send(frame);
+        let _ = self.applier.send(ToApplier::Frame(frame));
         s.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -1264,12 +1303,13 @@ impl Writer {
 /// past [`CHECKPOINT_FRACTION`] of the log (or the writer goes quiet), it persists fjall
 /// (`SyncAll`) and releases the log up to there: only then may the writer
 /// overwrite it.
-fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpace, u64, u64)>) {
+fn apply_loop(store: &Store, frames: Receiver<ToApplier>, space: Option<(WalSpace, u64, u64)>) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut applied: Option<WalPos> = None;
     let mut released = space.as_ref().map_or(0, |s| s.2);
     let checkpoint = |applied: Option<WalPos>, released: &mut u64| -> Result<(), fjall::Error> {
         let (Some((space, _, _)), Some(pos)) = (&space, applied) else {
+            // No log to release (`fsync = false`), or nothing applied.
             return Ok(());
         };
         if pos.end <= *released {
@@ -1291,10 +1331,13 @@ fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpa
     };
     let unapplied = metrics::gauge!("switchyard_journal_unapplied_batches");
     let mut batch = Vec::new();
+    // A checkpoint asked for, answered once the frames before it are in.
+    let mut asked = None;
     loop {
         unapplied.set(store.overlay.pending() as f64);
         match frames.recv_timeout(CHECKPOINT_IDLE) {
-            Ok(frame) => batch.push(frame),
+            Ok(ToApplier::Frame(frame)) => batch.push(frame),
+            Ok(ToApplier::Checkpoint(reply)) => asked = Some(reply),
             Err(RecvTimeoutError::Timeout) => {
                 if let Err(e) = checkpoint(applied, &mut released) {
                     fail("checkpoint", e);
@@ -1304,21 +1347,26 @@ fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpa
             }
             Err(RecvTimeoutError::Disconnected) => break,
         }
-        while batch.len() < 64 {
+        while asked.is_none() && batch.len() < 64 {
             match frames.try_recv() {
-                Ok(frame) => batch.push(frame),
+                Ok(ToApplier::Frame(frame)) => batch.push(frame),
+                Ok(ToApplier::Checkpoint(reply)) => asked = Some(reply),
                 Err(_) => break,
             }
         }
-        let res = store.apply_frames(batch.iter().map(|f| {
-            (
-                &f.writes,
-                WalPos {
-                    lsn: f.lsn,
-                    end: f.end,
-                },
-            )
-        }));
+        let res = match batch.is_empty() {
+            // Only a checkpoint was asked for.
+            true => Ok(None),
+            false => store.apply_frames(batch.iter().map(|f| {
+                (
+                    &f.writes,
+                    WalPos {
+                        lsn: f.lsn,
+                        end: f.end,
+                    },
+                )
+            })),
+        };
         batch.clear();
         match res {
             Ok(Some(pos)) => {
@@ -1330,6 +1378,24 @@ fn apply_loop(store: &Store, frames: Receiver<Arc<Frame>>, space: Option<(WalSpa
                 fail("apply", e);
                 return;
             }
+        }
+        if let Some(reply) = asked.take() {
+            let res = checkpoint(applied, &mut released).and_then(|()| {
+                // Without a log there is nothing to release, but the caller
+                // still wants fjall on disk.
+                match space {
+                    Some(_) => Ok(()),
+                    None => store.db.persist(PersistMode::SyncAll),
+                }
+            });
+            let failed = res.as_ref().err().map(clone_store_error);
+            let _ = reply.send(res.map_err(JournalError::from));
+            if let Some(e) = failed {
+                fail("checkpoint", e);
+                return;
+            }
+            tracing::debug!("journal checkpointed on request");
+            continue;
         }
         if let (Some((_, size, _)), Some(pos)) = (&space, applied)
             && pos.end - released >= size / CHECKPOINT_FRACTION
@@ -2894,6 +2960,35 @@ mod tests {
         );
     }
 
+    /// A checkpoint on request (as at a clean shutdown) puts every committed
+    /// batch into fjall, synced, with the log position after the last one:
+    /// the log holds nothing a start would replay.
+    #[tokio::test]
+    async fn a_checkpoint_leaves_nothing_to_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..40 {
+            let j = j.clone();
+            tasks.push(tokio::spawn(async move {
+                j.append(event(&format!("e{i}")), i, planned(1), None).await
+            }));
+        }
+        for t in tasks {
+            assert!(matches!(t.await.unwrap(), Ok(Appended::New(_))));
+        }
+        j.checkpoint().await.unwrap();
+        assert_eq!(j.store.overlay.pending(), 0);
+        // fjall's own record (the overlay is empty) names the last batch.
+        let pos = j.store.wal_position().unwrap();
+        assert_eq!(pos.lsn, j.commits());
+        let mut log = Wal::open(&dir.path().join("wal").join("log"), WAL_SIZE).unwrap();
+        assert_eq!(log.recover(pos).unwrap().len(), 0);
+        // A second request with nothing new is answered too.
+        j.checkpoint().await.unwrap();
+        assert_eq!(j.store.wal_position().unwrap(), pos);
+    }
+
     /// The log is a ring: many times its size goes through it (the applier
     /// checkpoints fjall and releases it), and everything is there after a
     /// reopen.
@@ -2931,7 +3026,15 @@ mod tests {
 
     fn journal_without_writer(store: Arc<Store>) -> (Journal, Receiver<WriteOp>) {
         let (writer, queue) = std::sync::mpsc::sync_channel(1);
-        (Journal { store, writer }, queue)
+        let applier = std::sync::mpsc::channel().0;
+        (
+            Journal {
+                store,
+                writer,
+                applier,
+            },
+            queue,
+        )
     }
 
     /// Keys sort as tuples: numerically by due time (big-endian, not byte-wise
