@@ -26,6 +26,16 @@ use crate::Failure;
 use serde::Serialize;
 use std::fmt;
 
+/// Most events one delivery may emit; one more fails the delivery into the
+/// dead letters.
+pub const MAX_EMITS_PER_DELIVERY: usize = 100;
+/// Longest event type, bytes (it must not be empty either).
+pub const MAX_TYPE_LEN: usize = 256;
+/// Longest subject, bytes.
+pub const MAX_SUBJECT_LEN: usize = 1024;
+/// Largest `data`, bytes.
+pub const MAX_DATA_LEN: usize = 1 << 20;
+
 /// Why an emit failed.
 ///
 /// Converts into a [`Failure`] that rejects the event: neither kind gets

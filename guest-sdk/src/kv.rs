@@ -29,6 +29,13 @@ use serde::de::DeserializeOwned;
 use std::fmt;
 use std::time::Duration;
 
+/// Longest key, bytes (keys must not be empty either).
+pub const MAX_KEY_LEN: usize = 512;
+/// Largest value, bytes.
+pub const MAX_VALUE_LEN: usize = 1 << 20;
+/// Most distinct keys one delivery may write.
+pub const MAX_WRITES_PER_DELIVERY: usize = 10_000;
+
 /// Why a [`kv`](self) call failed.
 ///
 /// Converts into a [`Failure`]: [`Unavailable`](Self::Unavailable) into a retry, the

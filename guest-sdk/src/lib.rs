@@ -65,6 +65,13 @@ pub mod query;
 pub mod testing;
 
 pub use emit::EmitError;
+
+/// Most bytes one delivery may store: its kv writes (key and value, the last
+/// write of each key) and its emitted events (data, type and subject, plus
+/// 256 bytes each) together, since they commit with its acknowledgement as
+/// one transaction. A kv write past it fails with [`KvError::Invalid`]; an
+/// emit past it fails the delivery into the dead letters.
+pub const MAX_OUTPUT_PER_DELIVERY: usize = 4 << 20;
 pub use event::{DataError, Event};
 pub use failure::Failure;
 pub use kv::KvError;

@@ -2,7 +2,10 @@
 //! [`kv`](crate::kv), [`emit`](crate::emit), [`config`](crate::config) and
 //! [`log`](crate::log), with the router's commit rules (a failed `handle`
 //! leaves no kv writes and no emitted events behind; a query's kv is
-//! read-only).
+//! read-only) and its limits on keys, values, emits and what one delivery
+//! may store ([`MAX_OUTPUT_PER_DELIVERY`](crate::MAX_OUTPUT_PER_DELIVERY)),
+//! with the router's error texts: a plugin that passes its tests here does
+//! not meet a limit for the first time in production.
 //!
 //! ```
 //! use switchyard_sdk::testing::{MockHost, event};
@@ -37,9 +40,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::kv::KvError;
+use crate::emit::{MAX_DATA_LEN, MAX_EMITS_PER_DELIVERY, MAX_SUBJECT_LEN, MAX_TYPE_LEN};
+use crate::kv::{KvError, MAX_KEY_LEN, MAX_VALUE_LEN, MAX_WRITES_PER_DELIVERY};
 use crate::query::{Request, Response};
-use crate::{Event, Failure, Plugin};
+use crate::{Event, Failure, MAX_OUTPUT_PER_DELIVERY, Plugin};
+
+/// What an emitted event counts beyond its data, type and subject towards
+/// [`MAX_OUTPUT_PER_DELIVERY`], as the router counts it.
+const EMIT_OVERHEAD: usize = 256;
 
 /// An event for a test: type `ty`, `data` as JSON, a fresh id, source `test`.
 pub fn event<T: Serialize + ?Sized>(ty: &str, data: &T) -> Event {
@@ -99,6 +107,13 @@ pub(crate) struct State {
     pending: Vec<Emitted>,
     read_only: bool,
     next_id: u64,
+    /// The call in progress: bytes of the last write of each key written.
+    written: BTreeMap<String, usize>,
+    /// The call in progress: bytes it would store (kv writes and emits).
+    output: usize,
+    /// The call in progress: the first emit limit it hit, which fails the
+    /// delivery whatever `handle` returns.
+    violation: Option<String>,
 }
 
 thread_local! {
@@ -148,11 +163,23 @@ impl MockHost {
     }
 
     /// Calls `P::handle(event)` as the router would: on `Err`, its kv writes
-    /// and emitted events are dropped.
+    /// and emitted events are dropped. An emit over a limit (more than
+    /// [`MAX_EMITS_PER_DELIVERY`], or past [`MAX_OUTPUT_PER_DELIVERY`]) fails
+    /// the call whatever `handle` returned: `Err(Failure::Reject(why))`, as
+    /// the router dead-letters it.
     pub fn handle<P: Plugin>(&self, event: Event) -> Result<(), Failure> {
-        let before = self.state.borrow().kv.clone();
-        let result = self.call(false, || P::handle(event));
+        let before = {
+            let mut s = self.state.borrow_mut();
+            s.written.clear();
+            s.output = 0;
+            s.violation = None;
+            s.kv.clone()
+        };
+        let mut result = self.call(false, || P::handle(event));
         let mut s = self.state.borrow_mut();
+        if let Some(why) = s.violation.take() {
+            result = Err(Failure::reject(why));
+        }
         let pending = std::mem::take(&mut s.pending);
         match &result {
             Ok(()) => s.emitted.extend(pending),
@@ -247,7 +274,50 @@ impl State {
         Ok(())
     }
 
+    fn check_key(key: &str) -> Result<(), KvError> {
+        if key.is_empty() {
+            return Err(KvError::Invalid("kv key must not be empty".into()));
+        }
+        if key.len() > MAX_KEY_LEN {
+            return Err(KvError::Invalid(format!(
+                "kv key of {} bytes is over the limit of {MAX_KEY_LEN}",
+                key.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Counts a write of `key` (with `value`, or a delete) against the
+    /// delivery's limits, as the router does.
+    fn record_write(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), KvError> {
+        self.writable()?;
+        Self::check_key(key)?;
+        if let Some(v) = value
+            && v.len() > MAX_VALUE_LEN
+        {
+            return Err(KvError::Invalid(format!(
+                "kv value of {} bytes is over the limit of {MAX_VALUE_LEN}",
+                v.len()
+            )));
+        }
+        if self.written.len() >= MAX_WRITES_PER_DELIVERY {
+            return Err(KvError::Invalid(format!(
+                "more than {MAX_WRITES_PER_DELIVERY} kv keys written in one delivery"
+            )));
+        }
+        let size = key.len() + value.map_or(0, <[u8]>::len);
+        let before = self.written.get(key).copied().unwrap_or(0);
+        let output = self.output - before + size;
+        if output > self.output && output > MAX_OUTPUT_PER_DELIVERY {
+            return Err(KvError::Invalid(output_over_limit(output)));
+        }
+        self.output = output;
+        self.written.insert(key.to_string(), size);
+        Ok(())
+    }
+
     pub(crate) fn kv_get(&self, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        Self::check_key(key)?;
         Ok(self.get(key))
     }
 
@@ -257,10 +327,7 @@ impl State {
         value: &[u8],
         ttl: Option<Duration>,
     ) -> Result<(), KvError> {
-        self.writable()?;
-        if key.is_empty() {
-            return Err(KvError::Invalid("kv key must not be empty".into()));
-        }
+        self.record_write(key, Some(value))?;
         self.kv.insert(
             key.into(),
             Entry {
@@ -272,7 +339,7 @@ impl State {
     }
 
     pub(crate) fn kv_delete(&mut self, key: &str) -> Result<(), KvError> {
-        self.writable()?;
+        self.record_write(key, None)?;
         self.kv.remove(key);
         Ok(())
     }
@@ -345,27 +412,81 @@ impl State {
                 "emit is only possible while handling an event".into(),
             ));
         }
-        if self.pending.len() >= 100 {
-            return Err(crate::EmitError::Limit(
-                "emit refused: more than 100 events from one delivery".into(),
+        if self.pending.len() >= MAX_EMITS_PER_DELIVERY {
+            return self.violated(format!(
+                "emit refused: more than {MAX_EMITS_PER_DELIVERY} events from one delivery"
             ));
         }
-        if ty.is_empty() {
-            return Err(crate::EmitError::Invalid(
-                "an emitted event's type must be 1 to 256 bytes".into(),
-            ));
+        if ty.is_empty() || ty.len() > MAX_TYPE_LEN {
+            return Err(crate::EmitError::Invalid(format!(
+                "an emitted event's type must be 1 to {MAX_TYPE_LEN} bytes"
+            )));
         }
+        if subject.as_ref().is_some_and(|s| s.len() > MAX_SUBJECT_LEN) {
+            return Err(crate::EmitError::Invalid(format!(
+                "an emitted event's subject must be at most {MAX_SUBJECT_LEN} bytes"
+            )));
+        }
+        if data.len() > MAX_DATA_LEN {
+            return Err(crate::EmitError::Invalid(format!(
+                "an emitted event's data of {} bytes is over the limit of {MAX_DATA_LEN}",
+                data.len()
+            )));
+        }
+        let output = self.output
+            + data.len()
+            + ty.len()
+            + subject.as_ref().map_or(0, String::len)
+            + EMIT_OVERHEAD;
+        if output > MAX_OUTPUT_PER_DELIVERY {
+            return self.violated(format!("emit refused: {}", output_over_limit(output)));
+        }
+        let datacontenttype = datacontenttype.unwrap_or_else(|| "application/json".into());
+        if is_json_media_type(&datacontenttype)
+            && let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&data)
+        {
+            return Err(crate::EmitError::Invalid(format!(
+                "an emitted event's data is not valid JSON ({datacontenttype}): {e}"
+            )));
+        }
+        self.output = output;
         self.next_id += 1;
         let id = format!("emitted-{}", self.next_id);
         self.pending.push(Emitted {
             id: id.clone(),
             ty,
             subject,
-            datacontenttype: datacontenttype.unwrap_or_else(|| "application/json".into()),
+            datacontenttype,
             data,
         });
         Ok(id)
     }
+
+    /// An emit limit: the emit fails, and so does the delivery.
+    fn violated(&mut self, why: String) -> Result<String, crate::EmitError> {
+        self.violation.get_or_insert_with(|| why.clone());
+        Err(crate::EmitError::Limit(why))
+    }
+}
+
+fn output_over_limit(bytes: usize) -> String {
+    format!(
+        "one delivery may store at most {} MiB of kv writes and emitted events together \
+         (this would make {bytes} bytes)",
+        MAX_OUTPUT_PER_DELIVERY >> 20
+    )
+}
+
+/// `application/json`, `text/json` or `*+json`, parameters aside, as the
+/// router decides whether an emitted event's data must be JSON.
+fn is_json_media_type(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json" || essence == "text/json" || essence.ends_with("+json")
 }
 
 #[cfg(test)]
@@ -433,5 +554,82 @@ mod tests {
         }
         host.handle::<Ops>(event("t", &())).unwrap();
         assert_eq!(host.kv_json::<i64>("n"), Some(7));
+    }
+
+    /// The router's limits hold under the mock too, with its texts.
+    #[test]
+    fn the_routers_limits_apply() {
+        use crate::emit::{self, Emit};
+        struct Limits;
+        impl Plugin for Limits {
+            fn handle(event: Event) -> Result<(), Failure> {
+                let invalid = |r: Result<(), KvError>, text: &str| match r {
+                    Err(KvError::Invalid(m)) if m.contains(text) => {}
+                    other => panic!("{other:?}: wanted an error saying {text:?}"),
+                };
+                let mb = vec![b'0'; MAX_VALUE_LEN];
+                match event.ty.as_str() {
+                    "keys" => {
+                        invalid(
+                            kv::set(&"k".repeat(MAX_KEY_LEN + 1), b"v"),
+                            "over the limit of 512",
+                        );
+                        invalid(kv::get("").map(drop), "must not be empty");
+                        kv::set(&"k".repeat(MAX_KEY_LEN), b"v")?;
+                        invalid(
+                            kv::set("v", &vec![0; MAX_VALUE_LEN + 1]),
+                            "over the limit of 1048576",
+                        );
+                    }
+                    "output" => {
+                        // Rewriting one key counts its last value only.
+                        for _ in 0..10 {
+                            kv::set("same", &mb)?;
+                        }
+                        kv::set("a", &mb)?;
+                        kv::set("b", &mb)?;
+                        invalid(kv::set("c", &mb), "at most 4 MiB");
+                        // What still fits is taken.
+                        kv::set("small", b"1")?;
+                    }
+                    "writes" => {
+                        for i in 0..MAX_WRITES_PER_DELIVERY {
+                            kv::set(&format!("k{i}"), b"")?;
+                        }
+                        invalid(kv::set("one-more", b""), "more than 10000 kv keys");
+                    }
+                    "emits" => {
+                        assert!(matches!(
+                            Emit::new("e").bytes("application/json", b"{".to_vec()).send(),
+                            Err(crate::EmitError::Invalid(m)) if m.contains("not valid JSON")
+                        ));
+                        Emit::new("e").bytes("text/plain", b"{".to_vec()).send()?;
+                        for i in 1..MAX_EMITS_PER_DELIVERY {
+                            emit::json("e", &i)?;
+                        }
+                        // Ignored by the plugin, but the delivery fails.
+                        let _ = emit::json("e", &0);
+                        kv::set("after", b"1")?;
+                    }
+                    _ => {}
+                }
+                Ok(())
+            }
+        }
+        let host = MockHost::new();
+        host.handle::<Limits>(event("keys", &())).unwrap();
+        host.handle::<Limits>(event("output", &())).unwrap();
+        assert_eq!(host.kv("small").as_deref(), Some(&b"1"[..]));
+        assert_eq!(host.kv("c"), None);
+        // The limits are per delivery: the next one starts afresh.
+        host.handle::<Limits>(event("output", &())).unwrap();
+        host.handle::<Limits>(event("writes", &())).unwrap();
+        assert_eq!(host.kv_keys().len(), MAX_WRITES_PER_DELIVERY + 5);
+        match host.handle::<Limits>(event("emits", &())) {
+            Err(Failure::Reject(why)) => assert!(why.contains("more than 100 events"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(host.emitted().is_empty());
+        assert_eq!(host.kv("after"), None);
     }
 }

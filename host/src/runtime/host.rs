@@ -31,6 +31,10 @@ pub const MAX_LIST_KEYS: u32 = 1000;
 pub const MAX_EMITS_PER_DELIVERY: usize = 100;
 /// Largest `data` of an emitted event, bytes.
 pub const MAX_EMIT_DATA: usize = 1 << 20;
+/// Longest type of an emitted event, bytes.
+pub const MAX_EMIT_TYPE: usize = 256;
+/// Longest subject of an emitted event, bytes.
+pub const MAX_EMIT_SUBJECT: usize = 1024;
 /// Most bytes one delivery may ask the journal to store: its kv writes (key
 /// and value, last write of each key) and its emitted events together. The
 /// settlement is one commit, and a commit has to fit the journal's log
@@ -564,15 +568,19 @@ impl emit::Host for HostState {
             );
             return limit(self, text);
         }
-        if event.type_.is_empty() || event.type_.len() > 256 {
-            return Err(emit::Error::Invalid(
-                "an emitted event's type must be 1 to 256 bytes".into(),
-            ));
+        if event.type_.is_empty() || event.type_.len() > MAX_EMIT_TYPE {
+            return Err(emit::Error::Invalid(format!(
+                "an emitted event's type must be 1 to {MAX_EMIT_TYPE} bytes"
+            )));
         }
-        if event.subject.as_ref().is_some_and(|s| s.len() > 1024) {
-            return Err(emit::Error::Invalid(
-                "an emitted event's subject must be at most 1024 bytes".into(),
-            ));
+        if event
+            .subject
+            .as_ref()
+            .is_some_and(|s| s.len() > MAX_EMIT_SUBJECT)
+        {
+            return Err(emit::Error::Invalid(format!(
+                "an emitted event's subject must be at most {MAX_EMIT_SUBJECT} bytes"
+            )));
         }
         if event.data.len() > MAX_EMIT_DATA {
             return Err(emit::Error::Invalid(format!(
@@ -789,4 +797,32 @@ fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SDK's `MockHost` enforces these limits for plugin authors' tests
+    /// (`guest-sdk/src/testing.rs`): it has to state the same ones.
+    #[test]
+    fn the_sdk_states_the_same_limits() {
+        use switchyard_sdk::{emit, kv};
+        assert_eq!(kv::MAX_KEY_LEN, MAX_KEY_LEN);
+        assert_eq!(kv::MAX_VALUE_LEN, MAX_VALUE_LEN);
+        assert_eq!(kv::MAX_WRITES_PER_DELIVERY, MAX_WRITES_PER_DELIVERY);
+        assert_eq!(emit::MAX_EMITS_PER_DELIVERY, MAX_EMITS_PER_DELIVERY);
+        assert_eq!(emit::MAX_DATA_LEN, MAX_EMIT_DATA);
+        assert_eq!(emit::MAX_TYPE_LEN, MAX_EMIT_TYPE);
+        assert_eq!(emit::MAX_SUBJECT_LEN, MAX_EMIT_SUBJECT);
+        assert_eq!(
+            switchyard_sdk::MAX_OUTPUT_PER_DELIVERY,
+            MAX_OUTPUT_PER_DELIVERY
+        );
+        assert_eq!(
+            output_over_limit(7),
+            "one delivery may store at most 4 MiB of kv writes and emitted events together \
+             (this would make 7 bytes)"
+        );
+    }
 }
