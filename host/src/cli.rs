@@ -463,8 +463,9 @@ fn serve(
             return ExitCode::FAILURE;
         }
     };
-    // Spans are flushed when the guard drops, after the server stopped.
-    let _traces = telemetry::init_with(log_format, level, Some(&cfg.telemetry));
+    // Queued lines are written and spans flushed when the guard drops, after
+    // the server stopped (it is dropped last).
+    let _telemetry = telemetry::init_with(log_format, level, Some(&cfg.telemetry));
     if level.contains("plugin=debug") {
         tracing::info!(
             "dev mode: plugin crates and .wasm files named in {} are watched; save to rebuild and swap",

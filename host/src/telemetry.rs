@@ -27,11 +27,18 @@ pub enum LogFormat {
 /// Installs the global subscriber. `RUST_LOG` overrides the default level
 /// (`info`, with plugin log lines included).
 pub fn init(format: LogFormat) {
-    init_with(format, "info", None);
+    install(format, "info", None, std::io::stderr);
+}
+
+/// Writes log lines and exports spans while it lives; dropping it writes the
+/// lines still queued and flushes the spans buffered.
+pub struct TelemetryGuard {
+    _log: tracing_appender::non_blocking::WorkerGuard,
+    _traces: Option<TracingGuard>,
 }
 
 /// Exports spans while it lives; dropping it flushes what is buffered.
-pub struct TracingGuard {
+struct TracingGuard {
     provider: opentelemetry_sdk::trace::SdkTracerProvider,
 }
 
@@ -46,11 +53,38 @@ impl Drop for TracingGuard {
 /// Like [`init`], with `level` as the default filter (e.g. `info,plugin=debug`
 /// for `switchyard dev`) when `RUST_LOG` is not set, and, with an OTLP
 /// endpoint in `telemetry`, spans exported there (see `crate::trace`).
+///
+/// Lines go to stderr from a thread of their own (`log-writer`), so that a
+/// slow reader of stderr (a full pipe to a log collector) holds up that
+/// thread, not the server's: a line is queued, up to 128,000 of them, and
+/// only a full queue makes the logging thread wait (no line is dropped).
+/// Keep the guard until the end: dropping it writes what is queued.
 pub fn init_with(
     format: LogFormat,
     level: &str,
     telemetry: Option<&crate::config::TelemetryConfig>,
-) -> Option<TracingGuard> {
+) -> TelemetryGuard {
+    let (writer, log) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let traces = install(format, level, telemetry, writer);
+    TelemetryGuard {
+        _log: log,
+        _traces: traces,
+    }
+}
+
+/// Installs the subscriber, writing lines with `writer`.
+fn install<W>(
+    format: LogFormat,
+    level: &str,
+    telemetry: Option<&crate::config::TelemetryConfig>,
+    writer: W,
+) -> Option<TracingGuard>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -63,7 +97,7 @@ pub fn init_with(
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().boxed(),

@@ -340,3 +340,59 @@ async fn the_server_frees_memtables_on_a_low_priority_reaper_thread() {
         "the reaper's nice, among threads {names:?}"
     );
 }
+
+/// Logging does not hold up the server: with its stderr a pipe nobody reads
+/// (a stuck log collector), webhooks are still answered and delivered long
+/// after the pipe's buffer (64 KiB on Linux) filled with the plugin's log
+/// lines, which wait in the log writer's queue instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_reader_of_stderr_does_not_hold_up_the_server() {
+    const EVENTS: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("rules.toml");
+    std::fs::write(
+        &cfg,
+        config(&dir.path().join("data"), &plugin_crate("audit"), "5s"),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchyard");
+    // Held open and never read.
+    let _stderr = child.stderr.take().expect("stderr");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read stdout");
+    let base = line
+        .trim()
+        .strip_prefix("switchyard listening on ")
+        .unwrap_or_else(|| panic!("server did not start: {line:?}"))
+        .to_string();
+    let running = Running { child, base };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
+    for i in 0..EVENTS {
+        let (status, body) = post(&client, &running.base, json!({ "n": i })).await;
+        assert_eq!(status, 202, "event {i}: {body}");
+    }
+    let metrics = format!("{}/metrics", running.base);
+    wait_for("every event delivered, stderr still unread", || async {
+        let text = client.get(&metrics).send().await.ok()?.text().await.ok()?;
+        let delivered: f64 = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("switchyard_deliveries_total{") && l.contains("outcome=\"delivered\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (delivered >= EVENTS as f64).then_some(())
+    })
+    .await;
+}
