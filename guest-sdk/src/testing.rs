@@ -477,9 +477,11 @@ fn output_over_limit(bytes: usize) -> String {
     )
 }
 
-/// `application/json`, `text/json` or `*+json`, parameters aside, as the
-/// router decides whether an emitted event's data must be JSON.
-fn is_json_media_type(content_type: &str) -> bool {
+/// Whether the router requires an emitted event's data of this media type to
+/// be valid JSON: `application/json`, `text/json` or `*+json`, parameters
+/// aside. (The router has its own copy; a test of the host checks that the
+/// two agree.)
+pub fn is_json_media_type(content_type: &str) -> bool {
     let essence = content_type
         .split(';')
         .next()

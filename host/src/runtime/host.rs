@@ -819,6 +819,21 @@ mod tests {
             switchyard_sdk::MAX_OUTPUT_PER_DELIVERY,
             MAX_OUTPUT_PER_DELIVERY
         );
+        for media in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "text/json",
+            "application/cloudevents+json",
+            "text/plain",
+            "application/octet-stream",
+            "",
+        ] {
+            assert_eq!(
+                switchyard_sdk::testing::is_json_media_type(media),
+                crate::event::is_json_media_type(media),
+                "{media:?}"
+            );
+        }
         assert_eq!(
             output_over_limit(7),
             "one delivery may store at most 4 MiB of kv writes and emitted events together \
