@@ -35,6 +35,11 @@ pub const MAX_TYPE_LEN: usize = 256;
 pub const MAX_SUBJECT_LEN: usize = 1024;
 /// Largest `data`, bytes.
 pub const MAX_DATA_LEN: usize = 1 << 20;
+/// What one emitted event counts towards
+/// [`MAX_OUTPUT_PER_DELIVERY`](crate::MAX_OUTPUT_PER_DELIVERY) beyond its
+/// data, type and subject (its id, source, time, extensions and delivery
+/// records, roughly).
+pub const EMIT_OVERHEAD: usize = 256;
 
 /// Why an emit failed.
 ///

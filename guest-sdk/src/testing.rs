@@ -40,14 +40,12 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::emit::{MAX_DATA_LEN, MAX_EMITS_PER_DELIVERY, MAX_SUBJECT_LEN, MAX_TYPE_LEN};
+use crate::emit::{
+    EMIT_OVERHEAD, MAX_DATA_LEN, MAX_EMITS_PER_DELIVERY, MAX_SUBJECT_LEN, MAX_TYPE_LEN,
+};
 use crate::kv::{KvError, MAX_KEY_LEN, MAX_VALUE_LEN, MAX_WRITES_PER_DELIVERY};
 use crate::query::{Request, Response};
 use crate::{Event, Failure, MAX_OUTPUT_PER_DELIVERY, Plugin};
-
-/// What an emitted event counts beyond its data, type and subject towards
-/// [`MAX_OUTPUT_PER_DELIVERY`], as the router counts it.
-const EMIT_OVERHEAD: usize = 256;
 
 /// An event for a test: type `ty`, `data` as JSON, a fresh id, source `test`.
 pub fn event<T: Serialize + ?Sized>(ty: &str, data: &T) -> Event {

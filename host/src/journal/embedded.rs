@@ -2960,9 +2960,10 @@ mod tests {
         );
     }
 
-    /// A checkpoint on request (as at a clean shutdown) puts every committed
-    /// batch into fjall, synced, with the log position after the last one:
-    /// the log holds nothing a start would replay.
+    /// `Journal::checkpoint` (as at a clean shutdown) waits for every batch
+    /// committed before it to be in fjall, with the log position after the
+    /// last one: the log holds nothing a start would replay. (That the log is
+    /// released only after fjall is synced: the next test.)
     #[tokio::test]
     async fn a_checkpoint_leaves_nothing_to_replay() {
         let dir = tempfile::tempdir().unwrap();
@@ -2987,6 +2988,45 @@ mod tests {
         // A second request with nothing new is answered too.
         j.checkpoint().await.unwrap();
         assert_eq!(j.store.wal_position().unwrap(), pos);
+    }
+
+    /// The applier answers a checkpoint request only once the frames sent
+    /// before it are in fjall, fjall is synced and the log is released up to
+    /// them; until then (less than a sixteenth of the log, no idle second) it
+    /// keeps the log.
+    #[tokio::test]
+    async fn a_checkpoint_request_releases_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut writer) = bare_writer(dir.path());
+        let space = writer.wal.as_ref().unwrap().space();
+        let start = space.released();
+        let (to_applier, frames) = std::sync::mpsc::channel();
+        writer.applier = to_applier.clone();
+        let applier = {
+            let (store, space) = (store.clone(), space.clone());
+            std::thread::spawn(move || apply_loop(&store, frames, Some((space, WAL_SIZE, start))))
+        };
+        for i in 0..4 {
+            let (reply, _rx) = oneshot::channel();
+            let id = format!("e{i}");
+            let mut batch = vec![WriteOp::Append {
+                encoded: encode_event(&event(&id), 7, planned(1), None).unwrap(),
+                dedup: None,
+                reply,
+            }];
+            writer.commit_batch(&mut batch);
+        }
+        let end = writer.wal.as_ref().unwrap().position();
+        assert!(end.end > start);
+        assert_eq!(space.released(), start, "released before any checkpoint");
+        let (reply, rx) = oneshot::channel();
+        to_applier.send(ToApplier::Checkpoint(reply)).unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(space.released(), end.end);
+        assert_eq!(store.overlay.pending(), 0);
+        assert_eq!(store.wal_position().unwrap(), end);
+        drop((writer, to_applier));
+        applier.join().unwrap();
     }
 
     /// The log is a ring: many times its size goes through it (the applier

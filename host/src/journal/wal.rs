@@ -100,6 +100,13 @@ impl WalSpace {
         }
     }
 
+    /// Where the reusable part of the log ends: everything before it is
+    /// durable elsewhere.
+    #[cfg(test)]
+    pub fn released(&self) -> u64 {
+        self.lock().released
+    }
+
     /// Wakes a writer waiting for space and makes that and later appends fail
     /// with [`WalError::Closed`] (for shutdown).
     pub fn close(&self) {

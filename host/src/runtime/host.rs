@@ -815,6 +815,7 @@ mod tests {
         assert_eq!(emit::MAX_DATA_LEN, MAX_EMIT_DATA);
         assert_eq!(emit::MAX_TYPE_LEN, MAX_EMIT_TYPE);
         assert_eq!(emit::MAX_SUBJECT_LEN, MAX_EMIT_SUBJECT);
+        assert_eq!(emit::EMIT_OVERHEAD, EMIT_OVERHEAD);
         assert_eq!(
             switchyard_sdk::MAX_OUTPUT_PER_DELIVERY,
             MAX_OUTPUT_PER_DELIVERY
