@@ -28,6 +28,11 @@
 # commits over 2 ms, with the store's part). The logging itself costs a
 # little; compare runs with the same setting.
 #
+# oha runs in pieces of CHUNK seconds (default 4), each a fresh process:
+# one long oha stalls as its result buffers double, and latency correction
+# books those stalls as the server's (docs/benchmarks.md, "the load tool's
+# stalls"). CHUNK=SECS measures as before.
+#
 # Needs wrk (Debian package), oha (`cargo install oha --locked`), python3.
 set -euo pipefail
 
@@ -39,6 +44,7 @@ RATE="${RATE:-15000}"
 ROUNDS="${ROUNDS:-1}"
 SECS="${SECS:-10}"
 WARM="${WARM:-10}"
+CHUNK="${CHUNK:-4}"
 ROUTES="${ROUTES:-no}"
 (($# > 0)) || set -- "switchyard=${CARGO_TARGET_DIR:-$REPO/target}/release/switchyard"
 for tool in wrk oha python3; do
@@ -100,8 +106,22 @@ run() {
 	local t0 cpu0
 	cpu0="$(cpu_ticks "$PID")"
 	t0="$(date +%s.%N)"
-	oha -z "${SECS}s" -c 64 -q "$RATE" --latency-correction --no-tui -m POST \
-		-H 'content-type: application/json' -d "$BODY" "$url" --output-format csv >"$dir/lat.csv" 2>/dev/null
+	# In pieces of CHUNK seconds: oha sends every result through one unbounded
+	# channel whose buffer doubles at each power of two, copying it while
+	# senders wait. At 28,000 req/s its 2^18th and 2^19th results (9.4 and
+	# 18.7 s in) stalled the load tool for 30-170 ms, which latency correction
+	# books as the server's time, and which costs a server that needs more CPU
+	# per request more than it costs bare. Each piece starts a fresh oha.
+	local left="$SECS" piece=0 len
+	: >"$dir/pieces"
+	while ((left > 0)); do
+		len=$((left < CHUNK ? left : CHUNK))
+		echo "$(date +%s.%N) $dir/lat.$piece.csv" >>"$dir/pieces"
+		oha -z "${len}s" -c 64 -q "$RATE" --latency-correction --no-tui -m POST \
+			-H 'content-type: application/json' -d "$BODY" "$url" --output-format csv >"$dir/lat.$piece.csv" 2>/dev/null
+		left=$((left - len))
+		piece=$((piece + 1))
+	done
 	# The journal's commits over 5 ms; bare has no journal ("-").
 	local slow=-
 	[[ "$label" == bare ]] || slow="$(curl -s "http://127.0.0.1:$port/metrics" | awk '
@@ -113,12 +133,18 @@ run() {
 	kill -TERM "$PID"
 	wait "$PID" 2>/dev/null || true
 	PID=""
-	python3 - "$dir/lat.csv" "$label" "$full" "$slow" "$t0" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" \
+	python3 - "$dir/pieces" "$label" "$full" "$slow" "$t0" "$cpu0" "$cpu1" "$(getconf CLK_TCK)" \
 		"${EPISODES:+$TMP/$label.log}" <<'PY'
 import csv, sys, collections, datetime, re
-path, label, full, slow, t0, cpu0, cpu1, tick, log = sys.argv[1:]
-rows = [(float(r["request-start"]), float(r["request-duration"]) * 1e3)
-        for r in csv.DictReader(open(path)) if r["status"] == "202"]
+pieces, label, full, slow, t0, cpu0, cpu1, tick, log = sys.argv[1:]
+# Each piece's request-start is seconds since that oha started: shifted to
+# seconds since the first one started.
+rows = []
+for line in open(pieces):
+    started, path = line.split()
+    shift = float(started) - float(t0)
+    rows += [(shift + float(r["request-start"]), float(r["request-duration"]) * 1e3)
+             for r in csv.DictReader(open(path)) if r["status"] == "202"]
 lat = sorted(d for _, d in rows)
 n = len(lat)
 q = lambda v, p: v[min(len(v) - 1, int(len(v) * p))]

@@ -237,18 +237,30 @@ for c in $CONNS; do
 				signed=(-H "webhook-id: $SIGNED_ID" -H "webhook-timestamp: $SIGNED_TS" -H "webhook-signature: $SIGNED_SIG")
 			fi
 			if command -v oha >/dev/null; then
-				lat="$("${LOAD_PIN[@]}" oha -z "${DURATION}s" -c "$c" -q "$((rps / 2))" --latency-correction --no-tui \
-					-m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
-				half_p50="$(awk '/ 50(\.00)?% in/ { printf "%.3f", $3 }' <<<"$lat")"
-				half_p99="$(awk '/ 99(\.00)?% in/ { printf "%.3f", $3 }' <<<"$lat")"
+				# In pieces of 4 s, each a fresh oha, as half-rate.sh does: one
+				# long oha stalls as its result buffers double.
+				rm -f "$TMP"/half.*.csv
+				for ((left = DURATION, piece = 0; left > 0; left -= 4, piece++)); do
+					"${LOAD_PIN[@]}" oha -z "$((left < 4 ? left : 4))s" -c "$c" -q "$((rps / 2))" --latency-correction --no-tui \
+						-m POST -T application/json "${signed[@]}" -d "$BODY" "$URL" --output-format csv >"$TMP/half.$piece.csv"
+				done
+				read -r half_rps half_p50 half_p99 half_bad < <(python3 - "$DURATION" "$TMP"/half.*.csv <<'PY'
+import csv, sys
+rows = [r for p in sys.argv[2:] for r in csv.DictReader(open(p))]
+lat = sorted(float(r["request-duration"]) * 1e3 for r in rows)
+q = lambda p: lat[min(len(lat) - 1, int(len(lat) * p))] if lat else 0
+bad = sum(r["status"] != "202" for r in rows)
+print(f"{len(rows) / float(sys.argv[1]):.0f} {q(.5):.3f} {q(.99):.3f} {bad}")
+PY
+				)
 			else
 				per_conn="$(awk -v r="$rps" -v c="$c" 'BEGIN { q = r / 2 / c; printf "%.1f", (q < 1 ? 1 : q) }')"
 				lat="$("${LOAD_PIN[@]}" hey -z "${DURATION}s" -c "$c" -q "$per_conn" -m POST -T application/json "${signed[@]}" -d "$BODY" "$URL")"
 				half_p50="$(awk '/ 50% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
 				half_p99="$(awk '/ 99% in/ { printf "%.3f", $3 * 1000 }' <<<"$lat")"
+				half_rps="$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$lat")"
+				half_bad="$(awk '/^[ \t]+\[[0-9]+\]/ && $1 != "[202]" { n += $2 } END { print n + 0 }' <<<"$lat")"
 			fi
-			half_rps="$(awk '/Requests\/sec/ { printf "%.0f", $2 }' <<<"$lat")"
-			half_bad="$(awk '/^[ \t]+\[[0-9]+\]/ && $1 != "[202]" { n += $2 } END { print n + 0 }' <<<"$lat")"
 			extra="$extra half_rps=$half_rps half_p50_ms=$half_p50 half_p99_ms=$half_p99 half_non202=$half_bad"
 			[[ "$variant" == switchyard || "$variant" == nats ]] && wait_drained >/dev/null
 		fi

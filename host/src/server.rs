@@ -265,7 +265,11 @@ impl Server {
         }
         let store = match &config.engine {
             EngineConfig::Embedded => {
-                let journal = Journal::open_with(&data_dir, config.server.fsync)?;
+                let journal = Journal::open_with(
+                    &data_dir,
+                    config.server.fsync,
+                    config.server.idle_background,
+                )?;
                 if !config.server.fsync {
                     tracing::warn!(
                         "[server] fsync = false: a crash may lose events already answered 202"

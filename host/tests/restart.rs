@@ -309,36 +309,77 @@ async fn the_server_runs_without_transparent_huge_pages() {
     assert_eq!(thp.trim(), "0", "{status}");
 }
 
-/// fjall frees a flushed memtable under a lock every commit needs (90–115 ms
-/// for 64 MiB, docs/benchmarks.md); the journal's reaper thread holds each
-/// memtable so that the memory is freed there instead, at the lowest
-/// priority. This checks the real binary starts it, and at `nice` 19.
+/// Each thread of a running server, by name: (scheduling policy, nice), from
+/// `/proc/PID/task/*/stat` (fields 19 and 41).
 #[cfg(target_os = "linux")]
-#[tokio::test]
-async fn the_server_frees_memtables_on_a_low_priority_reaper_thread() {
-    let dir = tempfile::tempdir().unwrap();
-    let running = serve_audit(dir.path());
-    let tasks = format!("/proc/{}/task", running.child.id());
-    let mut names = Vec::new();
-    let mut reaper_nice = None;
-    for task in std::fs::read_dir(&tasks).unwrap() {
-        let task = task.unwrap().path();
-        let Ok(name) = std::fs::read_to_string(task.join("comm")) else {
+fn thread_priorities(pid: u32) -> Vec<(String, i64, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
             continue; // a thread that ended meanwhile
         };
-        if name.trim() == "memtable-reaper" {
-            let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-            // Fields after the parenthesised name: state is field 3, nice 19.
-            let after = &stat[stat.rfind(')').unwrap() + 2..];
-            reaper_nice = after.split(' ').nth(16).map(str::to_string);
-        }
-        names.push(name.trim().to_string());
+        let name = &stat[stat.find('(').unwrap() + 1..stat.rfind(')').unwrap()];
+        // The fields after the parenthesised name start at field 3 (state).
+        let after: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let field = |n: usize| after[n - 3].parse::<i64>().unwrap();
+        threads.push((name.to_string(), field(41), field(19)));
     }
-    assert_eq!(
-        reaper_nice.as_deref(),
-        Some("19"),
-        "the reaper's nice, among threads {names:?}"
-    );
+    threads
+}
+
+/// The store's background threads run at idle CPU priority by default
+/// (`journal/priority.rs`): fjall's workers, the applier and the memtable
+/// reaper, which frees flushed memtables away from the lock fjall would free
+/// them under (90–115 ms for 64 MiB, docs/benchmarks.md). The threads that
+/// answer (the journal writer, the HTTP workers) stay ordinary. With
+/// `background_priority = "normal"` every thread is ordinary, and the reaper
+/// at `nice` 19. Checked on the real binary, both ways.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_stores_background_threads_run_at_idle_priority_unless_told_normal() {
+    const SCHED_OTHER: i64 = 0;
+    const SCHED_IDLE: i64 = 5;
+    for normal in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("rules.toml");
+        let mut text = config(&dir.path().join("data"), &plugin_crate("audit"), "1s");
+        if normal {
+            text = text.replace("[server]\n", "[server]\nbackground_priority = \"normal\"\n");
+        }
+        std::fs::write(&cfg, text).unwrap();
+        let running = serve(&cfg, &dir.path().join("serve.log"));
+        let threads = thread_priorities(running.child.id());
+        let of = |name: &str| -> Vec<(i64, i64)> {
+            threads
+                .iter()
+                .filter(|(n, ..)| n == name)
+                .map(|(_, policy, nice)| (*policy, *nice))
+                .collect()
+        };
+        let background = if normal { SCHED_OTHER } else { SCHED_IDLE };
+        for name in ["fjall:worker", "journal-applier", "memtable-reaper"] {
+            let seen = of(name);
+            assert!(!seen.is_empty(), "no {name} among {threads:?}");
+            for (policy, nice) in seen {
+                assert_eq!(
+                    policy, background,
+                    "{name} (normal: {normal}) among {threads:?}"
+                );
+                if name == "memtable-reaper" && normal {
+                    assert_eq!(nice, 19, "the reaper's nice among {threads:?}");
+                }
+            }
+        }
+        for name in ["journal-writer", "tokio-rt-worker"] {
+            let seen = of(name);
+            assert!(!seen.is_empty(), "no {name} among {threads:?}");
+            assert!(
+                seen.iter()
+                    .all(|&(policy, nice)| policy == SCHED_OTHER && nice == 0),
+                "{name} (normal: {normal}) among {threads:?}"
+            );
+        }
+    }
 }
 
 /// Logging does not hold up the server: with its stderr a pipe nobody reads

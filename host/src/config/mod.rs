@@ -79,6 +79,8 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Whether journal commits wait for the disk.
     pub fsync: bool,
+    /// Whether the store's background threads run at idle CPU priority.
+    pub idle_background: bool,
     /// Webhook requests handled at once (more: 503).
     pub max_concurrency: usize,
     /// Emits allowed between a webhook event and its last derived event.
@@ -648,6 +650,23 @@ impl Validator {
             None => Some(1024),
             Some(n) => self.count(n, "server.max_concurrency"),
         };
+        let idle_background = match &raw.background_priority {
+            None => true,
+            Some(p) => match p.get_ref().as_str() {
+                "idle" => true,
+                "normal" => false,
+                other => {
+                    self.error(
+                        Some(p.span()),
+                        "server.background_priority",
+                        format!(
+                            "unknown priority `{other}`; expected \"idle\" (the default) or \"normal\""
+                        ),
+                    );
+                    true
+                }
+            },
+        };
         let max_hops = match &raw.max_hops {
             None => Some(crate::runtime::DEFAULT_MAX_HOPS),
             Some(n) => self.count(n, "server.max_hops").map(|n| n as u32),
@@ -670,6 +689,7 @@ impl Validator {
                 retention: retention?,
                 shutdown_grace: shutdown_grace?,
                 fsync: raw.fsync.as_ref().is_none_or(|f| *f.get_ref()),
+                idle_background,
                 max_concurrency: max_concurrency?,
                 max_hops: max_hops?,
                 header_timeout: header_timeout?,
@@ -1343,6 +1363,31 @@ mod http_tests {
         let wasm = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/audit");
         let text = format!("[[plugins]]\nname = \"p\"\nwasm = \"{wasm}\"\n{extra}\n");
         parse(Path::new("rules.toml"), &text)
+    }
+
+    #[test]
+    fn background_threads_are_idle_unless_told_normal() {
+        let server = |extra: &str| parse(Path::new("rules.toml"), &format!("[server]\n{extra}\n"));
+        assert!(server("").unwrap().server.idle_background);
+        assert!(
+            server("background_priority = \"idle\"")
+                .unwrap()
+                .server
+                .idle_background
+        );
+        assert!(
+            !server("background_priority = \"normal\"")
+                .unwrap()
+                .server
+                .idle_background
+        );
+        let e = server("background_priority = \"high\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown priority `high`") && e.contains("server.background_priority"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -44,6 +44,14 @@ pub struct RawServer {
     /// is for benchmarks only: a crash may lose events already answered 202.
     #[schemars(with = "Option<bool>")]
     pub fsync: Option<Spanned<bool>>,
+    /// CPU priority of the embedded store's background threads (fjall's
+    /// flushes and compactions, the commit log's applier, the memtable
+    /// reaper): "idle" (the default) runs them only on CPU time that nothing
+    /// else wants, so they never hold up an answer; "normal" where the machine
+    /// is shared with busy work of ordinary priority, beside which idle
+    /// threads fall behind and ingest slows to their pace.
+    #[schemars(with = "Option<BackgroundPriority>")]
+    pub background_priority: Option<Spanned<String>>,
     /// Webhook requests handled at once; more are answered 503 at once (load
     /// shedding) rather than queued (default 1024).
     #[schemars(with = "Option<u32>", range(min = 1, max = 1000000))]
@@ -317,6 +325,15 @@ pub struct RawRetry {
     /// (the default).
     #[schemars(with = "Option<String>")]
     pub max_age: Option<Spanned<String>>,
+}
+
+/// The CPU priority of the store's background threads.
+#[derive(JsonSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum BackgroundPriority {
+    Idle,
+    Normal,
 }
 
 /// How the delay between attempts grows.

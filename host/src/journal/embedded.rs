@@ -337,12 +337,18 @@ enum ToApplier {
 impl Journal {
     /// Opens (or creates) the journal in `dir`, and starts its writer thread.
     pub fn open(dir: &Path) -> Result<Journal, JournalError> {
-        Journal::open_with(dir, true)
+        Journal::open_with(dir, true, true)
     }
 
     /// As [`Journal::open`]; `fsync = false` commits without waiting for the
-    /// disk (benchmarks only: a crash may lose acknowledged writes).
-    pub fn open_with(dir: &Path, fsync: bool) -> Result<Journal, JournalError> {
+    /// disk (benchmarks only: a crash may lose acknowledged writes), and
+    /// `idle_background = false` leaves the store's background threads at
+    /// ordinary CPU priority (`priority.rs`).
+    pub fn open_with(
+        dir: &Path,
+        fsync: bool,
+        idle_background: bool,
+    ) -> Result<Journal, JournalError> {
         let open_err =
             |path: &Path, e: Box<dyn std::error::Error + Send + Sync>| JournalError::Open {
                 path: path.display().to_string(),
@@ -351,6 +357,10 @@ impl Journal {
         std::fs::create_dir_all(dir).map_err(|e| open_err(dir, Box::new(e)))?;
         let path = dir.join("journal");
         let store = Store::open(&path, fsync)?;
+        if idle_background {
+            // fjall's flushes and compactions (`priority.rs`).
+            super::priority::lower_threads_named("fjall:worker");
+        }
         let wal = if fsync {
             let wal_dir = dir.join("wal");
             std::fs::create_dir_all(&wal_dir).map_err(|e| open_err(&wal_dir, Box::new(e)))?;
@@ -404,7 +414,13 @@ impl Journal {
             .map(|w| (w.space(), w.size(), w.position().end));
         std::thread::Builder::new()
             .name("journal-applier".into())
-            .spawn(move || apply_loop(&applier_store, frames, space))
+            .spawn(move || {
+                // Behind the answers: it yields the CPU to them (`priority.rs`).
+                if idle_background {
+                    super::priority::lower_this_thread();
+                }
+                apply_loop(&applier_store, frames, space)
+            })
             .map_err(thread_err)?;
         let checkpoints = applier.clone();
         let (writer, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);
@@ -426,7 +442,10 @@ impl Journal {
             .map_err(thread_err)?;
         // A weak reference, so that the reaper does not keep the store open.
         let weak = Arc::downgrade(&store);
-        reaper::spawn(move || weak.upgrade().map(|s| s.active_memtables())).map_err(thread_err)?;
+        reaper::spawn(idle_background, move || {
+            weak.upgrade().map(|s| s.active_memtables())
+        })
+        .map_err(thread_err)?;
         Ok(Journal {
             store,
             writer,

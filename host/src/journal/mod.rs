@@ -12,6 +12,7 @@
 mod embedded;
 pub mod nats;
 mod overlay;
+mod priority;
 mod reaper;
 mod wal;
 

@@ -53,14 +53,18 @@ impl Reaper {
 
 /// Starts the reaper thread. `active` lists the store's active memtables, or
 /// `None` once the store is gone, which stops the thread (freeing what it held).
+/// `idle`: at idle CPU priority (`priority.rs`), else at `nice` 19.
 pub(super) fn spawn(
+    idle: bool,
     active: impl FnMut() -> Option<Vec<Held>> + Send + 'static,
 ) -> std::io::Result<()> {
     let mut active = active;
     std::thread::Builder::new()
         .name("memtable-reaper".into())
         .spawn(move || {
-            lower_priority();
+            if !idle || !super::priority::lower_this_thread() {
+                lower_priority();
+            }
             let mut reaper = Reaper::default();
             while let Some(memtables) = active() {
                 let freed = reaper.tick(memtables);
@@ -134,7 +138,7 @@ mod tests {
         let active = memtable();
         let (done, stopped) = std::sync::mpsc::channel();
         let mut store = Some(active.clone());
-        spawn(move || match store.take() {
+        spawn(true, move || match store.take() {
             Some(m) => Some(vec![m]),
             None => {
                 let _ = done.send(());
