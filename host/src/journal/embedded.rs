@@ -1149,7 +1149,7 @@ impl Writer {
         let store = self.store.clone();
         let s = &*store;
         let mut tx = Tx {
-            view: s.view(),
+            view: View::deferred(&s.overlay, &s.db, &s.spaces),
             writes: Writes::default(),
         };
         // Stops taking ops once the frame nears the log's limit; the rest

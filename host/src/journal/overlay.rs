@@ -252,22 +252,46 @@ pub(super) trait Reads {
 pub(super) struct View<'a> {
     spaces: &'a Spaces,
     frames: Arc<Vec<Arc<Frame>>>,
-    snap: fjall::Snapshot,
+    db: &'a fjall::SingleWriterTxDatabase,
+    /// Opened with the view, or at its first read of fjall (the writer's).
+    snap: std::sync::OnceLock<fjall::Snapshot>,
 }
 
 impl<'a> View<'a> {
     /// The frames first, then the snapshot: see [`Overlay`].
     pub(super) fn new(
         overlay: &Overlay,
-        db: &fjall::SingleWriterTxDatabase,
+        db: &'a fjall::SingleWriterTxDatabase,
         spaces: &'a Spaces,
     ) -> View<'a> {
-        let frames = overlay.load();
+        let view = View::deferred(overlay, db, spaces);
+        view.snap();
+        view
+    }
+
+    /// As [`View::new`], but fjall's snapshot is opened at the first read
+    /// that needs it, for the journal's writer: most of its batches only
+    /// append and never read, and opening a snapshot takes a lock of
+    /// fjall's that its background threads also take, at idle priority
+    /// (`priority.rs`), so the writer could wait for a thread that waits for
+    /// a core (a commit of 24 ms whose log write took 0.2, in a half-rate run).
+    /// For the writer the later opening sees nothing the frames do not: it
+    /// is the only thread that makes frames, and it makes none while it reads.
+    pub(super) fn deferred(
+        overlay: &Overlay,
+        db: &'a fjall::SingleWriterTxDatabase,
+        spaces: &'a Spaces,
+    ) -> View<'a> {
         View {
             spaces,
-            frames,
-            snap: db.read_tx(),
+            frames: overlay.load(),
+            db,
+            snap: std::sync::OnceLock::new(),
         }
+    }
+
+    fn snap(&self) -> &fjall::Snapshot {
+        self.snap.get_or_init(|| self.db.read_tx())
     }
 
     pub(super) fn get_in(
@@ -284,7 +308,7 @@ impl<'a> View<'a> {
                 return Ok(v.clone());
             }
         }
-        self.snap.get(&self.spaces[ks as usize], key)
+        self.snap().get(&self.spaces[ks as usize], key)
     }
 
     /// Entries of `ks` in `[lo, hi)`-style bounds, in key order (or reverse).
@@ -312,7 +336,7 @@ impl<'a> View<'a> {
             }
         }
         let lower = self
-            .snap
+            .snap()
             .range::<&[u8], _>(&self.spaces[ks as usize], (lo, hi));
         Merged::new(upper, lower, rev)
     }
