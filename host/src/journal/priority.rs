@@ -6,7 +6,8 @@
 //! each burst takes a core for as long as it lasts, and the threads that
 //! answer the 202 (the HTTP workers and the journal writer) queue behind it.
 //! At half the journal's full load, that queueing was most of the 202's
-//! tail (docs/benchmarks.md, "background threads at idle priority").
+//! tail (docs/benchmarks.md, "the load tool's stalls and the background's
+//! bursts").
 //!
 //! `SCHED_IDLE` runs a thread only on CPU time no ordinary thread wants, and
 //! an ordinary thread that wakes preempts it at once; RocksDB lowers its
@@ -15,7 +16,9 @@
 //! anyway, the log fills and the writer waits for it, so ingest slows to what
 //! the background can keep up with rather than growing memory without bound.
 //! Any thread may lower itself; no privilege is needed. Their I/O keeps its
-//! ordinary class (see `set_idle`).
+//! ordinary class (see `set_idle`). The default; `[server]
+//! background_priority = "normal"` leaves them ordinary, for a machine shared
+//! with busy work, beside which idle threads would fall behind.
 
 /// Lowers the calling thread to `SCHED_IDLE`. Returns whether it took.
 pub(super) fn lower_this_thread() -> bool {
