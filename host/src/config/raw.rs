@@ -45,11 +45,11 @@ pub struct RawServer {
     #[schemars(with = "Option<bool>")]
     pub fsync: Option<Spanned<bool>>,
     /// CPU priority of the embedded store's background threads (fjall's
-    /// flushes and compactions, the commit log's applier, the memtable
-    /// reaper): "idle" (the default) runs them only on CPU time that nothing
-    /// else wants, so they never hold up an answer; "normal" where the machine
-    /// is shared with busy work of ordinary priority, beside which idle
-    /// threads fall behind and ingest slows to their pace.
+    /// flushes and compactions, the memtable reaper): "idle" (the default)
+    /// runs them only on CPU time that nothing else wants, so their bursts do
+    /// not hold up answers; "normal" where the machine is shared with busy
+    /// work of ordinary priority, beside which idle threads fall behind and
+    /// ingest slows to their pace.
     #[schemars(with = "Option<BackgroundPriority>")]
     pub background_priority: Option<Spanned<String>>,
     /// Webhook requests handled at once; more are answered 503 at once (load

@@ -342,7 +342,7 @@ impl Journal {
 
     /// As [`Journal::open`]; `fsync = false` commits without waiting for the
     /// disk (benchmarks only: a crash may lose acknowledged writes), and
-    /// `idle_background = false` leaves the store's background threads at
+    /// `idle_background = false` leaves fjall's workers and the reaper at
     /// ordinary CPU priority (`priority.rs`).
     pub fn open_with(
         dir: &Path,
@@ -414,13 +414,7 @@ impl Journal {
             .map(|w| (w.space(), w.size(), w.position().end));
         std::thread::Builder::new()
             .name("journal-applier".into())
-            .spawn(move || {
-                // Behind the answers: it yields the CPU to them (`priority.rs`).
-                if idle_background {
-                    super::priority::lower_this_thread();
-                }
-                apply_loop(&applier_store, frames, space)
-            })
+            .spawn(move || apply_loop(&applier_store, frames, space))
             .map_err(thread_err)?;
         let checkpoints = applier.clone();
         let (writer, queue) = std::sync::mpsc::sync_channel(QUEUE_CAPACITY);

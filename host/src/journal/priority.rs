@@ -1,24 +1,27 @@
-//! The embedded store's background threads run at the lowest CPU priority.
+//! The embedded store's background threads run at the lowest CPU priority:
+//! fjall's flush and compaction workers and the memtable reaper.
 //!
-//! fjall's flushes and compactions, the applier and the memtable reaper work
-//! in bursts: a memtable flush compresses 64 MiB, freeing one takes ≈ 100 ms,
-//! the applier catches up after each rotation. On a machine with two cores
-//! each burst takes a core for as long as it lasts, and the threads that
-//! answer the 202 (the HTTP workers and the journal writer) queue behind it.
-//! At half the journal's full load, that queueing was most of the 202's
-//! tail (docs/benchmarks.md, "the load tool's stalls and the background's
-//! bursts").
+//! They work in bursts: a memtable flush compresses 64 MiB, freeing one takes
+//! ≈ 100 ms. On a machine with two cores each burst takes a core for as long
+//! as it lasts, and the threads that answer the 202 (the HTTP workers and the
+//! journal writer) queue behind it: at half the journal's full load that
+//! queueing was a large part of the 202's tail (docs/benchmarks.md, "the load
+//! tool's stalls and the background's bursts").
 //!
 //! `SCHED_IDLE` runs a thread only on CPU time no ordinary thread wants, and
 //! an ordinary thread that wakes preempts it at once; RocksDB lowers its
-//! compaction pool the same way. None of these threads is needed for an
-//! answer: the 202 waits for the commit log alone. If they fall behind
-//! anyway, the log fills and the writer waits for it, so ingest slows to what
-//! the background can keep up with rather than growing memory without bound.
-//! Any thread may lower itself; no privilege is needed. Their I/O keeps its
-//! ordinary class (see `set_idle`). The default; `[server]
-//! background_priority = "normal"` leaves them ordinary, for a machine shared
-//! with busy work, beside which idle threads would fall behind.
+//! compaction pool the same way. Neither is needed for an answer, and if
+//! flushes fall behind, fjall stalls the applier, the commit log fills and
+//! ingest slows to their pace. Any thread may lower itself; no privilege is
+//! needed. Their I/O keeps its ordinary class (see `set_idle`).
+//!
+//! The applier stays ordinary. Lowered too, it gave the best tail without
+//! deliveries, but with a route the deliveries kept the cores busy, the
+//! applier starved, the log filled and commits waited for it: full load fell
+//! from 25–31k to 17k req/s and the p99 at 8,000 req/s rose from 2–3 to
+//! 31–43 ms. `[server] background_priority = "normal"` leaves all of them
+//! ordinary (the reaper at `nice` 19), for a machine shared with busy work,
+//! beside which idle threads would fall behind.
 
 /// Lowers the calling thread to `SCHED_IDLE`. Returns whether it took.
 pub(super) fn lower_this_thread() -> bool {
