@@ -271,12 +271,13 @@ impl<'a> View<'a> {
 
     /// As [`View::new`], but fjall's snapshot is opened at the first read
     /// that needs it, for the journal's writer: most of its batches only
-    /// append and never read, and opening a snapshot takes a lock of
-    /// fjall's that its background threads also take, at idle priority
-    /// (`priority.rs`), so the writer could wait for a thread that waits for
-    /// a core (a commit of 24 ms whose log write took 0.2, in a half-rate run).
-    /// For the writer the later opening sees nothing the frames do not: it
-    /// is the only thread that makes frames, and it makes none while it reads.
+    /// append and never read. Opening a snapshot takes fjall's snapshot
+    /// tracker lock, which a memtable rotation (in the applier or a fjall
+    /// worker) and every 10,000th snapshot closed hold for writing while they
+    /// sweep the tracker; a commit of 24 ms whose log write took 0.2 was seen
+    /// in a half-rate run (docs/benchmarks.md). For the writer the later
+    /// opening sees nothing the frames do not: it is the only thread that
+    /// makes frames, and it makes none while it reads.
     pub(super) fn deferred(
         overlay: &Overlay,
         db: &'a fjall::SingleWriterTxDatabase,
