@@ -430,6 +430,8 @@ impl Journal {
                     applier,
                     lsn: 0,
                     carry: Vec::new(),
+                    logged: None,
+                    flushed: Vec::new(),
                 }
                 .run(queue)
             })
@@ -998,6 +1000,10 @@ struct Writer {
     lsn: u64,
     /// Ops left for the next batch when one reached the log's frame limit.
     carry: Vec<WriteOp>,
+    /// The batch just logged, for the applier once its callers are answered.
+    logged: Option<Arc<Frame>>,
+    /// The batch's `Flush` ops, answered once its frame is with the applier.
+    flushed: Vec<Reply>,
 }
 
 /// Commits slower than this are logged at debug level, with when they
@@ -1108,12 +1114,13 @@ impl Writer {
         let seq_before = self.next_seq;
         let mut replies = Vec::with_capacity(batch.len());
         let mut ops = batch.drain(..);
-        match self.apply(&mut ops, &mut replies) {
+        let failed = match self.apply(&mut ops, &mut replies) {
             Ok(()) => {
                 self.carry.extend(ops);
                 for reply in replies {
                     reply(None);
                 }
+                None
             }
             Err(e) => {
                 // Nothing of this batch became visible: it failed before the
@@ -1128,7 +1135,18 @@ impl Writer {
                 for reply in replies.into_iter().chain(ops.map(WriteOp::unapplied)) {
                     reply(Some(&text));
                 }
+                Some(text)
             }
+        };
+        // The applier is woken only after the callers: on two cores it would
+        // otherwise take the core that their tasks wake up on. It is gone
+        // only after it poisoned the store; the frame stays readable, and the
+        // log has it for the next start.
+        if let Some(frame) = self.logged.take() {
+            let _ = self.applier.send(ToApplier::Frame(frame));
+        }
+        for reply in self.flushed.drain(..) {
+            reply(failed.as_deref());
         }
     }
 
@@ -1256,7 +1274,9 @@ impl Writer {
                         return Err(e.into());
                     }
                 }
-                WriteOp::Flush { reply: r } => replies.push(reply(r, Ok(()))),
+                // Answered after the batch's frame went to the applier (see
+                // `commit_batch`), which `Journal::checkpoint` relies on.
+                WriteOp::Flush { reply: r } => self.flushed.push(reply(r, Ok(()))),
             }
             if tx.writes.bytes() >= limit {
                 break;
@@ -1303,9 +1323,7 @@ impl Writer {
         });
         // Readable before anyone hears back.
         s.overlay.push(frame.clone());
-        // The applier is gone only after it poisoned the store; the frame
-        // stays readable, and the log has it for the next start.
-        let _ = self.applier.send(ToApplier::Frame(frame));
+        self.logged = Some(frame);
         s.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
@@ -1328,8 +1346,16 @@ fn apply_loop(store: &Store, frames: Receiver<ToApplier>, space: Option<(WalSpac
         if pos.end <= *released {
             return Ok(());
         }
+        let started = Instant::now();
         store.db.persist(PersistMode::SyncAll)?;
         space.release(pos.end);
+        // For matching the 202's slow episodes against checkpoints
+        // (`EPISODES=1` in host/benches/half-rate.sh).
+        tracing::debug!(
+            log_bytes = pos.end - *released,
+            ms = %format_args!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
+            "journal checkpoint"
+        );
         *released = pos.end;
         Ok(())
     };
@@ -2421,6 +2447,8 @@ mod tests {
             applier: std::sync::mpsc::channel().0,
             lsn: 0,
             carry: Vec::new(),
+            logged: None,
+            flushed: Vec::new(),
         };
         (store, writer)
     }
@@ -3001,6 +3029,58 @@ mod tests {
         // A second request with nothing new is answered too.
         j.checkpoint().await.unwrap();
         assert_eq!(j.store.wal_position().unwrap(), pos);
+    }
+
+    /// The writer answers a batch's callers before it hands the batch's frame
+    /// to the applier (so that the applier does not take the core their
+    /// tasks wake on), but a `Flush` only after: `Journal::checkpoint` sends
+    /// its request to the applier once its flush is answered, and the request
+    /// must come after every frame committed before it.
+    #[test]
+    fn a_flush_is_answered_once_the_frame_is_with_the_applier() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_store, mut writer) = bare_writer(dir.path());
+        let (to_applier, frames) = std::sync::mpsc::channel();
+        writer.applier = to_applier;
+        let batch = |id: &str| {
+            let (append, appended) = oneshot::channel();
+            let (flush, flushed) = oneshot::channel();
+            let ops = vec![
+                WriteOp::Append {
+                    encoded: encode_event(&event(id), 7, planned(1), None).unwrap(),
+                    dedup: None,
+                    reply: append,
+                },
+                WriteOp::Flush { reply: flush },
+            ];
+            (ops, appended, flushed)
+        };
+
+        // Staged and logged: the append's answer is ready, the flush's and
+        // the frame wait for `commit_batch` to send them, in that order.
+        let (ops, _appended, _flushed) = batch("f1");
+        let mut replies = Vec::new();
+        writer.apply(&mut ops.into_iter(), &mut replies).unwrap();
+        assert_eq!(
+            replies.len(),
+            1,
+            "only the append is answered with the batch"
+        );
+        assert_eq!(writer.flushed.len(), 1);
+        assert!(writer.logged.is_some());
+        assert!(
+            frames.try_recv().is_err(),
+            "the frame waits for the answers"
+        );
+        writer.logged = None;
+        writer.flushed.clear();
+
+        let (mut ops, mut appended, mut flushed) = batch("f2");
+        writer.commit_batch(&mut ops);
+        assert!(matches!(appended.try_recv(), Ok(Ok(Appended::New(_)))));
+        assert!(matches!(flushed.try_recv(), Ok(Ok(()))));
+        assert!(matches!(frames.try_recv(), Ok(ToApplier::Frame(_))));
+        assert!(writer.logged.is_none() && writer.flushed.is_empty());
     }
 
     /// The applier answers a checkpoint request only once the frames sent
