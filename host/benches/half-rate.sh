@@ -25,9 +25,10 @@
 # EPISODES=1 also groups the requests over 5 ms into episodes (gaps under
 # 50 ms joined) and prints, beside each, what the store logged just before
 # and during it: fjall's memtable rotations, flushes and compactions
-# (`fjall=debug`) and the journal's slow commits (`switchyard::journal=debug`,
-# commits over 2 ms, with the store's part). The logging itself costs a
-# little; compare runs with the same setting.
+# (`fjall=debug`), the journal's slow commits (`switchyard::journal=debug`,
+# shown from 4 ms, with the store's part) and its checkpoints (the log bytes
+# released and the persist's time). The logging itself costs a little;
+# compare runs with the same setting.
 #
 # oha runs in pieces of CHUNK seconds (default 4), each a fresh process:
 # one long oha stalls as its result buffers double, and latency correction
