@@ -407,12 +407,14 @@ impl Validator {
                 ),
             }
         }
+        // Checked with the engine: it tunes only the embedded store.
+        let background_priority = server.background_priority.as_ref().map(|p| p.span());
         let server = self.server(server);
         let sources = self.sources(sources, server.as_ref().map(|s| s.1));
         let plugins = self.plugins(plugins);
         let routes = self.routes(routes, &sources, &plugins);
         let telemetry = self.telemetry(telemetry);
-        let engine = self.engine(engine);
+        let engine = self.engine(engine, background_priority);
         Some(Config {
             file: file.to_path_buf(),
             server: server?.0,
@@ -424,7 +426,13 @@ impl Validator {
         })
     }
 
-    fn engine(&mut self, raw: RawEngine) -> EngineConfig {
+    /// `background_priority`: where `[server] background_priority` is set,
+    /// which the NATS engine has nothing to apply to.
+    fn engine(
+        &mut self,
+        raw: RawEngine,
+        background_priority: Option<Range<usize>>,
+    ) -> EngineConfig {
         // Every key is checked whatever the kind, so that all errors show.
         let stream = match &raw.stream {
             Some(s) => {
@@ -497,11 +505,21 @@ impl Validator {
                 }
                 EngineConfig::Embedded
             }
-            "nats" => EngineConfig::Nats(NatsConfig {
-                url,
-                stream,
-                replicas,
-            }),
+            "nats" => {
+                if let Some(span) = background_priority {
+                    self.error(
+                        Some(span),
+                        "server.background_priority",
+                        "`background_priority` applies only to the embedded engine: \
+                         with kind = \"nats\" the store's threads are nats-server's",
+                    );
+                }
+                EngineConfig::Nats(NatsConfig {
+                    url,
+                    stream,
+                    replicas,
+                })
+            }
             other => {
                 let span = raw.kind.as_ref().map(|k| k.span());
                 self.error(
@@ -1380,6 +1398,17 @@ mod http_tests {
                 .unwrap()
                 .server
                 .idle_background
+        );
+        let nats = parse(
+            Path::new("rules.toml"),
+            "[server]\nbackground_priority = \"normal\"\n[engine]\nkind = \"nats\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            nats.contains("applies only to the embedded engine")
+                && nats.contains("server.background_priority"),
+            "{nats}"
         );
         let e = server("background_priority = \"high\"")
             .unwrap_err()

@@ -49,7 +49,8 @@ pub struct RawServer {
     /// runs them only on CPU time that nothing else wants, so their bursts do
     /// not hold up answers; "normal" where the machine is shared with busy
     /// work of ordinary priority, beside which idle threads fall behind and
-    /// ingest slows to their pace.
+    /// ingest slows to their pace. The embedded engine only: an error with
+    /// `[engine] kind = "nats"`.
     #[schemars(with = "Option<BackgroundPriority>")]
     pub background_priority: Option<Spanned<String>>,
     /// Webhook requests handled at once; more are answered 503 at once (load
