@@ -265,6 +265,19 @@ impl Store {
         Ok(last.map_or(1, |s| s + 1))
     }
 
+    /// The acceptance time of the newest event (0 without events): the
+    /// writer stamps no event earlier than this.
+    fn last_accepted_ms(&self) -> Result<u64, JournalError> {
+        match self
+            .view()
+            .range_in(None, Ks::Events, Bound::Unbounded, Bound::Unbounded, true)
+            .next()
+        {
+            Some(entry) => Ok(decode::<StoredEvent>(&entry?.1)?.accepted_ms),
+            None => Ok(0),
+        }
+    }
+
     /// Where the applier stands in the commit log.
     fn wal_position(&self) -> Result<WalPos, JournalError> {
         match self.ks(Ks::Wal).get(WAL_POSITION)? {
@@ -405,6 +418,7 @@ impl Journal {
             None
         };
         let next_seq = store.next_seq()?;
+        let last_ms = store.last_accepted_ms()?;
         let store = Arc::new(store);
         let thread_err = |e: std::io::Error| open_err(&path, Box::new(e));
         let (applier, frames) = std::sync::mpsc::channel();
@@ -425,6 +439,7 @@ impl Journal {
                 Writer {
                     store: writer_store,
                     next_seq,
+                    last_ms,
                     store_time: Duration::ZERO,
                     wal,
                     applier,
@@ -675,10 +690,9 @@ impl Journal {
         }
         let s = &*self.store;
         let snap = s.view();
-        let Some(seq) = snap.get(Ks::Ids, id)? else {
+        let Some(seq) = seq_of_id(&snap, id)? else {
             return Ok(None);
         };
-        let seq = seq_from(&seq)?;
         let Some(stored) = snap.get(Ks::Events, seq.to_be_bytes())? else {
             return Ok(None);
         };
@@ -835,6 +849,12 @@ impl Journal {
 
     /// Archived events accepted in `[since_ms, until_ms)`, from `after`
     /// (exclusive) on, at most `limit`, in acceptance order.
+    ///
+    /// Acceptance times never decrease in sequence order (see `append`), so
+    /// the window is a range of `events`: its start is found by a binary
+    /// search, and the walk ends at the first event at or after `until_ms`.
+    /// (Stores written before that rule may hold events a few milliseconds
+    /// out of order; at the window's edges those follow their sequence.)
     pub fn archived(
         &self,
         since_ms: u64,
@@ -842,37 +862,40 @@ impl Journal {
         after: Option<(u64, Seq)>,
         limit: usize,
     ) -> Result<Vec<ArchivedEvent>, JournalError> {
-        let s = &*self.store;
-        let snap = s.view();
+        let snap = self.store.view();
+        let until_ms = until_ms.unwrap_or(u64::MAX);
         let start = match after {
-            Some((ms, seq)) => {
-                let mut b = time_key(ms, seq).to_vec();
-                b.push(0);
-                b
-            }
-            None => time_key(since_ms, 0).to_vec(),
+            Some((_, seq)) => seq.saturating_add(1),
+            None => match first_accepted_at(&snap, since_ms)? {
+                Some(seq) => seq,
+                None => return Ok(Vec::new()),
+            },
         };
-        let end = time_key(until_ms.unwrap_or(u64::MAX), 0);
         let mut out = Vec::new();
+        let from = start.to_be_bytes();
         for entry in snap.range_in(
             None,
-            Ks::ByTime,
-            Bound::Included(start.as_slice()),
-            Bound::Excluded(end.as_slice()),
+            Ks::Events,
+            Bound::Included(from.as_slice()),
+            Bound::Unbounded,
             false,
         ) {
             if out.len() == limit {
                 break;
             }
-            let k = entry?.0;
-            let (accepted_ms, seq) = time_from(&k)?;
-            if let Some(v) = snap.get(Ks::Events, seq.to_be_bytes())? {
-                out.push(ArchivedEvent {
-                    seq,
-                    accepted_ms,
-                    event: Arc::new(decode::<StoredEvent>(&v)?.event),
-                });
+            let (k, v) = entry?;
+            let stored = decode::<StoredEvent>(&v)?;
+            if stored.accepted_ms >= until_ms {
+                break;
             }
+            if stored.accepted_ms < since_ms {
+                continue;
+            }
+            out.push(ArchivedEvent {
+                seq: seq_from(&k)?,
+                accepted_ms: stored.accepted_ms,
+                event: Arc::new(stored.event),
+            });
         }
         Ok(out)
     }
@@ -890,10 +913,7 @@ impl Journal {
         if id.is_empty() || id.len() > MAX_KEY_LEN {
             return Ok(None);
         }
-        match self.store.get(Ks::Ids, id.as_bytes())? {
-            Some(v) => Ok(Some(seq_from(&v)?)),
-            None => Ok(None),
-        }
+        seq_of_id(&self.store.view(), id)
     }
 
     /// A plugin's value under `key`, as last committed (absent once its TTL
@@ -989,6 +1009,10 @@ impl Journal {
 struct Writer {
     store: Arc<Store>,
     next_seq: Seq,
+    /// The acceptance time of the last event staged: events are stored with
+    /// times that never decrease in sequence order, so that a time window is
+    /// a range of sequence numbers (see `archived` and `compact`).
+    last_ms: u64,
     /// How long the last batch spent in the log's write (and sync), as
     /// opposed to staging its ops.
     store_time: Duration,
@@ -1112,6 +1136,7 @@ impl Writer {
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
         let seq_before = self.next_seq;
+        let ms_before = self.last_ms;
         let mut replies = Vec::with_capacity(batch.len());
         let mut ops = batch.drain(..);
         let failed = match self.apply(&mut ops, &mut replies) {
@@ -1131,6 +1156,7 @@ impl Writer {
                 // sequence numbers.
                 tracing::error!(error = %e, "journal commit failed");
                 self.next_seq = seq_before;
+                self.last_ms = ms_before;
                 let text = e.to_string();
                 for reply in replies.into_iter().chain(ops.map(WriteOp::unapplied)) {
                     reply(Some(&text));
@@ -1197,7 +1223,7 @@ impl Writer {
                         replies.push(reply(r, Err(e)));
                         continue;
                     }
-                    let res = append(&mut tx, self.next_seq, encoded, dedup);
+                    let res = append(&mut tx, self.next_seq, &mut self.last_ms, encoded, dedup);
                     if let Ok(Appended::New(_)) = res {
                         self.next_seq += 1;
                     }
@@ -1216,7 +1242,7 @@ impl Writer {
                         replies.push(reply(r, Err(e)));
                         continue;
                     }
-                    let res = settle(&mut tx, &settlement, &mut self.next_seq);
+                    let res = settle(&mut tx, &settlement, &mut self.next_seq, &mut self.last_ms);
                     let err = fatal(&res);
                     replies.push(reply(r, res));
                     if let Some(e) = err {
@@ -1459,13 +1485,21 @@ fn clone_store_error(e: &fjall::Error) -> fjall::Error {
 /// Stages an event and its deliveries under `seq`, unless its dedup key was
 /// seen within the window. Everything is encoded and checked before the first
 /// write, so an error leaves the transaction as it was.
+///
+/// An event stamped before the last one staged (its request waited longer
+/// for the writer) is stored with that later time: acceptance times never
+/// decrease in sequence order. `last_ms` is the writer's, advanced here.
 fn append(
     tx: &mut Tx<'_>,
     seq: Seq,
-    encoded: EncodedEvent,
+    last_ms: &mut u64,
+    mut encoded: EncodedEvent,
     dedup: Option<DedupKey>,
 ) -> Result<Appended, JournalError> {
     check_key(encoded.id.as_bytes())?;
+    if encoded.accepted_ms < *last_ms {
+        encoded.restamp(*last_ms)?;
+    }
     let accepted_ms = encoded.accepted_ms;
     let mut dedup_write = None;
     if let Some(d) = &dedup {
@@ -1494,6 +1528,7 @@ fn append(
         tx.insert(Ks::Dedup, k, v);
     }
     staged.write(tx);
+    *last_ms = accepted_ms;
     Ok(Appended::New(seq))
 }
 
@@ -1507,6 +1542,16 @@ struct EncodedEvent {
 }
 
 impl EncodedEvent {
+    /// Gives the event a later acceptance time. Rare (see `append`), so the
+    /// stored form is decoded and encoded again rather than patched.
+    fn restamp(&mut self, accepted_ms: u64) -> Result<(), JournalError> {
+        let mut stored: StoredEvent = decode(&self.stored)?;
+        stored.accepted_ms = accepted_ms;
+        self.stored = encode(&stored)?;
+        self.accepted_ms = accepted_ms;
+        Ok(())
+    }
+
     /// About the bytes its writes take in a frame.
     fn bytes(&self) -> usize {
         self.stored.len()
@@ -1523,7 +1568,8 @@ impl EncodedEvent {
 struct StagedEvent {
     seq: Seq,
     id: String,
-    accepted_ms: u64,
+    /// Whether the id alone does not lead to the event (see `id_time_ms`).
+    needs_id_entry: bool,
     stored: Vec<u8>,
     records: Vec<(DeliveryKey, Vec<u8>, IndexEntries)>,
 }
@@ -1582,8 +1628,9 @@ fn stage(seq: Seq, encoded: EncodedEvent) -> Result<StagedEvent, JournalError> {
     }
     Ok(StagedEvent {
         seq,
+        needs_id_entry: id_time_ms(&encoded.id)
+            .is_none_or(|t| t.abs_diff(encoded.accepted_ms) > ID_WINDOW_MS),
         id: encoded.id,
-        accepted_ms: encoded.accepted_ms,
         stored: encoded.stored,
         records,
     })
@@ -1604,8 +1651,14 @@ impl StagedEvent {
     fn write(self, tx: &mut Tx<'_>) {
         let seq = self.seq;
         tx.insert(Ks::Events, seq.to_be_bytes(), self.stored);
-        tx.insert(Ks::Ids, self.id.as_str(), seq.to_be_bytes());
-        tx.insert(Ks::ByTime, time_key(self.accepted_ms, seq), b"");
+        // Each entry per event costs the 202's tail (docs/benchmarks.md, "a
+        // sixth machine"), so an event gets no `by_time` entry (acceptance
+        // times follow sequence order, see `append`, so `events` answers by
+        // time) and an `event_ids` entry only when its id does not say when
+        // it was accepted.
+        if self.needs_id_entry {
+            tx.insert(Ks::Ids, self.id.as_str(), seq.to_be_bytes());
+        }
         for (key, record, indexes) in self.records {
             tx.insert(Ks::Deliveries, delivery_key(key.seq, key.idx), record);
             add_indexes(tx, indexes);
@@ -1694,7 +1747,12 @@ fn read_delivery(tx: &Tx<'_>, key: DeliveryKey) -> Result<Option<DeliveryRecord>
 /// earlier ops of the same batch. All checks and encoding come before the first
 /// write, so `Stale`, `Conflict` or an error leave the transaction as it was.
 /// Emitted events of a delivered attempt are appended under `next_seq` on.
-fn settle(tx: &mut Tx<'_>, st: &Settlement, next_seq: &mut Seq) -> Result<Settled, JournalError> {
+fn settle(
+    tx: &mut Tx<'_>,
+    st: &Settlement,
+    next_seq: &mut Seq,
+    last_ms: &mut u64,
+) -> Result<Settled, JournalError> {
     let Some(old) = read_delivery(tx, st.key)? else {
         return Ok(Settled::Stale);
     };
@@ -1720,16 +1778,17 @@ fn settle(tx: &mut Tx<'_>, st: &Settlement, next_seq: &mut Seq) -> Result<Settle
     }
     // Staged (checked and encoded) before the first write, like the rest.
     let mut staged = Vec::new();
+    // Emitted events are accepted now, and no earlier than the last event
+    // (see `append`).
+    let accepted_ms = now_ms.max(*last_ms);
     if delivered {
         for (i, e) in st.emitted.iter().enumerate() {
             let seq = *next_seq + i as Seq;
-            staged.push(stage_event(
-                seq,
-                &e.event,
-                now_ms,
-                e.deliveries.clone(),
-                None,
-            )?);
+            let mut event = stage_event(seq, &e.event, accepted_ms, e.deliveries.clone(), None)?;
+            // The dispatcher looks each one up by id once committed
+            // (`event_seq`): a point read, not a search.
+            event.needs_id_entry = true;
+            staged.push(event);
         }
     }
     let mut record = old.clone();
@@ -1756,6 +1815,9 @@ fn settle(tx: &mut Tx<'_>, st: &Settlement, next_seq: &mut Seq) -> Result<Settle
         tx.insert(Ks::KvUsage, st.plugin.as_bytes(), after.to_be_bytes());
     }
     *next_seq += staged.len() as Seq;
+    if !staged.is_empty() {
+        *last_ms = accepted_ms;
+    }
     for e in staged {
         e.write(tx);
     }
@@ -1952,27 +2014,33 @@ fn compact(
     resume: Option<(u64, Seq)>,
     limit: usize,
 ) -> Result<Compacted, JournalError> {
-    let start = time_key(resume.map_or(0, |r| r.0), resume.map_or(0, |r| r.1));
-    let end = time_key(cutoff_ms, 0);
+    // Oldest first along `events`: acceptance times follow sequence order
+    // (see `append`), so the first event at or after the cutoff ends it.
+    let start = resume.map_or(0, |r| r.1).to_be_bytes();
     let mut candidates = Vec::new();
     let mut resume = None;
     for entry in tx.range(
-        Ks::ByTime,
+        Ks::Events,
         Bound::Included(start.as_slice()),
-        Bound::Excluded(end.as_slice()),
+        Bound::Unbounded,
     ) {
-        let pos = time_from(&entry?.0)?;
+        let (k, v) = entry?;
+        let stored: StoredEvent = decode(&v)?;
+        if stored.accepted_ms >= cutoff_ms {
+            break;
+        }
+        let pos = (stored.accepted_ms, seq_from(&k)?);
         if candidates.len() == limit {
             resume = Some(pos);
             break;
         }
-        candidates.push(pos);
+        candidates.push((pos, stored));
     }
     let mut done = Compacted {
         resume,
         ..Compacted::default()
     };
-    'events: for (ms, seq) in candidates {
+    'events: for ((ms, seq), stored) in candidates {
         let mut keys = Vec::new();
         for entry in tx.prefix(Ks::Deliveries, seq.to_be_bytes(), false) {
             let (k, v) = entry?;
@@ -1981,22 +2049,31 @@ fn compact(
             }
             keys.push(k);
         }
-        if let Some(v) = tx.get(Ks::Events, seq.to_be_bytes())? {
-            let stored: StoredEvent = decode(&v)?;
+        // Looked up first, as most events have none (see `StagedEvent`). It
+        // may be a later event's with the same id: that one keeps it.
+        if let Some(v) = tx.get(Ks::Ids, stored.event.id.as_str())?
+            && seq_from(&v)? == seq
+        {
             tx.remove(Ks::Ids, stored.event.id.as_str());
-            if let Some(key) = &stored.dedup_key {
-                let dk = dedup_key(&stored.event.source, key);
-                let ours = match tx.get(Ks::Dedup, &dk)? {
-                    Some(v) => decode::<DedupEntry>(&v)?.seq == seq,
-                    None => false,
-                };
-                if ours {
-                    tx.remove(Ks::Dedup, dk);
-                }
+        }
+        if let Some(key) = &stored.dedup_key {
+            let dk = dedup_key(&stored.event.source, key);
+            let ours = match tx.get(Ks::Dedup, &dk)? {
+                Some(v) => decode::<DedupEntry>(&v)?.seq == seq,
+                None => false,
+            };
+            if ours {
+                tx.remove(Ks::Dedup, dk);
             }
         }
         tx.remove(Ks::Events, seq.to_be_bytes());
-        tx.remove(Ks::ByTime, time_key(ms, seq));
+        // Stores written before events answered by time kept a `by_time`
+        // entry per event; looked up first so that a newer event, which has
+        // none, costs no removal.
+        let time = time_key(ms, seq);
+        if tx.get(Ks::ByTime, time)?.is_some() {
+            tx.remove(Ks::ByTime, time);
+        }
         done.deliveries += keys.len() as u64;
         for k in keys {
             tx.remove(Ks::Deliveries, k);
@@ -2004,6 +2081,104 @@ fn compact(
         done.events += 1;
     }
     Ok(done)
+}
+
+/// How far from its acceptance time an id's own time may be for the id to
+/// find its event without an `event_ids` entry.
+const ID_WINDOW_MS: u64 = 50;
+
+/// The millisecond a UUIDv7 id was made (the ids Switchyard gives events
+/// are UUIDv7, made just before the event is accepted); `None` for any
+/// other id, such as one a producer chose.
+fn id_time_ms(id: &str) -> Option<u64> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let b = uuid.as_bytes();
+    Some(u64::from_be_bytes([
+        0, 0, b[0], b[1], b[2], b[3], b[4], b[5],
+    ]))
+}
+
+/// The event with this id: its `event_ids` entry, or else, for an id that
+/// says when it was made, the events accepted within [`ID_WINDOW_MS`] of
+/// then (the latest, if a producer sent an id twice).
+fn seq_of_id(view: &View<'_>, id: &str) -> Result<Option<Seq>, JournalError> {
+    if let Some(v) = view.get_in(None, Ks::Ids, id.as_bytes())? {
+        return Ok(Some(seq_from(&v)?));
+    }
+    let Some(made) = id_time_ms(id) else {
+        return Ok(None);
+    };
+    let Some(start) = first_accepted_at(view, made.saturating_sub(ID_WINDOW_MS))? else {
+        return Ok(None);
+    };
+    let from = start.to_be_bytes();
+    let mut found = None;
+    for entry in view.range_in(
+        None,
+        Ks::Events,
+        Bound::Included(from.as_slice()),
+        Bound::Unbounded,
+        false,
+    ) {
+        let (k, v) = entry?;
+        let stored: StoredEvent = decode(&v)?;
+        if stored.accepted_ms > made.saturating_add(ID_WINDOW_MS) {
+            break;
+        }
+        if stored.event.id == id {
+            found = Some(seq_from(&k)?);
+        }
+    }
+    Ok(found)
+}
+
+/// The first event accepted at or after `since_ms`, by a binary search over
+/// the sequence numbers (acceptance times never decrease along them; see
+/// `append`); each step is one seek, to the first event at or after a
+/// sequence number, as events deleted by compaction leave gaps.
+fn first_accepted_at(view: &View<'_>, since_ms: u64) -> Result<Option<Seq>, JournalError> {
+    let at_or_after = |seq: Seq| -> Result<Option<(Seq, u64)>, JournalError> {
+        let from = seq.to_be_bytes();
+        match view
+            .range_in(
+                None,
+                Ks::Events,
+                Bound::Included(from.as_slice()),
+                Bound::Unbounded,
+                false,
+            )
+            .next()
+        {
+            Some(entry) => {
+                let (k, v) = entry?;
+                Ok(Some((
+                    seq_from(&k)?,
+                    decode::<StoredEvent>(&v)?.accepted_ms,
+                )))
+            }
+            None => Ok(None),
+        }
+    };
+    let (mut lo, mut hi) = (0, Seq::MAX);
+    let mut found = None;
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        match at_or_after(mid)? {
+            // No event in [mid, hi): the answer, if any, is below mid.
+            Some((seq, _)) if seq >= hi => hi = mid,
+            None => hi = mid,
+            Some((seq, ms)) if ms >= since_ms => {
+                // No event in [mid, seq): seq is the best so far.
+                found = Some(seq);
+                hi = mid;
+            }
+            Some((seq, _)) => lo = seq.saturating_add(1),
+        }
+    }
+    Ok(found)
 }
 
 fn delivery_key(seq: Seq, idx: u32) -> [u8; 12] {
@@ -2089,13 +2264,6 @@ fn delivery_from(b: &[u8]) -> Result<(Seq, u32), JournalError> {
     }
     let idx = u32::from_be_bytes(b[8..].try_into().expect("4 bytes"));
     Ok((be_u64(&b[..8]), idx))
-}
-
-fn time_from(b: &[u8]) -> Result<(u64, Seq), JournalError> {
-    if b.len() != 16 {
-        return Err(bad_key(b));
-    }
-    Ok((be_u64(&b[..8]), be_u64(&b[8..])))
 }
 
 fn due_from(b: &[u8]) -> Result<(u64, Seq, u32), JournalError> {
@@ -2438,10 +2606,12 @@ mod tests {
                 .is_empty()
         );
         let next_seq = store.next_seq().unwrap();
+        let last_ms = store.last_accepted_ms().unwrap();
         let store = Arc::new(store);
         let writer = Writer {
             store: store.clone(),
             next_seq,
+            last_ms,
             store_time: Duration::ZERO,
             wal: Some(wal),
             applier: std::sync::mpsc::channel().0,
@@ -2842,6 +3012,148 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept, Appended::Duplicate { id: "e3".into() });
+    }
+
+    /// An event stamped before one already stored takes the later time, also
+    /// after a restart, so acceptance times follow sequence order and a time
+    /// window is a range of sequence numbers.
+    #[tokio::test]
+    async fn acceptance_times_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let j = Journal::open(dir.path()).unwrap();
+            for (id, ms) in [("a", 100), ("b", 300), ("c", 200)] {
+                new(j.append(event(id), ms, planned(0), None).await.unwrap());
+            }
+            let times = |found: Vec<ArchivedEvent>| {
+                found
+                    .iter()
+                    .map(|e| (e.seq, e.accepted_ms))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                times(j.archived(0, None, None, 10).unwrap()),
+                [(1, 100), (2, 300), (3, 300)]
+            );
+            assert_eq!(
+                times(j.archived(250, None, None, 10).unwrap()),
+                [(2, 300), (3, 300)]
+            );
+            assert_eq!(
+                times(j.archived(0, Some(300), None, 10).unwrap()),
+                [(1, 100)]
+            );
+            j.checkpoint().await.unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let seq = new(j.append(event("d"), 50, planned(0), None).await.unwrap());
+        let found = j.archived(300, None, Some((300, 3)), 10).unwrap();
+        assert_eq!(
+            found
+                .iter()
+                .map(|e| (e.seq, e.accepted_ms))
+                .collect::<Vec<_>>(),
+            [(seq, 300)]
+        );
+    }
+
+    /// An id that says when it was made (a UUIDv7 near the acceptance time)
+    /// finds its event without an `event_ids` entry; any other id, or one
+    /// made long before, keeps its entry. Either way the lookup answers.
+    #[tokio::test]
+    async fn ids_find_their_events_with_or_without_an_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let ms = 1_764_000_000_000u64;
+        let made_at = |t: u64| {
+            let mut b = *uuid::Uuid::now_v7().as_bytes();
+            b[..6].copy_from_slice(&t.to_be_bytes()[2..]);
+            uuid::Uuid::from_bytes(b).to_string()
+        };
+        let near = made_at(ms - 3);
+        let far = made_at(ms - 60_000);
+        assert_eq!(id_time_ms(&near), Some(ms - 3));
+        assert_eq!(id_time_ms("order-42"), None);
+        let mut seqs = Vec::new();
+        for (i, id) in [near.as_str(), far.as_str(), "order-42"]
+            .into_iter()
+            .enumerate()
+        {
+            // Other events around them, as under load.
+            new(j
+                .append(event(&made_at(ms)), ms, planned(0), None)
+                .await
+                .unwrap());
+            seqs.push(new(j
+                .append(event(id), ms + i as u64, planned(0), None)
+                .await
+                .unwrap()));
+        }
+        let entry = |id: &str| j.store.get(Ks::Ids, id.as_bytes()).unwrap().is_some();
+        assert!(!entry(&near), "its id says when it was made");
+        assert!(entry(&far) && entry("order-42"));
+        assert_eq!(j.event_seq(&near).unwrap(), Some(seqs[0]));
+        assert_eq!(j.event_seq(&far).unwrap(), Some(seqs[1]));
+        assert_eq!(j.event_seq("order-42").unwrap(), Some(seqs[2]));
+        assert_eq!(j.timeline(&near).unwrap().unwrap().seq, seqs[0]);
+        assert_eq!(j.event_seq(&made_at(ms + 1)).unwrap(), None);
+        // Compaction finds and deletes it as well.
+        let step = j.compact(ms + 10, None, 100).await.unwrap();
+        assert_eq!(step.events, 6);
+        assert_eq!(j.event_seq(&near).unwrap(), None);
+        assert!(!entry(&far) && !entry("order-42"));
+    }
+
+    /// A replay's window is found by a binary search over the events, across
+    /// the gaps that compaction leaves, and read a page at a time.
+    #[tokio::test]
+    async fn replay_windows_are_found_across_compacted_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        for i in 0..40u64 {
+            new(j
+                .append(event(&format!("e{i}")), 10 * i, planned(0), None)
+                .await
+                .unwrap());
+        }
+        // Without deliveries every event is finished: ms 0 to 140 go.
+        let step = j.compact(145, None, 100).await.unwrap();
+        assert_eq!((step.events, step.resume), (15, None));
+        let ms = |found: &[ArchivedEvent]| found.iter().map(|e| e.accepted_ms).collect::<Vec<_>>();
+        assert!(j.archived(0, Some(150), None, 10).unwrap().is_empty());
+        assert_eq!(
+            ms(&j.archived(0, Some(175), None, 10).unwrap()),
+            [150, 160, 170]
+        );
+        assert_eq!(
+            ms(&j.archived(333, Some(365), None, 10).unwrap()),
+            [340, 350, 360]
+        );
+        let first = j.archived(355, None, None, 2).unwrap();
+        assert_eq!(ms(&first), [360, 370]);
+        let last = first.last().map(|e| (e.accepted_ms, e.seq));
+        assert_eq!(ms(&j.archived(355, None, last, 2).unwrap()), [380, 390]);
+        assert!(j.archived(391, None, None, 10).unwrap().is_empty());
+    }
+
+    /// A store written before events answered by time has a `by_time` entry
+    /// per event; compaction deletes it with its event.
+    #[tokio::test]
+    async fn compaction_deletes_the_time_entries_of_older_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let seq = new(j.append(event("old"), 10, planned(0), None).await.unwrap());
+        j.checkpoint().await.unwrap();
+        let store = &j.store;
+        let entry = time_key(10, seq);
+        let mut tx = store.db.write_tx();
+        tx.insert(store.ks(Ks::ByTime), entry, b"");
+        tx.commit().unwrap();
+        assert!(store.get(Ks::ByTime, entry).unwrap().is_some());
+        let step = j.compact(100, None, 10).await.unwrap();
+        assert_eq!(step.events, 1);
+        assert!(store.get(Ks::ByTime, entry).unwrap().is_none());
+        assert!(j.archived(0, None, None, 10).unwrap().is_empty());
     }
 
     /// An event too large for the commit log is refused alone, with
