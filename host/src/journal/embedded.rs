@@ -94,6 +94,19 @@ struct StoredEvent {
     dedup_key: Option<String>,
 }
 
+/// What the searches by time and by id read of a stored event, skipping
+/// the rest (its body above all) rather than copying it.
+#[derive(Deserialize)]
+struct StoredHead {
+    accepted_ms: u64,
+    event: EventHead,
+}
+
+#[derive(Deserialize)]
+struct EventHead {
+    id: String,
+}
+
 /// The first event accepted under an idempotency key.
 #[derive(Serialize, Deserialize)]
 struct DedupEntry {
@@ -273,7 +286,7 @@ impl Store {
             .range_in(None, Ks::Events, Bound::Unbounded, Bound::Unbounded, true)
             .next()
         {
-            Some(entry) => Ok(decode::<StoredEvent>(&entry?.1)?.accepted_ms),
+            Some(entry) => Ok(decode::<StoredHead>(&entry?.1)?.accepted_ms),
             None => Ok(0),
         }
     }
@@ -2124,11 +2137,11 @@ fn seq_of_id(view: &View<'_>, id: &str) -> Result<Option<Seq>, JournalError> {
         false,
     ) {
         let (k, v) = entry?;
-        let stored: StoredEvent = decode(&v)?;
-        if stored.accepted_ms > made.saturating_add(ID_WINDOW_MS) {
+        let head: StoredHead = decode(&v)?;
+        if head.accepted_ms > made.saturating_add(ID_WINDOW_MS) {
             break;
         }
-        if stored.event.id == id {
+        if head.event.id == id {
             found = Some(seq_from(&k)?);
         }
     }
@@ -2154,10 +2167,7 @@ fn first_accepted_at(view: &View<'_>, since_ms: u64) -> Result<Option<Seq>, Jour
         {
             Some(entry) => {
                 let (k, v) = entry?;
-                Ok(Some((
-                    seq_from(&k)?,
-                    decode::<StoredEvent>(&v)?.accepted_ms,
-                )))
+                Ok(Some((seq_from(&k)?, decode::<StoredHead>(&v)?.accepted_ms)))
             }
             None => Ok(None),
         }
