@@ -885,14 +885,7 @@ impl Journal {
             },
         };
         let mut out = Vec::new();
-        let from = start.to_be_bytes();
-        for entry in snap.range_in(
-            None,
-            Ks::Events,
-            Bound::Included(from.as_slice()),
-            Bound::Unbounded,
-            false,
-        ) {
+        for entry in events_from(&snap, start) {
             if out.len() == limit {
                 break;
             }
@@ -2096,6 +2089,18 @@ fn compact(
     Ok(done)
 }
 
+/// The events from sequence number `seq` on, oldest first.
+fn events_from(view: &View<'_>, seq: Seq) -> Merged {
+    let from = seq.to_be_bytes();
+    view.range_in(
+        None,
+        Ks::Events,
+        Bound::Included(from.as_slice()),
+        Bound::Unbounded,
+        false,
+    )
+}
+
 /// How far from its acceptance time an id's own time may be for the id to
 /// find its event without an `event_ids` entry.
 const ID_WINDOW_MS: u64 = 50;
@@ -2127,15 +2132,8 @@ fn seq_of_id(view: &View<'_>, id: &str) -> Result<Option<Seq>, JournalError> {
     let Some(start) = first_accepted_at(view, made.saturating_sub(ID_WINDOW_MS))? else {
         return Ok(None);
     };
-    let from = start.to_be_bytes();
     let mut found = None;
-    for entry in view.range_in(
-        None,
-        Ks::Events,
-        Bound::Included(from.as_slice()),
-        Bound::Unbounded,
-        false,
-    ) {
+    for entry in events_from(view, start) {
         let (k, v) = entry?;
         let head: StoredHead = decode(&v)?;
         if head.accepted_ms > made.saturating_add(ID_WINDOW_MS) {
@@ -2154,17 +2152,7 @@ fn seq_of_id(view: &View<'_>, id: &str) -> Result<Option<Seq>, JournalError> {
 /// sequence number, as events deleted by compaction leave gaps.
 fn first_accepted_at(view: &View<'_>, since_ms: u64) -> Result<Option<Seq>, JournalError> {
     let at_or_after = |seq: Seq| -> Result<Option<(Seq, u64)>, JournalError> {
-        let from = seq.to_be_bytes();
-        match view
-            .range_in(
-                None,
-                Ks::Events,
-                Bound::Included(from.as_slice()),
-                Bound::Unbounded,
-                false,
-            )
-            .next()
-        {
+        match events_from(view, seq).next() {
             Some(entry) => {
                 let (k, v) = entry?;
                 Ok(Some((seq_from(&k)?, decode::<StoredHead>(&v)?.accepted_ms)))
