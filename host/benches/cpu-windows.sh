@@ -38,34 +38,15 @@ BIN="${1:-${CARGO_TARGET_DIR:-$REPO/target}/release/switchyard}"
 RATE="${RATE:-half}"
 PIECES="${PIECES:-3}"
 WARM="${WARM:-10}"
-for tool in wrk oha python3 perf; do
-	command -v "$tool" >/dev/null || {
-		echo "$tool is not installed" >&2
-		exit 1
-	}
-done
-
-TMP="$(mktemp -d -t switchyard-cpu-windows.XXXXXX)"
-PID=""
-cleanup() {
-	[[ -n "$PID" ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-	rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
+require_tools wrk oha python3 perf
+use_tmp cpu-windows
 
 port="$(free_port)"
 url="http://127.0.0.1:$port/webhooks/shop"
 cfg="$(write_config "$TMP/server" "$port" no true)"
 "$BIN" serve --config "$cfg" >"$TMP/server.log" 2>&1 &
 PID=$!
-for _ in $(seq 1 600); do
-	[[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' --data "$BODY" "$url" || true)" == 202 ]] && break
-	kill -0 "$PID" 2>/dev/null || {
-		tail -n 20 "$TMP/server.log" >&2
-		exit 1
-	}
-	sleep 0.2
-done
+wait_for_202 "$url" "$TMP/server.log"
 full="$(wrk -t2 -c64 -d"${WARM}s" -s "$HERE/ingest.lua" "$url" | sed -n 's/.*rps=\([0-9]*\).*/\1/p')"
 rate="$RATE"
 [[ "$RATE" == half ]] && rate=$((full / 2))

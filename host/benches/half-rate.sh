@@ -53,20 +53,8 @@ WARM="${WARM:-10}"
 CHUNK="${CHUNK:-4}"
 ROUTES="${ROUTES:-no}"
 (($# > 0)) || set -- "switchyard=${CARGO_TARGET_DIR:-$REPO/target}/release/switchyard"
-for tool in wrk oha python3; do
-	command -v "$tool" >/dev/null || {
-		echo "$tool is not installed" >&2
-		exit 1
-	}
-done
-
-TMP="$(mktemp -d -t switchyard-half-rate.XXXXXX)"
-PID=""
-cleanup() {
-	[[ -n "$PID" ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-	rm -rf "$TMP"
-}
-trap cleanup EXIT INT TERM
+require_tools wrk oha python3
+use_tmp half-rate
 
 # "all,background": the CPU ticks (user + system) of process $1 (threads that
 # ended included), and of its store background threads (names start with
@@ -99,14 +87,7 @@ run() {
 	fi
 	PID=$!
 	mkdir -p "$dir"
-	for _ in $(seq 1 600); do
-		[[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' --data "$BODY" "$url" || true)" == 202 ]] && break
-		kill -0 "$PID" 2>/dev/null || {
-			tail -n 20 "$TMP/$label.log" >&2
-			exit 1
-		}
-		sleep 0.2
-	done
+	wait_for_202 "$url" "$TMP/$label.log"
 	local full
 	full="$(wrk -t2 -c64 -d"${WARM}s" -s "$HERE/ingest.lua" "$url" | sed -n 's/.*rps=\([0-9]*\).*/\1/p')"
 	local rate="$RATE"

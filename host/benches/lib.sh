@@ -45,3 +45,41 @@ EOF
 	fi
 	echo "$dir/rules.toml"
 }
+
+# Exits unless every tool named is on the PATH.
+require_tools() {
+	local tool
+	for tool in "$@"; do
+		command -v "$tool" >/dev/null || {
+			echo "$tool is not installed" >&2
+			exit 1
+		}
+	done
+}
+
+# Sets TMP to a fresh temporary folder named after $1, and PID (the server
+# under test, set by the caller) to none; on exit the server is stopped and
+# the folder removed.
+use_tmp() {
+	TMP="$(mktemp -d -t "switchyard-$1.XXXXXX")"
+	PID=""
+	trap stop_and_clean EXIT INT TERM
+}
+stop_and_clean() {
+	[[ -n "$PID" ]] && kill -TERM "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+	rm -rf "$TMP"
+}
+
+# Waits until the server in PID answers a post of BODY to URL $1 with a 202;
+# exits with the end of its log ($2) if it dies first.
+wait_for_202() {
+	local _
+	for _ in $(seq 1 600); do
+		[[ "$(curl -s -o /dev/null -w '%{http_code}' -H 'content-type: application/json' --data "$BODY" "$1" || true)" == 202 ]] && return
+		kill -0 "$PID" 2>/dev/null || {
+			tail -n 20 "$2" >&2
+			exit 1
+		}
+		sleep 0.2
+	done
+}
