@@ -10,12 +10,12 @@
 #
 #   http   the server's HTTP workers (tokio-rt-worker)
 #   wal    the journal's writer and applier
-#   store  the store's background threads (fjall's flushes and compactions,
-#          the memtable reaper)
+#   store  fjall's flush and compaction workers
+#   reaper the memtable reaper (frees a flushed memtable's memory)
 #   load   the load tool (oha's threads)
 #
 # and a summary: how many of the requests over 5 ms came in or just after a
-# window in which the store's background threads ran over 10 ms. Lines with
+# window in which fjall's workers ran over 10 ms. Lines with
 # over 20 % of their requests slow are marked `***`; the others are shown
 # only with ALL=1.
 #
@@ -83,8 +83,10 @@ def kind(comm, tid):
             return "http"
         if comm.startswith("journal-"):
             return "wal"
-        if comm.startswith(("fjall", "memtable")):
+        if comm.startswith("fjall"):
             return "store"
+        if comm.startswith("memtable"):
+            return "reaper"
         return "other"
     return "load" if comm.startswith(("tokio", "oha")) else "other"
 
@@ -117,7 +119,7 @@ per = collections.defaultdict(list)
 for start, ms in rows:
     per[int(start / W)].append(ms)
 cpus = sorted({c for _, c, _ in busy})
-kinds = ["http", "wal", "store", "load", "other", "idle"]
+kinds = ["http", "wal", "store", "reaper", "load", "other", "idle"]
 store = collections.defaultdict(float)
 for (w, _, k), s in busy.items():
     if k == "store":
@@ -149,6 +151,6 @@ for (_, _, k), s in busy.items():
 print(f"{len(rows)} requests: p50 {lat[len(lat) // 2]:.2f} p99 {lat[int(len(lat) * .99)]:.2f} ms; "
       f"over 5 ms {len(slow)} ({100 * len(slow) / len(rows):.2f} %), of which {near} "
       f"({100 * near / max(1, len(slow)):.0f} %) in or up to 100 ms after a window where the "
-      f"store's background ran over 10 ms ({bursts} of {windows} windows)")
+      f"fjall's workers ran over 10 ms ({bursts} of {windows} windows)")
 print("CPU seconds in all: " + " ".join(f"{k} {total[k]:.2f}" for k in kinds))
 PY
