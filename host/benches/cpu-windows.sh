@@ -54,7 +54,9 @@ rate="$RATE"
 perf record -q -k CLOCK_MONOTONIC -e sched:sched_switch -a -o "$TMP/sched.data" -- sleep $((PIECES * 4 + 2)) >/dev/null 2>&1 &
 perf_pid=$!
 sleep 0.5
-# The server's threads, by id (the load tool's workers share their name).
+# The server's threads, by id (the load tool's workers share their name; a
+# thread the server starts after this, such as a blocking-pool one, counts as
+# the load tool's if it shares it too).
 ls "/proc/$PID/task" >"$TMP/tids"
 now() { python3 -c 'import time; print(time.clock_gettime(time.CLOCK_MONOTONIC))'; }
 for piece in $(seq 0 $((PIECES - 1))); do
