@@ -109,6 +109,8 @@ for line in open(f"{tmp}/sched.txt"):
             busy[(w, cpu, k)] += (end - t0) / 1e6
             t0 = end
     running[cpu] = (t, kind(m[3], int(m[4])))
+if not running:
+    sys.exit("perf recorded no context switch: it needs root or kernel.perf_event_paranoid = -1")
 
 rows = []
 for line in open(f"{tmp}/pieces"):
@@ -152,7 +154,7 @@ for (_, _, k), s in busy.items():
     total[k] += s
 print(f"{len(rows)} requests: p50 {lat[len(lat) // 2]:.2f} p99 {lat[int(len(lat) * .99)]:.2f} ms; "
       f"over 5 ms {len(slow)} ({100 * len(slow) / len(rows):.2f} %), of which {near} "
-      f"({100 * near / max(1, len(slow)):.0f} %) in or up to 100 ms after a window where the "
+      f"({100 * near / max(1, len(slow)):.0f} %) in or up to 100 ms after a window where "
       f"fjall's workers ran over 10 ms ({bursts} of {windows} windows)")
 print("CPU seconds in all: " + " ".join(f"{k} {total[k]:.2f}" for k in kinds))
 PY

@@ -71,7 +71,7 @@ stop_and_clean() {
 }
 
 # Waits until the server in PID answers a post of BODY to URL $1 with a 202;
-# exits with the end of its log ($2) if it dies first.
+# exits with the end of its log ($2) if it dies first or 120 s pass.
 wait_for_202() {
 	local _
 	for _ in $(seq 1 600); do
@@ -82,4 +82,7 @@ wait_for_202() {
 		}
 		sleep 0.2
 	done
+	echo "the server did not answer $1 with a 202 within 120 s; its log ends:" >&2
+	tail -n 20 "$2" >&2
+	exit 1
 }
