@@ -139,6 +139,7 @@ engines!(
     emitted_events_are_routed_with_their_causation,
     an_order_key_keeps_acceptance_order_per_key,
     what_the_engine_cannot_store_is_refused_with_a_reason,
+    a_large_event_is_dead_lettered_whole,
 );
 
 fn attempts(delivery: &Value) -> usize {
@@ -798,6 +799,10 @@ max_body = "4MiB"
 name = "s"
 type_pointer = "/type"
 
+[[sources]]
+name = "keyed"
+dedup_header = "Idempotency-Key"
+
 [[plugins]]
 name = "hostile"
 wasm = "{hostile}"
@@ -819,12 +824,28 @@ retry = {{ attempts = 1 }}
     let d = &tl["deliveries"][0];
     let body = json!({"type": "other", "pad": "p".repeat(1_500_000)});
     let (status, answer) = h.post("s", &body).await;
+    // A long idempotency key rides in the message's header as well as in
+    // the event: an event that fits with a little room for headers, but not
+    // with this one, is refused before it is sent (the server would refuse
+    // it every time, a 503 the producer would retry forever).
+    let key = "k".repeat(40_000);
+    let keyed = h
+        .client
+        .post(format!("{}/webhooks/keyed", h.base))
+        .header("Idempotency-Key", &key)
+        .json(&json!({"pad": "p".repeat((1 << 20) - 60_000)}))
+        .send()
+        .await
+        .expect("post");
+    let keyed_status = keyed.status().as_u16();
+    let keyed_answer: Value = keyed.json().await.unwrap_or(Value::Null);
     match engine {
         Engine::Embedded => {
             assert_eq!(d["status"], "delivered", "{tl}");
             let value = h.kv_eventually("hostile", "large").await;
             assert_eq!(value.len(), 1 << 20);
             assert_eq!(status, 202, "{answer}");
+            assert_eq!(keyed_status, 202, "{keyed_answer}");
         }
         Engine::Nats => {
             assert_eq!(d["status"], "dead", "{tl}");
@@ -836,7 +857,85 @@ retry = {{ attempts = 1 }}
             );
             assert_eq!(h.kv("hostile", "large").await, None);
             assert_eq!(status, 413, "{answer}");
+            assert_eq!(keyed_status, 413, "{keyed_answer}");
         }
+    }
+    h.stop().await;
+}
+
+/// A dead letter keeps the whole event, whatever its size. On NATS a dead
+/// letter is one message: an event of 900 kB (JSON would have written its
+/// bytes as numbers, over 3 MB) fits as it is; an event near the limit,
+/// whose record of 40 attempts does not fit beside it, keeps its data in
+/// the event stream, and the letter shows it all the same. Neither may stay
+/// undead, its delivery run again and again.
+async fn a_large_event_is_dead_lettered_whole(engine: Engine) {
+    let config = format!(
+        r#"
+[server]
+data_dir = "DATA"
+build_dir = "BUILD"
+max_body = "4MiB"
+
+[[plugins]]
+name = "flaky"
+wasm = "{flaky}"
+
+[[sources]]
+name = "s"
+
+[[routes]]
+name = "main"
+match = {{ source = ["s"] }}
+to = ["flaky"]
+retry = {{ attempts = 40, backoff = "fixed", initial = "20ms", max = "20ms" }}
+"#,
+        flaky = plugin_crate("flaky"),
+    );
+    let h = Harness::start(engine, &config).await;
+    let big = "b".repeat(900_000);
+    let rejected = h.accept("s", &json!({"mode": "reject", "pad": big})).await;
+    let near = "n".repeat((1 << 20) - 2_500);
+    let failing = h.accept("s", &json!({"mode": "fail", "pad": near})).await;
+
+    for (event, tries, pad) in [(&rejected, 1, &big), (&failing, 40, &near)] {
+        let tl = h.settled(event).await;
+        let d = &tl["deliveries"][0];
+        assert_eq!(
+            (d["status"].as_str(), attempts(d)),
+            (Some("dead"), tries),
+            "{}",
+            d["attempts"]
+        );
+        let item = dead_letter(&h, event).await;
+        let id = item["id"].as_str().expect("dead letter id");
+        let shown = h.get_json(&format!("/api/dlq/{id}")).await;
+        assert_eq!(
+            shown["event"]["data"]["pad"].as_str().map(str::len),
+            Some(pad.len()),
+            "{}",
+            shown["attempts"]
+        );
+    }
+    if let Some(nats) = h.nats.as_ref() {
+        // In the dead-letter stream: the first letter holds its 900 kB of
+        // data, the second left its data in the event stream.
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = async_nats::jetstream::new(client);
+        let dlq = js
+            .get_stream(format!("{}_DLQ", h.stream))
+            .await
+            .expect("the dead-letter stream");
+        let mut sizes = Vec::new();
+        for seq in [1, 2] {
+            let m = dlq.get_raw_message(seq).await.expect("a dead letter");
+            sizes.push(m.payload.len());
+        }
+        assert!(
+            sizes[0] > big.len() && sizes[0] < big.len() + 10_000,
+            "{sizes:?}"
+        );
+        assert!(sizes[1] < 20_000, "{sizes:?}");
     }
     h.stop().await;
 }

@@ -42,6 +42,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const RECORD_CAS_ROUNDS: usize = 64;
 /// Envelope encoding version (first byte of each message payload).
 const ENVELOPE_V1: u8 = 1;
+/// Dead-letter encoding version (first byte; earlier letters are JSON).
+const DEAD_V1: u8 = 1;
 /// How old a plugin's cached kv usage may be (see `kv_usage_async`).
 const USAGE_MAX_AGE: Duration = Duration::from_millis(500);
 /// Delivery keys per stored chunk of a replay job.
@@ -125,6 +127,29 @@ struct DeadMessage {
     event_seq: Seq,
     idx: u32,
     record: DeliveryRecord,
+    /// The event's data is not in the letter (with its record it did not fit
+    /// a message): readers take it from the event stream, at `event_seq`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    data_elided: bool,
+}
+
+impl DeadMessage {
+    /// MessagePack after a version byte, as envelopes are: the data stays
+    /// bytes (JSON wrote each byte as a number, up to four times the size).
+    fn encode(&self) -> Result<Vec<u8>, JournalError> {
+        let mut out = vec![DEAD_V1];
+        rmp_serde::encode::write_named(&mut out, self).map_err(encoding)?;
+        Ok(out)
+    }
+
+    fn decode(bytes: &[u8]) -> Result<DeadMessage, JournalError> {
+        match bytes.split_first() {
+            Some((&DEAD_V1, rest)) => rmp_serde::from_slice(rest).map_err(encoding),
+            // Letters stored by earlier versions are JSON objects.
+            Some((b'{', _)) => serde_json::from_slice(bytes).map_err(encoding),
+            _ => Err(encoding("a dead letter in an unknown encoding")),
+        }
+    }
 }
 
 /// The NATS JetStream engine (cheap to clone).
@@ -149,9 +174,21 @@ struct Inner {
     usage: Mutex<HashMap<String, (std::time::Instant, u64)>>,
 }
 
-/// What a message carries besides its payload (subject, headers such as
-/// `Nats-Msg-Id`), at most, for the size check against `max_payload`.
-const MESSAGE_OVERHEAD: usize = 512;
+/// What a kv message carries besides its value (the bucket's own headers,
+/// such as the expected revision of a compare-and-set), at most, for the
+/// size check against `max_payload`.
+const KV_OVERHEAD: usize = 512;
+
+/// The bytes of a message's header block that count against the server's
+/// `max_payload` with the payload (the subject does not): none without a
+/// message id, else `NATS/1.0`, the `Nats-Msg-Id` line and the blank line.
+/// A dedup key may be long (a header or a JSON pointer's value), so this is
+/// counted, not estimated.
+fn headers_len(msg_id: Option<&str>) -> usize {
+    msg_id.map_or(0, |id| {
+        "NATS/1.0\r\n".len() + "Nats-Msg-Id: ".len() + id.len() + "\r\n\r\n".len()
+    })
+}
 
 fn unavailable(e: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(e.to_string())
@@ -385,11 +422,15 @@ impl NatsJournal {
         Ok(())
     }
 
-    /// An envelope's payload, if it fits a message. Headers and subject
-    /// ride in the same message: a little room is kept for them.
-    fn encode_checked(&self, envelope: &Envelope) -> Result<Bytes, JournalError> {
+    /// An envelope's payload, if it fits a message with the header that
+    /// carries `msg_id`.
+    fn encode_checked(
+        &self,
+        envelope: &Envelope,
+        msg_id: Option<&str>,
+    ) -> Result<Bytes, JournalError> {
         let payload = envelope.encode()?;
-        self.check_size(payload.len() + MESSAGE_OVERHEAD)?;
+        self.check_size(payload.len() + headers_len(msg_id))?;
         Ok(payload)
     }
 
@@ -400,7 +441,7 @@ impl NatsJournal {
         envelope: &Envelope,
         msg_id: Option<&str>,
     ) -> Result<jetstream::publish::PublishAck, JournalError> {
-        let payload = self.encode_checked(envelope)?;
+        let payload = self.encode_checked(envelope, msg_id)?;
         self.publish_payload(subject, payload, msg_id).await
     }
 
@@ -442,7 +483,7 @@ impl NatsJournal {
     ) -> Result<Vec<Bytes>, JournalError> {
         emitted
             .iter()
-            .map(|(env, _)| self.encode_checked(env))
+            .map(|(env, msg_id)| self.encode_checked(env, Some(msg_id)))
             .collect()
     }
 
@@ -648,24 +689,35 @@ impl NatsJournal {
         delivery: &EnvelopeDelivery,
         record: DeliveryRecord,
     ) -> Result<u64, JournalError> {
-        let msg = DeadMessage {
+        let mut msg = DeadMessage {
             event: env.event.clone(),
             accepted_ms: env.accepted_ms,
             event_seq: seq,
             idx: delivery.idx,
             record,
+            data_elided: false,
         };
-        let bytes = serde_json::to_vec(&msg).map_err(encoding)?;
         let subject = format!("{}.dlq.{}", self.inner.prefix, token(&delivery.route));
         // The id makes a re-run (a crash between this and the ack) store it
         // once.
+        let msg_id = format!("dead:{seq}:{}:{}", delivery.idx, msg.record.attempts.len());
+        let mut bytes = msg.encode()?;
+        if self
+            .check_size(bytes.len() + headers_len(Some(&msg_id)))
+            .is_err()
+        {
+            // An event near the size limit, with its record, may not fit one
+            // message; it fitted alone, and the event stream keeps it. Were
+            // the publish refused, the delivery would run again and again.
+            tracing::debug!(event_id = %msg.event.id, seq, "the dead letter leaves the event's data in the event stream");
+            msg.event.data = Vec::new();
+            msg.data_elided = true;
+            bytes = msg.encode()?;
+            self.check_size(bytes.len() + headers_len(Some(&msg_id)))?;
+        }
         let publish = jetstream::message::PublishMessage::build()
             .payload(Bytes::from(bytes))
-            .message_id(format!(
-                "dead:{seq}:{}:{}",
-                delivery.idx,
-                msg.record.attempts.len()
-            ));
+            .message_id(msg_id);
         let ack = self
             .inner
             .js
@@ -724,6 +776,12 @@ impl NatsJournal {
         let mut out = Vec::new();
         let now = now_ms();
         for (dlq_seq, msg) in letters {
+            if msg.data_elided {
+                return Err(JournalError::Unavailable(format!(
+                    "the dead letter of event {} keeps no data (it did not fit one message with its record), and the event has left the event stream",
+                    msg.event.id
+                )));
+            }
             let delivery = EnvelopeDelivery {
                 idx: msg.idx,
                 route: msg.record.route.clone(),
@@ -1030,11 +1088,24 @@ impl NatsJournal {
         match self.inner.dlq.get_raw_message(dlq_seq).await {
             Ok(m) => Ok(Some((
                 dlq_seq,
-                serde_json::from_slice(&m.payload).map_err(encoding)?,
+                self.whole(DeadMessage::decode(&m.payload)?).await?,
             ))),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
         }
+    }
+
+    /// A dead letter with its event's data, taken back from the event stream
+    /// if the letter left it out. If the event has left the stream too
+    /// (retention), the letter stays without it, `data_elided` set.
+    async fn whole(&self, mut msg: DeadMessage) -> Result<DeadMessage, JournalError> {
+        if msg.data_elided
+            && let Some(env) = self.envelope(msg.event_seq).await?
+        {
+            msg.event.data = env.event.data;
+            msg.data_elided = false;
+        }
+        Ok(msg)
     }
 
     /// Dead-letter messages after the dead-letter stream's sequence `after`.
@@ -1065,11 +1136,11 @@ impl NatsJournal {
                 Err(e) => return Err(unavailable(e)),
             };
             next = m.sequence + 1;
-            let msg: DeadMessage = serde_json::from_slice(&m.payload).map_err(encoding)?;
+            let msg = DeadMessage::decode(&m.payload)?;
             if route.is_some_and(|r| r != msg.record.route) {
                 continue;
             }
-            out.push((m.sequence, msg));
+            out.push((m.sequence, self.whole(msg).await?));
         }
         Ok(out)
     }
@@ -1105,7 +1176,7 @@ impl NatsJournal {
         // transaction to undo the writes before a refused one.
         for w in &kv.writes {
             if let Some(v) = &w.value {
-                self.check_size(8 + v.len() + w.key.len() + MESSAGE_OVERHEAD)?;
+                self.check_size(8 + v.len() + w.key.len() + KV_OVERHEAD)?;
             }
         }
         let bucket = self.plugin_bucket(plugin).await?;
@@ -1583,5 +1654,62 @@ mod tests {
         assert_eq!(back.deliveries, env.deliveries);
         assert_eq!(back.event, env.event);
         assert!(Envelope::decode(b"junk").is_err());
+    }
+
+    #[test]
+    fn dead_letters_keep_data_as_bytes_and_old_json_letters_still_read() {
+        let msg = DeadMessage {
+            event: Event {
+                id: "e1".into(),
+                source: "shop".into(),
+                ty: "t".into(),
+                subject: None,
+                time: "now".into(),
+                datacontenttype: "application/octet-stream".into(),
+                data: (0..=255u8).cycle().take(10_000).collect(),
+                extensions: Default::default(),
+            },
+            accepted_ms: 5,
+            event_seq: 3,
+            idx: 1,
+            record: DeliveryRecord {
+                route: "r".into(),
+                plugin: "p".into(),
+                status: DeliveryStatus::Dead,
+                attempts: Vec::new(),
+                due_ms: None,
+                created_ms: 4,
+                order_key: None,
+                replay: None,
+                redriven_ms: Vec::new(),
+            },
+            data_elided: false,
+        };
+        let packed = msg.encode().unwrap();
+        let back = DeadMessage::decode(&packed).unwrap();
+        assert_eq!(back.event, msg.event);
+        assert_eq!((back.event_seq, back.idx, back.data_elided), (3, 1, false));
+        // What earlier versions wrote: JSON, each byte of data a number.
+        let json = serde_json::to_vec(&msg).unwrap();
+        assert!(json.len() > 3 * msg.event.data.len(), "{}", json.len());
+        assert!(
+            packed.len() < msg.event.data.len() + 300,
+            "{}",
+            packed.len()
+        );
+        assert_eq!(DeadMessage::decode(&json).unwrap().event, msg.event);
+        assert!(DeadMessage::decode(b"junk").is_err());
+        assert!(DeadMessage::decode(b"").is_err());
+    }
+
+    #[test]
+    fn the_header_block_is_counted_with_the_message_id() {
+        assert_eq!(headers_len(None), 0);
+        assert_eq!(
+            headers_len(Some("shop:k1")),
+            "NATS/1.0\r\nNats-Msg-Id: shop:k1\r\n\r\n".len()
+        );
+        let long = "k".repeat(40_000);
+        assert!(headers_len(Some(&long)) > 40_000);
     }
 }
