@@ -777,7 +777,7 @@ impl NatsJournal {
         let now = now_ms();
         for (dlq_seq, msg) in letters {
             if msg.data_elided {
-                return Err(JournalError::Unavailable(format!(
+                return Err(JournalError::Gone(format!(
                     "the dead letter of event {} keeps no data (it did not fit one message with its record), and the event has left the event stream",
                     msg.event.id
                 )));
