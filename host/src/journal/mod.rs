@@ -57,11 +57,6 @@ pub enum JournalError {
     /// (NATS down, no JetStream): the caller should answer 503.
     #[error("engine unavailable: {0}")]
     Unavailable(String),
-    /// What the operation needs is no longer stored, and never will be again
-    /// (a dead letter whose event data left with the event stream's
-    /// retention): HTTP 410, no use retrying.
-    #[error("{0}")]
-    Gone(String),
     /// The data directory could not be prepared.
     #[error("cannot open journal at {path}: {source}")]
     Open {

@@ -777,10 +777,14 @@ impl NatsJournal {
         let now = now_ms();
         for (dlq_seq, msg) in letters {
             if msg.data_elided {
-                return Err(JournalError::Gone(format!(
-                    "the dead letter of event {} keeps no data (it did not fit one message with its record), and the event has left the event stream",
-                    msg.event.id
-                )));
+                // Redriven without its data it would be another event. It
+                // stays listed (shown without it); the others go on.
+                tracing::warn!(
+                    event_id = %msg.event.id,
+                    dlq_seq,
+                    "not redriven: the dead letter keeps no data (it did not fit one message with its record), and the event has left the event stream"
+                );
+                continue;
             }
             let delivery = EnvelopeDelivery {
                 idx: msg.idx,
@@ -1626,19 +1630,23 @@ mod tests {
         assert_eq!(token(""), "_");
     }
 
+    fn event(datacontenttype: &str, data: Vec<u8>) -> Event {
+        Event {
+            id: "e1".into(),
+            source: "shop".into(),
+            ty: "t".into(),
+            subject: None,
+            time: "now".into(),
+            datacontenttype: datacontenttype.into(),
+            data,
+            extensions: Default::default(),
+        }
+    }
+
     #[test]
     fn envelopes_round_trip() {
         let env = Envelope {
-            event: Event {
-                id: "e1".into(),
-                source: "shop".into(),
-                ty: "t".into(),
-                subject: None,
-                time: "now".into(),
-                datacontenttype: "application/json".into(),
-                data: b"{}".to_vec(),
-                extensions: Default::default(),
-            },
+            event: event("application/json", b"{}".to_vec()),
             accepted_ms: 5,
             deliveries: vec![EnvelopeDelivery {
                 idx: 0,
@@ -1659,16 +1667,10 @@ mod tests {
     #[test]
     fn dead_letters_keep_data_as_bytes_and_old_json_letters_still_read() {
         let msg = DeadMessage {
-            event: Event {
-                id: "e1".into(),
-                source: "shop".into(),
-                ty: "t".into(),
-                subject: None,
-                time: "now".into(),
-                datacontenttype: "application/octet-stream".into(),
-                data: (0..=255u8).cycle().take(10_000).collect(),
-                extensions: Default::default(),
-            },
+            event: event(
+                "application/octet-stream",
+                (0..=255u8).cycle().take(10_000).collect(),
+            ),
             accepted_ms: 5,
             event_seq: 3,
             idx: 1,
