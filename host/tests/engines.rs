@@ -963,6 +963,11 @@ retry = {{ attempts = 40, backoff = "fixed", initial = "20ms", max = "20ms" }}
             .filter_map(|i| i["id"].as_str())
             .collect();
         assert!(listed.contains(&letters[1].as_str()), "{dlq}");
+        // Found by its id too, though its event, through which an id is
+        // looked up, is gone.
+        let shown = h.get_json(&format!("/api/dlq/{}", letters[1])).await;
+        assert_eq!(shown["event"]["id"], failing.as_str(), "{shown}");
+        assert_eq!(attempts(&shown), 40, "{shown}");
     }
     h.stop().await;
 }

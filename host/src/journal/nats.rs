@@ -1081,7 +1081,11 @@ impl NatsJournal {
         key: DeliveryKey,
     ) -> Result<Option<(u64, DeadMessage)>, JournalError> {
         let Some(env) = self.envelope(key.seq).await? else {
-            return Ok(None);
+            // The event has left the events stream (retention) and its letter
+            // stays: without the event's id there is no record to point at
+            // it, so the letters are walked, oldest first. Only letters
+            // older than the retention take this way.
+            return self.dead_message_by_walk(key).await;
         };
         let entry = self
             .delivery_entry(&delivery_key(&env.event.id, key.idx))
@@ -1096,6 +1100,27 @@ impl NatsJournal {
             ))),
             Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// The dead letter of a delivery, found by reading every letter.
+    async fn dead_message_by_walk(
+        &self,
+        key: DeliveryKey,
+    ) -> Result<Option<(u64, DeadMessage)>, JournalError> {
+        let mut after = 0;
+        loop {
+            let page = self.dead_page(None, after, 256).await?;
+            let Some(last) = page.last().map(|(seq, _)| *seq) else {
+                return Ok(None);
+            };
+            if let Some(found) = page
+                .into_iter()
+                .find(|(_, m)| m.event_seq == key.seq && m.idx == key.idx)
+            {
+                return Ok(Some(found));
+            }
+            after = last;
         }
     }
 
