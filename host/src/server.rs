@@ -291,6 +291,11 @@ impl Server {
                 };
                 let journal = NatsJournal::connect(nats, limits).await?;
                 tracing::info!(url = %nats.url, stream = %nats.stream, "engine: NATS JetStream");
+                if !config.server.fsync {
+                    tracing::warn!(
+                        "[server] fsync = false has no effect with the NATS engine: a 202 waits for the NATS server's acknowledgement, and its own sync settings decide what that survives (see docs/nats.md)"
+                    );
+                }
                 if nats.replicas < 3 {
                     tracing::warn!(
                         replicas = nats.replicas,

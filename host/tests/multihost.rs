@@ -805,3 +805,33 @@ async fn hosts_answer_503_while_nats_is_down_and_recover_by_themselves() {
     }
     cluster.finish("multihost (nats-server outage)", failures, summary);
 }
+
+/// `[server] fsync` is the embedded engine's: under NATS the host says at
+/// start that `fsync = false` changes nothing, rather than let an operator
+/// believe a 202 is cheaper (or less durable) for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_false_under_nats_is_said_to_have_no_effect() {
+    let nats = NatsServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("rules.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[server]\ndata_dir = \"{}\"\nfsync = false\n\n[[sources]]\nname = \"shop\"\n\n\
+             [engine]\nkind = \"nats\"\nurl = \"{}\"\nstream = \"SWY_FSYNC_{}\"\n",
+            dir.path().join("data").display(),
+            nats.url(),
+            std::process::id()
+        ),
+    )
+    .expect("write rules.toml");
+    let log = dir.path().join("serve.log");
+    let mut host = serve(&cfg, &log).await;
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let _ = host.child.kill().await;
+    assert!(
+        text.lines().any(|l| l.contains("\"WARN\"")
+            && l.contains("fsync = false has no effect with the NATS engine")),
+        "{text}"
+    );
+}
