@@ -968,6 +968,9 @@ retry = {{ attempts = 40, backoff = "fixed", initial = "20ms", max = "20ms" }}
         let shown = h.get_json(&format!("/api/dlq/{}", letters[1])).await;
         assert_eq!(shown["event"]["id"], failing.as_str(), "{shown}");
         assert_eq!(attempts(&shown), 40, "{shown}");
+        // An id past the stream's end names no letter.
+        let (status, body) = h.get("/api/dlq/999999-0").await;
+        assert_eq!(status, 404, "{body}");
     }
     h.stop().await;
 }

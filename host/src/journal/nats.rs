@@ -1084,7 +1084,19 @@ impl NatsJournal {
             // The event has left the events stream (retention) and its letter
             // stays: without the event's id there is no record to point at
             // it, so the letters are walked, oldest first. Only letters
-            // older than the retention take this way.
+            // older than the retention take this way; an id past the
+            // stream's end names nothing, and costs no walk.
+            let last = self
+                .inner
+                .events
+                .get_info()
+                .await
+                .map_err(unavailable)?
+                .state
+                .last_sequence;
+            if key.seq > last {
+                return Ok(None);
+            }
             return self.dead_message_by_walk(key).await;
         };
         let entry = self
