@@ -24,7 +24,8 @@ impl Failure {
         Failure::Retry(Some(delay))
     }
 
-    /// Give up on the event for good; `reason` is recorded with the dead letter.
+    /// Give up on the event for good; `reason` is recorded with the dead
+    /// letter (its first 512 bytes).
     pub fn reject(reason: impl Into<String>) -> Self {
         Failure::Reject(reason.into())
     }

@@ -813,10 +813,30 @@ name = "big"
 match = {{ type = ["kv-large"] }}
 to = ["hostile"]
 retry = {{ attempts = 1 }}
+
+[[routes]]
+name = "loud"
+match = {{ type = ["reject-flood"] }}
+to = ["hostile"]
+retry = {{ attempts = 1 }}
 "#,
         hostile = plugin_crate("hostile"),
     );
     let h = Harness::start(engine, &config).await;
+    // A reason of 4 MiB is cut where it enters: on NATS a record holding
+    // it whole could never be stored, and the delivery would never end.
+    let loud = h.accept("s", &json!({"type": "reject-flood"})).await;
+    let tl = h.settled(&loud).await;
+    let d = &tl["deliveries"][0];
+    assert_eq!(d["status"], "dead", "{tl}");
+    let error = d["attempts"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("rejected: hostile: rrr") && error.ends_with("… (4194313 bytes, cut)"),
+        "{error}"
+    );
+    assert!(error.len() < 600, "{} bytes", error.len());
+    let letter = dead_letter(&h, &loud).await;
+    assert_eq!(letter["route"], "loud", "{letter}");
     let big = h
         .accept("s", &json!({"type": "kv-large", "value_bytes": 1 << 20}))
         .await;

@@ -184,6 +184,12 @@ const ATTACKS: &[(&str, &str, Expect, Option<&str>)] = &[
         ),
         Some("emit"),
     ),
+    (
+        "reject-flood",
+        "{}",
+        Expect::DeadWith("rejected: hostile: rrrr", "… (4194313 bytes, cut)"),
+        None,
+    ),
 ];
 
 /// Polls `/healthz` until stopped; counts answers and anything but a 200.
@@ -283,6 +289,12 @@ async fn every_attack_fails_only_its_own_delivery() {
 
         let d = only_delivery(hostile_tl);
         let error = d["attempts"][0]["error"].as_str().unwrap_or_default();
+        // Whatever the guest said, the text kept for each attempt is short.
+        assert!(
+            error.len() <= 600,
+            "{mode}: an error of {} bytes",
+            error.len()
+        );
         match expect {
             Expect::Dead(prefix) => {
                 assert_eq!(d["status"], "dead", "{mode}: {hostile_tl}");

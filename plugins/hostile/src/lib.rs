@@ -14,6 +14,7 @@
 //! | `kv-large` | writes one value of `value_bytes` under `large`, then succeeds | what the engine can store in one message |
 //! | `emit-storm` | emits events until an emit fails, then returns that error | emits per delivery; the delivery is dead-lettered |
 //! | `emit-flood` | emits events of 512 KiB until an emit fails, then returns that error | what one delivery may store; the delivery is dead-lettered |
+//! | `reject-flood` | rejects with a reason of 4 MiB | keeps the reason's first 512 bytes; the delivery is dead-lettered |
 //! | anything else | succeeds | |
 //!
 //! `kv-flood` and `kv-large` write values of `{"value_bytes": N}` bytes
@@ -38,6 +39,7 @@ enum Mode {
     KvLarge,
     EmitStorm,
     EmitFlood,
+    RejectFlood,
     Harmless,
 }
 
@@ -58,6 +60,7 @@ impl Mode {
             "kv-large" => Mode::KvLarge,
             "emit-storm" => Mode::EmitStorm,
             "emit-flood" => Mode::EmitFlood,
+            "reject-flood" => Mode::RejectFlood,
             _ => Mode::Harmless,
         }
     }
@@ -76,6 +79,9 @@ const FLOOD_LINE: usize = 4 << 10;
 const DEFAULT_VALUE_BYTES: usize = 64 << 10;
 /// The data of each event `emit-flood` emits (a JSON string).
 const FLOOD_EMIT: usize = 512 << 10;
+/// The reason `reject-flood` gives, bytes after its prefix (a few times
+/// over NATS's whole message, well within the plugin's memory).
+const REJECT_FLOOD: usize = 4 << 20;
 
 struct Hostile;
 
@@ -127,6 +133,11 @@ impl Plugin for Hostile {
                 loop {
                     emit::json("flood", &data)?;
                 }
+            }
+            Mode::RejectFlood => {
+                let mut reason = String::from("hostile: ");
+                reason.push_str(&"r".repeat(REJECT_FLOOD));
+                return Err(Failure::reject(reason));
             }
             Mode::Harmless => {}
         }
@@ -183,6 +194,7 @@ mod tests {
         assert_eq!(Mode::of("kv-flood"), Mode::KvFlood);
         assert_eq!(Mode::of("emit-storm"), Mode::EmitStorm);
         assert_eq!(Mode::of("log-flood"), Mode::LogFlood);
+        assert_eq!(Mode::of("reject-flood"), Mode::RejectFlood);
         assert_eq!(Mode::of("order.created"), Mode::Harmless);
     }
 }
