@@ -25,7 +25,7 @@ impl Failure {
     }
 
     /// Give up on the event for good; `reason` is recorded with the dead
-    /// letter (its first 512 bytes).
+    /// letter (its first 256 bytes).
     pub fn reject(reason: impl Into<String>) -> Self {
         Failure::Reject(reason.into())
     }

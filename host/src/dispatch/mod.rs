@@ -27,6 +27,7 @@ use crate::journal::nats::NatsJournal;
 use crate::journal::{
     Attempt, DeliveryKey, DueDelivery, Emitted, EventStore, Journal, JournalError, KvChanges,
     Outcome, PlannedDelivery, RedriveSelect, ReplayJob, ReplaySpec, Settled, Settlement,
+    plugin_text,
 };
 use crate::rules::RetryPolicy;
 use crate::runtime::{Invocation, Runtime};
@@ -38,11 +39,6 @@ use tracing::Instrument;
 const MAX_REQUESTED_DELAY: Duration = Duration::from_secs(24 * 3600);
 /// Times a delivery is re-run at once because a key it read changed meanwhile.
 const MAX_CONFLICT_RERUNS: u32 = 64;
-/// Most bytes of a plugin's own text (a reject reason, a panic message, a
-/// URL it fetched) kept in an attempt's error. Every attempt is kept, up to
-/// 1,000, in the delivery's record and its dead letter, which under the
-/// NATS engine is one message of at most 1 MiB.
-const MAX_ERROR_TEXT: usize = 512;
 /// How long to wait before trying again when the journal itself failed.
 const JOURNAL_RETRY: Duration = Duration::from_secs(1);
 /// Waiting deliveries that keep their event in memory; beyond this backlog
@@ -468,19 +464,6 @@ struct Context {
     tasks: TaskTracker,
 }
 
-/// `text` cut to [`MAX_ERROR_TEXT`] bytes (on a character), saying how
-/// long it was.
-fn bounded(text: String) -> String {
-    if text.len() <= MAX_ERROR_TEXT {
-        return text;
-    }
-    let mut end = MAX_ERROR_TEXT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}… ({} bytes, cut)", &text[..end], text.len())
-}
-
 /// What to record for an attempt that did not succeed.
 fn failed(
     policy: &RetryPolicy,
@@ -594,7 +577,7 @@ pub(crate) async fn run_attempt(
             let error = match run.http_failure {
                 Some(http) => format!(
                     "plugin asked to retry (last HTTP failure: {})",
-                    bounded(http)
+                    plugin_text(http)
                 ),
                 None => "plugin asked to retry".to_string(),
             };
@@ -603,10 +586,10 @@ pub(crate) async fn run_attempt(
         }
         Invocation::Reject(reason) => (
             Outcome::Dead,
-            Some(format!("rejected: {}", bounded(reason))),
+            Some(format!("rejected: {}", plugin_text(reason))),
         ),
         Invocation::Trap(text) => {
-            let (o, e) = failed(&policy, work, bounded(text), None, true);
+            let (o, e) = failed(&policy, work, plugin_text(text), None, true);
             (o, Some(e))
         }
     };
@@ -845,22 +828,6 @@ impl Context {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_plugins_text_is_kept_whole_up_to_its_limit_then_cut_on_a_char() {
-        let short = "x".repeat(MAX_ERROR_TEXT);
-        assert_eq!(bounded(short.clone()), short);
-        // 'é' is two bytes; after the odd 'a' the limit falls inside one.
-        let long = format!("a{}", "é".repeat(MAX_ERROR_TEXT));
-        let cut = bounded(long.clone());
-        let kept = cut.split('…').next().unwrap_or_default();
-        assert_eq!(kept.len(), MAX_ERROR_TEXT - 1);
-        assert!(long.starts_with(kept));
-        assert!(
-            cut.ends_with(&format!("… ({} bytes, cut)", long.len())),
-            "{cut}"
-        );
-    }
 
     fn work(attempts: u32, since_ms: u64) -> Work {
         Work {

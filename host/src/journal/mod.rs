@@ -125,6 +125,36 @@ pub struct Attempt {
     pub emitted: Vec<String>,
 }
 
+/// Most bytes of a plugin's own text (a reject reason, a panic message, a
+/// URL it fetched) kept in an attempt's error. A route allows up to 1,000
+/// attempts, all kept in the delivery's record (JSON, where `"` and `\`
+/// double) and its dead letter; under the NATS engine each is one message
+/// of at most 1 MiB.
+pub const MAX_PLUGIN_TEXT: usize = 256;
+
+/// A plugin's text as an attempt keeps it: control characters (a terminal's
+/// escape sequences) replaced, line breaks and tabs as spaces, and cut to
+/// [`MAX_PLUGIN_TEXT`] bytes on a character, saying how long it was.
+pub fn plugin_text(text: String) -> String {
+    let clean = |c: char| match c {
+        '\n' | '\r' | '\t' => ' ',
+        c if c.is_control() => char::REPLACEMENT_CHARACTER,
+        c => c,
+    };
+    let fits = text.len() <= MAX_PLUGIN_TEXT;
+    if fits && !text.chars().any(char::is_control) {
+        return text;
+    }
+    let mut kept = String::with_capacity(MAX_PLUGIN_TEXT.min(text.len()));
+    for c in text.chars().map(clean) {
+        if kept.len() + c.len_utf8() > MAX_PLUGIN_TEXT {
+            return format!("{kept}… ({} bytes, cut)", text.len());
+        }
+        kept.push(c);
+    }
+    kept
+}
+
 /// The stored state of one delivery.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
@@ -535,5 +565,38 @@ impl EventStore for Journal {
     }
     async fn dead_letter(&self, key: DeliveryKey) -> Result<Option<DeadLetter>, JournalError> {
         Journal::dead_letter(self, key)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugins_text_is_kept_whole_up_to_its_limit_then_cut_on_a_char() {
+        let short = "x".repeat(MAX_PLUGIN_TEXT);
+        assert_eq!(plugin_text(short.clone()), short);
+        // 'é' is two bytes; after the odd 'a' the limit falls inside one.
+        let long = format!("a{}", "é".repeat(MAX_PLUGIN_TEXT));
+        let cut = plugin_text(long.clone());
+        let kept = cut.split('…').next().unwrap_or_default();
+        assert_eq!(kept.len(), MAX_PLUGIN_TEXT - 1);
+        assert!(long.starts_with(kept));
+        assert!(
+            cut.ends_with(&format!("… ({} bytes, cut)", long.len())),
+            "{cut}"
+        );
+    }
+
+    #[test]
+    fn a_plugins_text_loses_its_control_characters() {
+        assert_eq!(
+            plugin_text("red \u{1b}[31mtext\u{1b}[0m\nnext\tline\0".into()),
+            "red \u{fffd}[31mtext\u{fffd}[0m next line\u{fffd}"
+        );
+        // Replacements that make it longer are cut too.
+        let cut = plugin_text("\u{7}".repeat(MAX_PLUGIN_TEXT));
+        assert!(cut.len() < MAX_PLUGIN_TEXT + 30, "{}", cut.len());
+        assert!(cut.ends_with(&format!("… ({MAX_PLUGIN_TEXT} bytes, cut)")));
     }
 }

@@ -1741,6 +1741,54 @@ mod tests {
         assert!(DeadMessage::decode(b"").is_err());
     }
 
+    /// The longest record a delivery can have: 1,000 attempts (a route's
+    /// most), each with a plugin's text at its longest and, in JSON, its
+    /// worst (every byte a `"`, which JSON doubles). It fits in one kv value
+    /// and, without the event's data, in one dead letter.
+    #[test]
+    fn the_longest_record_of_attempts_fits_one_message() {
+        let error = format!(
+            "plugin asked to retry (last HTTP failure: {}); gave up: the next attempt would come after the route's max_age of 1year 11months 30days 23h 59m 59s",
+            crate::journal::plugin_text("\"".repeat(1 << 20))
+        );
+        let record = DeliveryRecord {
+            route: "r".repeat(64),
+            plugin: "p".repeat(64),
+            status: DeliveryStatus::Dead,
+            attempts: (0..1000)
+                .map(|_| crate::journal::Attempt {
+                    at_ms: u64::MAX,
+                    duration_us: u64::MAX,
+                    error: Some(error.clone()),
+                    plugin_hash: Some("f".repeat(64)),
+                    emitted: Vec::new(),
+                })
+                .collect(),
+            due_ms: Some(u64::MAX),
+            created_ms: u64::MAX,
+            order_key: Some("k".repeat(256)),
+            replay: Some(u64::MAX),
+            redriven_ms: vec![u64::MAX; 100],
+        };
+        let limit = 1 << 20;
+        let entry = DeliveryEntry {
+            record: record.clone(),
+            dead_letter: Some(u64::MAX),
+        };
+        let json = serde_json::to_vec(&entry).unwrap().len();
+        assert!(json + KV_OVERHEAD < limit, "{json} bytes of JSON");
+        let letter = DeadMessage {
+            event: event("application/json", Vec::new()),
+            accepted_ms: u64::MAX,
+            event_seq: u64::MAX,
+            idx: u32::MAX,
+            record,
+            data_elided: true,
+        };
+        let packed = letter.encode().unwrap().len();
+        assert!(packed + 1024 < limit, "{packed} bytes of letter");
+    }
+
     #[test]
     fn the_header_block_is_counted_with_the_message_id() {
         assert_eq!(headers_len(None), 0);

@@ -14,7 +14,7 @@
 //! | `kv-large` | writes one value of `value_bytes` under `large`, then succeeds | what the engine can store in one message |
 //! | `emit-storm` | emits events until an emit fails, then returns that error | emits per delivery; the delivery is dead-lettered |
 //! | `emit-flood` | emits events of 512 KiB until an emit fails, then returns that error | what one delivery may store; the delivery is dead-lettered |
-//! | `reject-flood` | rejects with a reason of 4 MiB | keeps the reason's first 512 bytes; the delivery is dead-lettered |
+//! | `reject-flood` | rejects with a reason of 4 MiB | keeps the reason's first 256 bytes; the delivery is dead-lettered |
 //! | anything else | succeeds | |
 //!
 //! `kv-flood` and `kv-large` write values of `{"value_bytes": N}` bytes
