@@ -140,6 +140,7 @@ engines!(
     an_order_key_keeps_acceptance_order_per_key,
     what_the_engine_cannot_store_is_refused_with_a_reason,
     a_large_event_is_dead_lettered_whole,
+    a_delivery_redriven_again_keeps_its_last_attempts,
 );
 
 fn attempts(delivery: &Value) -> usize {
@@ -435,6 +436,47 @@ async fn out_of_attempts_is_dead(engine: Engine) {
         "{item}"
     );
     assert_eq!(h.kv("flaky", &format!("done/{never}")).await, None);
+    h.stop().await;
+}
+
+/// A record keeps the last 1,000 attempts and counts the rest: a delivery
+/// that fails 600 times, is redriven and fails 600 times more, twice, keeps
+/// 1,000, says 800 are not kept, and is a dead letter each time. On NATS a
+/// letter's message id counts every attempt made: counting those kept, the
+/// third letter's id would repeat the second's, and the server would drop
+/// it as a repeat.
+async fn a_delivery_redriven_again_keeps_its_last_attempts(engine: Engine) {
+    let retry = r#"{ attempts = 600, backoff = "fixed", initial = "1ms", max = "1ms" }"#;
+    let h = Harness::start(engine, &flaky_config(retry)).await;
+    let never = h.accept("s", &json!({"mode": "fail"})).await;
+    let tl = h.settled(&never).await;
+    assert_eq!(attempts(&tl["deliveries"][0]), 600, "{tl}");
+    for (round, not_kept) in [(1, 200), (2, 800)] {
+        let item = dead_letter(&h, &never).await;
+        let dead_id = item["id"].as_str().expect("dead letter id").to_string();
+        h.redrive_one(&dead_id).await;
+        let d = wait_for(&format!("redrive {round} to be dead again"), || async {
+            let tl = h.event(&never).await;
+            let d = tl["deliveries"][0].clone();
+            (d["status"] == "dead" && d["attempts_not_kept"] == not_kept).then_some(d)
+        })
+        .await;
+        assert_eq!(attempts(&d), 1000);
+        assert_eq!(d["redriven_at"].as_array().map(Vec::len), Some(round));
+        let last = d["attempts"][999]["error"].as_str().unwrap_or_default();
+        assert!(last.ends_with("gave up after 600 attempts"), "{last}");
+        let item = wait_for(&format!("dead letter {}", round + 1), || async {
+            let dlq = h.get_json("/api/dlq").await;
+            dlq["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .find(|i| i["event_id"] == never.as_str() && i["attempts_not_kept"] == not_kept)
+                .cloned()
+        })
+        .await;
+        assert_eq!(attempts(&item), 1000, "{}", item["id"]);
+    }
     h.stop().await;
 }
 

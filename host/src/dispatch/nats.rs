@@ -550,9 +550,10 @@ async fn dead(
             order_key: delivery.order_key.clone(),
             replay: env.replay,
             redriven_ms: Vec::new(),
+            attempts_not_kept: 0,
         });
     if !record.attempts.contains(&attempt) {
-        record.attempts.push(attempt.clone());
+        record.add_attempt(&attempt);
     }
     record.status = DeliveryStatus::Dead;
     record.due_ms = None;

@@ -289,6 +289,9 @@ fn delivery_json(key: DeliveryKey, d: &DeliveryRecord) -> Value {
     if !d.redriven_ms.is_empty() {
         v["redriven_at"] = d.redriven_ms.iter().map(|&ms| rfc3339_ms(ms)).collect();
     }
+    if d.attempts_not_kept > 0 {
+        v["attempts_not_kept"] = d.attempts_not_kept.into();
+    }
     v
 }
 

@@ -317,9 +317,12 @@ async fn event(
                         }
                         table style="margin-top:6px" {
                             tr { th { "#" } th { "At" } th class="num" { "Duration" } th { "Result" } th { "Version" } }
+                            @if d.attempts_not_kept > 0 {
+                                tr { td colspan="5" class="muted" { (d.attempts_not_kept) " earlier attempts are not kept." } }
+                            }
                             @for (i, a) in d.attempts.iter().enumerate() {
                                 tr {
-                                    td { (i + 1) }
+                                    td { (d.attempts_not_kept + i as u64 + 1) }
                                     td class="muted" { (rfc3339_ms(a.at_ms)) }
                                     td class="num" { (format!("{:.2} ms", a.duration_us as f64 / 1000.0)) }
                                     td {

@@ -1611,6 +1611,7 @@ fn encode_event(
             order_key: p.order_key,
             replay: None,
             redriven_ms: Vec::new(),
+            attempts_not_kept: 0,
         };
         records.push((encode(&record)?, record));
     }
@@ -1798,7 +1799,7 @@ fn settle(
         }
     }
     let mut record = old.clone();
-    record.attempts.push(st.attempt.clone());
+    record.add_attempt(&st.attempt);
     (record.status, record.due_ms) = match st.outcome {
         Outcome::Delivered => (DeliveryStatus::Delivered, None),
         Outcome::Dead => (DeliveryStatus::Dead, None),
@@ -1994,6 +1995,7 @@ fn replay(
                 order_key: p.order_key,
                 replay: Some(record.id),
                 redriven_ms: Vec::new(),
+                attempts_not_kept: 0,
             };
             writes.push((key, encode(&d)?, index_entries(key, &d)?));
             record.deliveries.push(key);

@@ -176,9 +176,39 @@ pub struct DeliveryRecord {
     /// When it was redriven from the dead letters, oldest first.
     #[serde(default)]
     pub redriven_ms: Vec<u64>,
+    /// Attempts made but no longer kept: the oldest, once a delivery
+    /// redriven again and again has made more than [`MAX_KEPT_ATTEMPTS`].
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts_not_kept: u64,
+}
+
+/// Most attempts a delivery's record keeps. A route allows at most as many
+/// per redrive, so only attempts from before a redrive are ever dropped; the
+/// bound keeps the record within one NATS message however often a delivery
+/// is redriven.
+pub const MAX_KEPT_ATTEMPTS: usize = 1000;
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl DeliveryRecord {
+    /// Adds an attempt; past [`MAX_KEPT_ATTEMPTS`] the oldest are dropped
+    /// and counted.
+    pub fn add_attempt(&mut self, attempt: &Attempt) {
+        self.attempts.push(attempt.clone());
+        let over = self.attempts.len().saturating_sub(MAX_KEPT_ATTEMPTS);
+        if over > 0 {
+            self.attempts.drain(..over);
+            self.attempts_not_kept += over as u64;
+        }
+    }
+
+    /// Every attempt made, kept or not.
+    pub fn attempts_made(&self) -> u64 {
+        self.attempts_not_kept + self.attempts.len() as u64
+    }
+
     /// Attempts that count against the retry policy: those since the last
     /// redrive (a redrive grants a fresh budget).
     pub fn budget_attempts(&self) -> u32 {
@@ -586,6 +616,52 @@ mod tests {
             cut.ends_with(&format!("… ({} bytes, cut)", long.len())),
             "{cut}"
         );
+    }
+
+    fn attempt(at_ms: u64) -> Attempt {
+        Attempt {
+            at_ms,
+            duration_us: 1,
+            error: Some("plugin asked to retry".into()),
+            plugin_hash: None,
+            emitted: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_record_keeps_its_last_attempts_and_counts_the_rest() {
+        let mut record = DeliveryRecord {
+            route: "r".into(),
+            plugin: "p".into(),
+            status: DeliveryStatus::Retrying,
+            attempts: Vec::new(),
+            due_ms: None,
+            created_ms: 0,
+            order_key: None,
+            replay: None,
+            redriven_ms: Vec::new(),
+            attempts_not_kept: 0,
+        };
+        for at in 0..MAX_KEPT_ATTEMPTS as u64 {
+            record.add_attempt(&attempt(at));
+        }
+        assert_eq!(record.attempts.len(), MAX_KEPT_ATTEMPTS);
+        assert_eq!(record.attempts_not_kept, 0);
+        // Redriven: the new budget's attempts push out the oldest.
+        record.redriven_ms.push(10_000);
+        for at in 10_000..10_003 {
+            record.add_attempt(&attempt(at));
+        }
+        assert_eq!(record.attempts.len(), MAX_KEPT_ATTEMPTS);
+        assert_eq!(record.attempts_not_kept, 3);
+        assert_eq!(record.attempts_made(), MAX_KEPT_ATTEMPTS as u64 + 3);
+        assert_eq!(record.attempts[0].at_ms, 3);
+        assert_eq!(record.budget_attempts(), 3);
+        // Stored records without the field read as none dropped.
+        let mut json = serde_json::to_value(&record).unwrap();
+        json.as_object_mut().unwrap().remove("attempts_not_kept");
+        let back: DeliveryRecord = serde_json::from_value(json).unwrap();
+        assert_eq!(back.attempts_not_kept, 0);
     }
 
     #[test]

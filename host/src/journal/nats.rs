@@ -666,8 +666,10 @@ impl NatsJournal {
                 || new_record(delivery, env.accepted_ms),
                 |e| {
                     let d = &mut e.record;
+                    // A consumer that stopped before its ack reports the
+                    // same attempt again.
                     if !d.attempts.contains(&attempt) {
-                        d.attempts.push(attempt.clone());
+                        d.add_attempt(&attempt);
                     }
                     d.status = status;
                     d.due_ms = due_ms;
@@ -700,7 +702,7 @@ impl NatsJournal {
         let subject = format!("{}.dlq.{}", self.inner.prefix, token(&delivery.route));
         // The id makes a re-run (a crash between this and the ack) store it
         // once.
-        let msg_id = format!("dead:{seq}:{}:{}", delivery.idx, msg.record.attempts.len());
+        let msg_id = format!("dead:{seq}:{}:{}", delivery.idx, msg.record.attempts_made());
         let mut bytes = msg.encode()?;
         if self
             .check_size(bytes.len() + headers_len(Some(&msg_id)))
@@ -1430,6 +1432,7 @@ fn new_record(d: &EnvelopeDelivery, accepted_ms: u64) -> DeliveryRecord {
         order_key: d.order_key.clone(),
         replay: None,
         redriven_ms: Vec::new(),
+        attempts_not_kept: 0,
     }
 }
 
@@ -1721,6 +1724,7 @@ mod tests {
                 order_key: None,
                 replay: None,
                 redriven_ms: Vec::new(),
+                attempts_not_kept: 0,
             },
             data_elided: false,
         };
@@ -1769,6 +1773,7 @@ mod tests {
             order_key: Some("k".repeat(256)),
             replay: Some(u64::MAX),
             redriven_ms: vec![u64::MAX; 100],
+            attempts_not_kept: u64::MAX,
         };
         let limit = 1 << 20;
         let entry = DeliveryEntry {
