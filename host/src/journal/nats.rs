@@ -190,6 +190,36 @@ fn headers_len(msg_id: Option<&str>) -> usize {
     })
 }
 
+/// A dead letter encoded within `room` bytes. An event near the size limit,
+/// with its record, may not fit one message: it fitted alone, and the event
+/// stream keeps it, so the letter leaves its data there first. Should the
+/// rest still not fit (attributes near the limit beside a long record), the
+/// oldest attempts go, counted in `attempts_not_kept`. Were the publish
+/// refused, the delivery would run again and again.
+fn fit_letter(msg: &mut DeadMessage, room: usize) -> Result<Vec<u8>, JournalError> {
+    let mut bytes = msg.encode()?;
+    if bytes.len() > room && !msg.data_elided {
+        tracing::debug!(event_id = %msg.event.id, seq = msg.event_seq, "the dead letter leaves the event's data in the event stream");
+        msg.event.data = Vec::new();
+        msg.data_elided = true;
+        bytes = msg.encode()?;
+    }
+    while bytes.len() > room && msg.record.attempts.len() > 1 {
+        let drop = msg.record.attempts.len() / 2;
+        tracing::debug!(event_id = %msg.event.id, drop, "the dead letter keeps only its later attempts");
+        msg.record.attempts.drain(..drop);
+        msg.record.attempts_not_kept += drop as u64;
+        bytes = msg.encode()?;
+    }
+    if bytes.len() > room {
+        return Err(JournalError::TooLarge {
+            bytes: bytes.len(),
+            limit: room,
+        });
+    }
+    Ok(bytes)
+}
+
 fn unavailable(e: impl std::fmt::Display) -> JournalError {
     JournalError::Unavailable(e.to_string())
 }
@@ -703,20 +733,12 @@ impl NatsJournal {
         // The id makes a re-run (a crash between this and the ack) store it
         // once.
         let msg_id = format!("dead:{seq}:{}:{}", delivery.idx, msg.record.attempts_made());
-        let mut bytes = msg.encode()?;
-        if self
-            .check_size(bytes.len() + headers_len(Some(&msg_id)))
-            .is_err()
-        {
-            // An event near the size limit, with its record, may not fit one
-            // message; it fitted alone, and the event stream keeps it. Were
-            // the publish refused, the delivery would run again and again.
-            tracing::debug!(event_id = %msg.event.id, seq, "the dead letter leaves the event's data in the event stream");
-            msg.event.data = Vec::new();
-            msg.data_elided = true;
-            bytes = msg.encode()?;
-            self.check_size(bytes.len() + headers_len(Some(&msg_id)))?;
-        }
+        let room = self
+            .inner
+            .client
+            .max_payload()
+            .saturating_sub(headers_len(Some(&msg_id)));
+        let bytes = fit_letter(&mut msg, room)?;
         let publish = jetstream::message::PublishMessage::build()
             .payload(Bytes::from(bytes))
             .message_id(msg_id);
@@ -1792,6 +1814,68 @@ mod tests {
         };
         let packed = letter.encode().unwrap().len();
         assert!(packed + 1024 < limit, "{packed} bytes of letter");
+    }
+
+    /// A letter that does not fit leaves out the event's data, then its
+    /// oldest attempts (counted), and fails only when the event's attributes
+    /// alone do not fit.
+    #[test]
+    fn a_letter_is_fitted_to_one_message() {
+        let attempt = crate::journal::Attempt {
+            at_ms: 1,
+            duration_us: 1,
+            error: Some("e".repeat(600)),
+            plugin_hash: Some("f".repeat(64)),
+            emitted: Vec::new(),
+        };
+        let letter = |data: usize, attribute: usize, attempts: usize| {
+            let mut event = event("application/octet-stream", vec![7; data]);
+            event.extensions.insert("big".into(), "a".repeat(attribute));
+            DeadMessage {
+                event,
+                accepted_ms: 5,
+                event_seq: 3,
+                idx: 1,
+                record: DeliveryRecord {
+                    route: "r".into(),
+                    plugin: "p".into(),
+                    status: DeliveryStatus::Dead,
+                    attempts: vec![attempt.clone(); attempts],
+                    due_ms: None,
+                    created_ms: 4,
+                    order_key: None,
+                    replay: None,
+                    redriven_ms: Vec::new(),
+                    attempts_not_kept: 0,
+                },
+                data_elided: false,
+            }
+        };
+        let room = (1 << 20) - 100;
+        // Fits: as it is.
+        let mut small = letter(1000, 10, 3);
+        let bytes = fit_letter(&mut small, room).unwrap();
+        assert_eq!(DeadMessage::decode(&bytes).unwrap().event.data.len(), 1000);
+        assert!(!small.data_elided);
+        // Data near the limit: left out, every attempt kept.
+        let mut near = letter(900_000, 10, 300);
+        fit_letter(&mut near, room).unwrap();
+        assert!(near.data_elided);
+        assert_eq!(near.record.attempts.len(), 300);
+        // Attributes of 400 kB and 1,000 attempts: the oldest go, counted.
+        let mut heavy = letter(500_000, 400_000, 1000);
+        let bytes = fit_letter(&mut heavy, room).unwrap();
+        assert!(bytes.len() <= room);
+        let back = DeadMessage::decode(&bytes).unwrap();
+        assert!(back.data_elided);
+        assert!(back.record.attempts.len() < 1000);
+        assert_eq!(back.record.attempts_made(), 1000);
+        // Attributes alone over the limit: refused.
+        let mut hopeless = letter(0, 1 << 20, 2);
+        assert!(matches!(
+            fit_letter(&mut hopeless, room),
+            Err(JournalError::TooLarge { .. })
+        ));
     }
 
     #[test]
