@@ -477,6 +477,14 @@ async fn a_delivery_redriven_again_keeps_its_last_attempts(engine: Engine) {
         .await;
         assert_eq!(attempts(&item), 1000, "{}", item["id"]);
     }
+    // The dashboard numbers the attempts it shows after those not kept.
+    let (status, page) = h.get(&format!("/ui/events/{never}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("800 earlier attempts are not kept."),
+        "{page}"
+    );
+    assert!(page.contains("<td>801</td>") && page.contains("<td>1800</td>"));
     h.stop().await;
 }
 

@@ -318,7 +318,10 @@ async fn event(
                         table style="margin-top:6px" {
                             tr { th { "#" } th { "At" } th class="num" { "Duration" } th { "Result" } th { "Version" } }
                             @if d.attempts_not_kept > 0 {
-                                tr { td colspan="5" class="muted" { (d.attempts_not_kept) " earlier attempts are not kept." } }
+                                tr { td colspan="5" class="muted" {
+                                    @if d.attempts_not_kept == 1 { "1 earlier attempt is not kept." }
+                                    @else { (d.attempts_not_kept) " earlier attempts are not kept." }
+                                } }
                             }
                             @for (i, a) in d.attempts.iter().enumerate() {
                                 tr {
