@@ -1705,6 +1705,22 @@ mod tests {
         }
     }
 
+    /// A dead delivery's record with these attempts.
+    fn dead_record(attempts: Vec<crate::journal::Attempt>) -> DeliveryRecord {
+        DeliveryRecord {
+            route: "r".into(),
+            plugin: "p".into(),
+            status: DeliveryStatus::Dead,
+            attempts,
+            due_ms: None,
+            created_ms: 4,
+            order_key: None,
+            replay: None,
+            redriven_ms: Vec::new(),
+            attempts_not_kept: 0,
+        }
+    }
+
     #[test]
     fn envelopes_round_trip() {
         let env = Envelope {
@@ -1736,18 +1752,7 @@ mod tests {
             accepted_ms: 5,
             event_seq: 3,
             idx: 1,
-            record: DeliveryRecord {
-                route: "r".into(),
-                plugin: "p".into(),
-                status: DeliveryStatus::Dead,
-                attempts: Vec::new(),
-                due_ms: None,
-                created_ms: 4,
-                order_key: None,
-                replay: None,
-                redriven_ms: Vec::new(),
-                attempts_not_kept: 0,
-            },
+            record: dead_record(Vec::new()),
             data_elided: false,
         };
         let packed = msg.encode().unwrap();
@@ -1777,25 +1782,23 @@ mod tests {
             "plugin asked to retry (last HTTP failure: {}); gave up: the next attempt would come after the route's max_age of 1year 11months 30days 23h 59m 59s",
             crate::journal::plugin_text("\"".repeat(1 << 20))
         );
+        let attempt = crate::journal::Attempt {
+            at_ms: u64::MAX,
+            duration_us: u64::MAX,
+            error: Some(error),
+            plugin_hash: Some("f".repeat(64)),
+            emitted: Vec::new(),
+        };
         let record = DeliveryRecord {
             route: "r".repeat(64),
             plugin: "p".repeat(64),
-            status: DeliveryStatus::Dead,
-            attempts: (0..1000)
-                .map(|_| crate::journal::Attempt {
-                    at_ms: u64::MAX,
-                    duration_us: u64::MAX,
-                    error: Some(error.clone()),
-                    plugin_hash: Some("f".repeat(64)),
-                    emitted: Vec::new(),
-                })
-                .collect(),
             due_ms: Some(u64::MAX),
             created_ms: u64::MAX,
             order_key: Some("k".repeat(256)),
             replay: Some(u64::MAX),
             redriven_ms: vec![u64::MAX; 100],
             attempts_not_kept: u64::MAX,
+            ..dead_record(vec![attempt; 1000])
         };
         let limit = 1 << 20;
         let entry = DeliveryEntry {
@@ -1836,18 +1839,7 @@ mod tests {
                 accepted_ms: 5,
                 event_seq: 3,
                 idx: 1,
-                record: DeliveryRecord {
-                    route: "r".into(),
-                    plugin: "p".into(),
-                    status: DeliveryStatus::Dead,
-                    attempts: vec![attempt.clone(); attempts],
-                    due_ms: None,
-                    created_ms: 4,
-                    order_key: None,
-                    replay: None,
-                    redriven_ms: Vec::new(),
-                    attempts_not_kept: 0,
-                },
+                record: dead_record(vec![attempt.clone(); attempts]),
                 data_elided: false,
             }
         };
