@@ -701,6 +701,16 @@ impl NatsJournal {
                     if !d.attempts.contains(&attempt) {
                         d.add_attempt(&attempt);
                     }
+                    // A run whose message another host settled meanwhile (it
+                    // was redelivered while NATS was away) may report late.
+                    // It joins the history, but only a success or a new
+                    // replay moves a final delivery: a late failure would
+                    // leave it "retrying" with no message left to retry it.
+                    let reopens = env.replay.is_some() && env.replay != d.replay;
+                    if d.status.is_final() && status != DeliveryStatus::Delivered && !reopens {
+                        tracing::debug!(event_id = %env.event.id, idx = delivery.idx, "a late run's failure does not reopen a settled delivery");
+                        return;
+                    }
                     d.status = status;
                     d.due_ms = due_ms;
                     if env.replay.is_some() {
